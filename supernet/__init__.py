@@ -1,0 +1,28 @@
+"""GLoRA supernet core: layers, search spaces, model surgery, sub-networks and exact merging.
+
+    from supernet import apply_glora, sample_subnet, set_subnet, count_params, extract_subnet, merge_glora
+"""
+
+from .io import AdapterError, adapter_state_dict, atomic_write, atomic_write_text, load_adapter, read_safetensors, save_adapter
+from .layer import GLoraLinear, SupportTensors, choice_cost
+from .merge import MergeError, merge_glora, merged_linear
+from .model import (
+    ParamCount,
+    apply_glora,
+    choice_costs,
+    count_params,
+    extract_subnet,
+    find_targets,
+    get_subnet,
+    glora_layers,
+    head_params,
+    layer_choices,
+    mark_trainable,
+    sample_subnet,
+    set_subnet,
+    uniform_subnet,
+)
+from .space import TENSORS, Choice, LayerChoice, SearchSpace, SpaceError, load_space, parse_choice
+from .subnet import Subnet, load_subnet, parse_subnet, sample_config, save_subnet, subnet_to_dict
+
+__all__ = [name for name in dir() if not name.startswith("_")]

@@ -1,0 +1,202 @@
+"""Adapter files: the trainable GLoRA tensors and the head as safetensors, the configuration as YAML.
+
+Every write goes to a temporary file in the target folder, is flushed to disk, then renamed
+over the target, so a crash mid-write never leaves a half-written file under the real name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+import torch.nn as nn
+import yaml
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .layer import GLoraLinear
+from .model import _set_submodule, get_subnet, glora_layers, mark_trainable, set_subnet
+from .space import TENSORS, SpaceError, parse_choice
+from .subnet import subnet_to_dict
+
+FORMAT = "glora-adapter/1"
+
+
+class AdapterError(ValueError):
+    """An adapter or weights file is missing, unreadable, or does not fit the model."""
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
+    """Call ``write(tmp_path)`` then atomically rename the temporary file to ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """GLoRA tensors and the modules to save (the head); never the frozen backbone."""
+    keep = list(getattr(model, "glora_modules_to_save", []))
+    out = {}
+    for key, value in model.state_dict().items():
+        last = key.rsplit(".", 1)[-1]
+        if last.startswith("glora_") or any(key.startswith(m + ".") for m in keep):
+            out[key] = value.detach().contiguous()
+    return out
+
+
+def _layer_record(layer: GLoraLinear) -> dict[str, Any]:
+    return {
+        "in_features": layer.in_features,
+        "out_features": layer.out_features,
+        "bias": layer.bias is not None,
+        "choices": {t: [str(c) for c in layer.choices[t]] for t in TENSORS},
+    }
+
+
+def save_adapter(
+    model: nn.Module,
+    path: str | os.PathLike,
+    yaml_path: str | os.PathLike | None = None,
+    metadata: Mapping[str, Any] | None = None,
+) -> None:
+    """Write ``path`` (safetensors: GLoRA tensors + head) and its YAML (default: same name, ``.yaml``).
+
+    The YAML holds each layer's allowed choices and the active sub-network, plus ``metadata``.
+    """
+    path = Path(path)
+    yaml_path = Path(yaml_path) if yaml_path is not None else path.with_suffix(".yaml")
+    layers = {name: _layer_record(layer) for name, layer in glora_layers(model)}
+    if not layers:
+        raise AdapterError(f"{path}: the model has no GLoRA layers to save")
+    doc = {
+        "format": FORMAT,
+        "metadata": dict(metadata or {}),
+        "modules_to_save": list(getattr(model, "glora_modules_to_save", [])),
+        "layers": layers,
+        "subnet": subnet_to_dict(get_subnet(model)),
+    }
+    tensors = adapter_state_dict(model)
+    header = {"format": FORMAT, "glora": json.dumps(doc)}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header))
+    atomic_write_text(yaml_path, yaml.safe_dump(doc, sort_keys=False, width=200, default_flow_style=None))
+
+
+def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """All tensors and the metadata of a safetensors file, with a clear error for a bad file."""
+    path = Path(path)
+    if not path.is_file():
+        raise AdapterError(f"{path}: file not found")
+    if path.stat().st_size == 0:
+        raise AdapterError(f"{path}: empty file, expected safetensors")
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+            return {k: fh.get_tensor(k) for k in fh.keys()}, meta
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise AdapterError(f"{path}: not a readable safetensors file ({str(err).splitlines()[0]})") from None
+
+
+def _read_doc(path: Path, yaml_path: Path | None, meta: Mapping[str, str]) -> dict[str, Any]:
+    if yaml_path is None and path.with_suffix(".yaml").is_file():
+        yaml_path = path.with_suffix(".yaml")
+    if yaml_path is not None:
+        try:
+            doc = yaml.safe_load(Path(yaml_path).read_text())
+        except (OSError, yaml.YAMLError) as err:
+            raise AdapterError(f"{yaml_path}: cannot read adapter YAML ({type(err).__name__})") from None
+        source = str(yaml_path)
+    elif "glora" in meta:
+        doc, source = json.loads(meta["glora"]), str(path)
+    else:
+        raise AdapterError(f"{path}: no adapter description (no YAML beside it and no GLoRA metadata inside)")
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT or not isinstance(doc.get("layers"), dict):
+        raise AdapterError(f"{source}: not a GLoRA adapter description (expected format: {FORMAT} and a 'layers' mapping)")
+    return doc
+
+
+def load_adapter(
+    model: nn.Module, path: str | os.PathLike, yaml_path: str | os.PathLike | None = None, strict: bool = True
+) -> nn.Module:
+    """Rebuild the saved GLoRA layers on a freshly built base ``model`` and load their tensors.
+
+    Refuses, naming the layer or key, when a saved layer is missing from the model, is not an
+    ``nn.Linear``, or has other shapes. The model is only changed once every check passed.
+    """
+    path = Path(path)
+    tensors, meta = read_safetensors(path)
+    doc = _read_doc(path, Path(yaml_path) if yaml_path else None, meta)
+    modules = dict(model.named_modules())
+    problems, new_layers = [], {}
+    for name, rec in doc["layers"].items():
+        module = modules.get(name)
+        if module is None:
+            problems.append(f"layer {name} is not in the model")
+            continue
+        if isinstance(module, GLoraLinear):
+            module_shape = (module.in_features, module.out_features)
+        elif isinstance(module, nn.Linear):
+            module_shape = (module.in_features, module.out_features)
+        else:
+            problems.append(f"layer {name} is a {type(module).__name__}, not an nn.Linear")
+            continue
+        if module_shape != (rec["in_features"], rec["out_features"]):
+            problems.append(f"layer {name}: model has in/out {module_shape}, file has ({rec['in_features']}, {rec['out_features']})")
+            continue
+        try:
+            choices = {t: [parse_choice(c, t, f"{name}.{t}") for c in rec["choices"][t]] for t in TENSORS}
+        except (SpaceError, KeyError, TypeError) as err:
+            problems.append(f"layer {name}: bad choices ({err})")
+            continue
+        new_layers[name] = GLoraLinear(module, choices) if not isinstance(module, GLoraLinear) else None
+    if problems:
+        raise AdapterError(f"{path}: does not fit the model: " + "; ".join(problems[:5]))
+
+    # Check every tensor against the model as it will be, before touching the real model.
+    expected = {}
+    for key, value in model.state_dict().items():
+        expected[key] = tuple(value.shape)
+    for name, layer in new_layers.items():
+        if layer is None:
+            continue
+        for key in [k for k in expected if k.startswith(name + ".")]:
+            expected.pop(key)
+        for pname, p in layer.state_dict().items():
+            expected[f"{name}.{pname}"] = tuple(p.shape)
+    for key, value in tensors.items():
+        if key not in expected:
+            problems.append(f"{key} is not a tensor of the model")
+        elif tuple(value.shape) != expected[key]:
+            problems.append(f"{key}: file has shape {tuple(value.shape)}, model expects {expected[key]}")
+    if strict:
+        missing = [k for k in expected if k.rsplit(".", 1)[-1].startswith("glora_") and k not in tensors]
+        if missing:
+            problems.append(f"missing GLoRA tensors {', '.join(missing[:4])}" + (" ..." if len(missing) > 4 else ""))
+    if problems:
+        raise AdapterError(f"{path}: does not fit the model: " + "; ".join(problems[:5]))
+
+    for name, layer in new_layers.items():
+        if layer is not None:
+            _set_submodule(model, name, layer)
+    model.load_state_dict(tensors, strict=False)
+    mark_trainable(model, [m for m in doc.get("modules_to_save", []) if m in modules])
+    if doc.get("subnet"):
+        set_subnet(model, doc["subnet"])
+    return model

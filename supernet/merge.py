@@ -1,0 +1,44 @@
+"""Structural re-parameterisation: fold every GLoRA layer into a plain ``nn.Linear`` (SPEC section 1)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .layer import GLoraLinear
+from .model import _set_submodule, glora_layers
+
+
+class MergeError(RuntimeError):
+    """Merging produced non-finite weights; the model was left as it was."""
+
+
+@torch.no_grad()
+def merged_linear(layer: GLoraLinear, name: str = "layer") -> nn.Linear:
+    """A new ``nn.Linear`` equal to ``layer`` under its active configuration."""
+    W, b = layer.merged_weight_bias()
+    if not torch.isfinite(W).all() or (b is not None and not torch.isfinite(b).all()):
+        raise MergeError(f"{name}: merged weights are not finite (active choice {layer.active}); nothing was merged")
+    dtype, device = layer.weight.dtype, layer.weight.device
+    linear = nn.Linear(layer.in_features, layer.out_features, bias=b is not None, device=device, dtype=dtype)
+    linear.weight.copy_(W.to(dtype))
+    if b is not None:
+        linear.bias.copy_(b.to(dtype))
+    linear.requires_grad_(False)
+    return linear
+
+
+@torch.no_grad()
+def merge_glora(model: nn.Module) -> nn.Module:
+    """Replace every GLoRA layer by the plain ``nn.Linear`` holding ``W`` and ``b`` of its active choice.
+
+    All layers are computed (in float32 or higher) and checked before any is swapped in, so a
+    non-finite result raises :class:`MergeError` and leaves the model untouched.
+    """
+    merged = [(name, merged_linear(layer, name)) for name, layer in glora_layers(model)]
+    for name, linear in merged:
+        _set_submodule(model, name, linear)
+    for attr in ("glora_space",):
+        if hasattr(model, attr):
+            delattr(model, attr)
+    return model

@@ -1,0 +1,259 @@
+"""Model surgery: wrap targeted ``nn.Linear`` layers in GLoRA layers, and act on whole networks."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Iterator, Mapping
+
+import torch
+import torch.nn as nn
+
+from .layer import GLoraLinear, choice_cost
+from .space import TENSORS, LayerChoice, SearchSpace, SpaceError, any_match, load_space, pattern_matches
+from .subnet import Subnet, load_subnet, sample_config
+
+
+def _classifier_names(model: nn.Module) -> list[str]:
+    """Names of a timm model's classifier(s) (``get_classifier``; distilled DeiT has two)."""
+    get = getattr(model, "get_classifier", None)
+    if get is None:
+        return []
+    try:
+        heads = get()
+    except Exception:  # some wrappers raise when the head is removed
+        return []
+    heads = heads if isinstance(heads, (tuple, list)) else (heads,)
+    heads = [h for h in heads if isinstance(h, nn.Module) and any(True for _ in h.parameters())]
+    return [name for name, module in model.named_modules() if any(module is h for h in heads)]
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, attr, module)
+
+
+def _preview(names: list[str], n: int = 8) -> str:
+    shown = ", ".join(names[:n])
+    return shown + (f", ... ({len(names)} in all)" if len(names) > n else "") if names else "(none)"
+
+
+def find_targets(model: nn.Module, space: SearchSpace) -> list[str]:
+    """Names of the modules ``space`` targets, validated: every pattern matches, every match is a Linear."""
+    modules = dict(model.named_modules())
+    modules.pop("", None)
+    heads = _classifier_names(model)
+    excluded = {n for n in modules if any_match(space.exclude, n)}
+    excluded |= {n for n in modules for h in heads if n == h or n.startswith(h + ".")}
+    linear_names = [n for n, m in modules.items() if isinstance(m, nn.Linear)]
+    if space.targets == "all-linear":
+        names = [n for n in linear_names if n not in excluded]
+        if not names:
+            raise SpaceError(f"{space.source}: targets: 'all-linear' matched no nn.Linear outside exclude; linear layers: {_preview(linear_names)}")
+        return names
+    problems, names = [], []
+    for i, pat in enumerate(space.targets):
+        matched = [n for n in modules if pattern_matches(pat, n) and n not in excluded]
+        if not matched:
+            problems.append(f"targets[{i}]: {pat!r} matches no module (outside exclude); linear layers: {_preview(linear_names)}")
+            continue
+        for n in matched:
+            if isinstance(modules[n], GLoraLinear):
+                problems.append(f"targets[{i}]: {n} is already a GLoRA layer; apply_glora once per model")
+            elif not isinstance(modules[n], nn.Linear):
+                problems.append(f"targets[{i}]: {pat!r} matches {n}, a {type(modules[n]).__name__}, not an nn.Linear")
+            elif n not in names:
+                names.append(n)
+    if problems:
+        raise SpaceError(f"{space.source}: " + "; ".join(problems))
+    order = {n: i for i, n in enumerate(modules)}
+    return sorted(names, key=order.__getitem__)
+
+
+def glora_layers(model: nn.Module) -> Iterator[tuple[str, GLoraLinear]]:
+    """``(name, layer)`` for every GLoRA layer, in module order."""
+    for name, module in model.named_modules():
+        if isinstance(module, GLoraLinear):
+            yield name, module
+
+
+def _layers_or_raise(model: nn.Module) -> dict[str, GLoraLinear]:
+    layers = dict(glora_layers(model))
+    if not layers:
+        raise SpaceError("the model has no GLoRA layers; call apply_glora(model, space) first")
+    return layers
+
+
+def mark_trainable(model: nn.Module, modules_to_save: list[str]) -> None:
+    """Freeze everything but the GLoRA tensors and the modules to save (the classifier)."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for _, layer in glora_layers(model):
+        for p in layer.adapter_parameters():
+            p.requires_grad_(True)
+    for name in modules_to_save:
+        for p in model.get_submodule(name).parameters():
+            p.requires_grad_(True)
+    model.glora_modules_to_save = list(modules_to_save)
+
+
+def _resolve_modules_to_save(model: nn.Module, modules_to_save: Any) -> list[str]:
+    if modules_to_save == "auto":
+        return _classifier_names(model)
+    if modules_to_save is None:
+        return []
+    names = [modules_to_save] if isinstance(modules_to_save, str) else list(modules_to_save)
+    all_names = dict(model.named_modules())
+    for n in names:
+        if n not in all_names:
+            raise SpaceError(f"modules_to_save: {n!r} is not a module of the model")
+    return names
+
+
+def apply_glora(
+    model: nn.Module,
+    space: SearchSpace | Mapping[str, Any] | str | os.PathLike,
+    modules_to_save: Any = "auto",
+) -> nn.Module:
+    """Wrap every targeted ``nn.Linear`` of ``model`` in a :class:`GLoraLinear` and freeze the rest.
+
+    ``space`` is a :class:`SearchSpace`, its YAML content as a dict, or a path to the YAML.
+    ``modules_to_save`` stay fully trainable: ``"auto"`` is a timm model's classifier
+    (``get_classifier()``), which is never adapted; pass names or ``None`` to choose.
+    The model is changed in place and returned.
+    """
+    space = load_space(space)
+    targets = find_targets(model, space)
+    keep = _resolve_modules_to_save(model, modules_to_save)
+    for name in targets:
+        _set_submodule(model, name, GLoraLinear(model.get_submodule(name), space.choices))
+    mark_trainable(model, keep)
+    model.glora_space = space
+    return model
+
+
+def layer_choices(model: nn.Module) -> dict[str, dict[str, tuple]]:
+    """Per layer, per tensor, the allowed choices (layers without a bias only allow D = none)."""
+    return {name: dict(layer.choices) for name, layer in _layers_or_raise(model).items()}
+
+
+def choice_costs(model: nn.Module) -> dict[str, dict[str, dict[str, int]]]:
+    """Per layer, per tensor, per choice (as a string): the parameters it costs (SPEC section 2)."""
+    return {
+        name: {
+            t: {str(c): choice_cost(t, c, layer.out_features, layer.in_features) for c in layer.choices[t]}
+            for t in TENSORS
+        }
+        for name, layer in _layers_or_raise(model).items()
+    }
+
+
+def get_subnet(model: nn.Module) -> Subnet:
+    """The active configuration."""
+    return {name: layer.active for name, layer in _layers_or_raise(model).items()}
+
+
+def _check_subnet(model: nn.Module, config: Any) -> tuple[dict[str, GLoraLinear], Subnet]:
+    layers = _layers_or_raise(model)
+    config = load_subnet(config)
+    problems = []
+    unknown = [n for n in config if n not in layers]
+    if unknown:
+        problems.append(f"unknown layer(s) {_preview(unknown, 4)}; GLoRA layers of this model: {_preview(list(layers), 4)}")
+    missing = [n for n in layers if n not in config]
+    if missing:
+        problems.append(f"missing layer(s) {_preview(missing, 4)}: a configuration names every GLoRA layer")
+    for name, choice in config.items():
+        layer = layers.get(name)
+        if layer is None:
+            continue
+        for t, c in choice.items():
+            if c not in layer.choices[t]:
+                allowed = ", ".join(str(x) for x in layer.choices[t])
+                extra = " (no bias, so D can only be none)" if t == "D" and layer.bias is None else ""
+                problems.append(f"{name}.{t}: {str(c)!r} is not allowed; allowed: {allowed}{extra}")
+    if problems:
+        raise SpaceError("sub-network configuration: " + "; ".join(problems))
+    return layers, config
+
+
+def set_subnet(model: nn.Module, config: Subnet | Mapping[str, Any] | str | os.PathLike) -> Subnet:
+    """Activate ``config`` (a :data:`Subnet`, dict or YAML path) on every GLoRA layer."""
+    layers, config = _check_subnet(model, config)
+    for name, layer in layers.items():
+        layer.active = config[name]
+    return config
+
+
+def sample_subnet(model: nn.Module, generator: torch.Generator, activate: bool = True) -> Subnet:
+    """Draw one configuration (uniform per layer and tensor) from ``generator`` and activate it."""
+    config = sample_config(layer_choices(model), generator)
+    if activate:
+        set_subnet(model, config)
+    return config
+
+
+def uniform_subnet(model: nn.Module, choice: LayerChoice | Mapping[str, str]) -> Subnet:
+    """The same choice on every layer; D falls back to none on layers without a bias."""
+    choice = LayerChoice.parse(choice, "choice")
+    out = {}
+    for name, layer in _layers_or_raise(model).items():
+        d = choice.D if layer.bias is not None else layer.choices["D"][0]
+        out[name] = LayerChoice(choice.A, choice.B, choice.C, d, choice.E)
+    return out
+
+
+@dataclass(frozen=True)
+class ParamCount:
+    """Adapter parameters of a configuration, and the classifier head's, counted separately."""
+
+    adapter: int
+    head: int
+
+    @property
+    def total(self) -> int:
+        return self.adapter + self.head
+
+    def __int__(self) -> int:
+        return self.adapter
+
+
+def head_params(model: nn.Module) -> int:
+    names = getattr(model, "glora_modules_to_save", None)
+    if names is None:
+        names = _resolve_modules_to_save(model, "auto")
+    return sum(p.numel() for n in names for p in model.get_submodule(n).parameters())
+
+
+def count_params(model: nn.Module, config: Subnet | Mapping[str, Any] | str | None = None) -> ParamCount:
+    """Parameters a retrained sub-network holds (SPEC section 2); ``config`` defaults to the active one."""
+    if config is None:
+        layers, config = _layers_or_raise(model), get_subnet(model)
+    else:
+        layers, config = _check_subnet(model, config)
+    adapter = sum(layer.cost(config[name]) for name, layer in layers.items())
+    return ParamCount(adapter=adapter, head=head_params(model))
+
+
+@torch.no_grad()
+def extract_subnet(model: nn.Module, config: Subnet | Mapping[str, Any] | str | None = None) -> nn.Module:
+    """Replace every supernet layer by a GLoRA layer holding only ``config``'s tensors at their ranks.
+
+    Each new tensor is the leading slice of the shared one, so the output is unchanged. In place.
+    """
+    if config is None:
+        layers, config = _layers_or_raise(model), get_subnet(model)
+    else:
+        layers, config = _check_subnet(model, config)
+    for name, layer in layers.items():
+        choice = config[name]
+        small = GLoraLinear(layer, {t: (choice[t],) for t in TENSORS})
+        for pname, p in small.named_parameters(recurse=False):
+            if pname.startswith("glora_"):
+                src = getattr(layer, pname)
+                p.copy_(src[tuple(slice(0, s) for s in p.shape)])
+                p.requires_grad_(True)
+        small.active = choice
+        _set_submodule(model, name, small)
+    return model

@@ -1,0 +1,31 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+LARGE_SPACE = ROOT / "configs" / "space" / "large.yaml"
+
+
+def tiny_vit(num_classes: int = 5, **kw):
+    import timm
+
+    args = dict(img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=2, num_classes=num_classes)
+    args.update(kw)
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, **args)
+
+
+@pytest.fixture
+def vit():
+    torch.manual_seed(0)
+    return tiny_vit()
+
+
+@pytest.fixture
+def large_space():
+    return LARGE_SPACE

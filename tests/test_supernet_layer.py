@@ -1,0 +1,129 @@
+"""The GLoRA layer against SPEC's dense formula, for every configuration of the largest space."""
+
+import itertools
+
+import pytest
+import torch
+import torch.nn as nn
+
+from supernet import TENSORS, GLoraLinear, LayerChoice, load_space
+from supernet.layer import choice_cost
+
+from conftest import LARGE_SPACE
+
+
+def _randomise(layer: nn.Module, gen: torch.Generator) -> None:
+    with torch.no_grad():
+        for p in layer.adapter_parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.5)
+
+
+def _expected_support(layer: GLoraLinear, c: LayerChoice):
+    """SPEC section 2's table, written out from the raw shared parameters."""
+    out_f, in_f = layer.out_features, layer.in_features
+    dt = layer.weight.dtype
+
+    def ab(t):
+        ch = c[t]
+        d, u = getattr(layer, f"glora_{t}d"), getattr(layer, f"glora_{t}u")
+        if ch.kind == "lora":
+            return d[:, : ch.rank] @ u[: ch.rank, :]
+        if ch.kind == "vector":
+            return d[:, 0:1].expand(out_f, in_f)
+        if ch.kind == "scalar":
+            return d[0, 0].expand(out_f, in_f)
+        return torch.zeros(out_f, in_f, dtype=dt)
+
+    def cvec():
+        ch = c.C
+        if ch.kind == "lora":
+            return layer.glora_Cd[:, : ch.rank] @ layer.glora_Cu[: ch.rank, :]
+        if ch.kind == "vector":
+            return layer.glora_Cd[:, 0:1]
+        return torch.zeros(in_f, 1, dtype=dt)
+
+    def de(t):
+        ch, p = c[t], getattr(layer, f"glora_{t}")
+        if ch.kind == "vector":
+            return p
+        if ch.kind == "scalar":
+            return p[0].expand(out_f)
+        return torch.zeros(out_f, dtype=dt)
+
+    return ab("A"), ab("B"), cvec(), de("D"), de("E")
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+def test_every_configuration_matches_dense_formula(bias):
+    space = load_space(LARGE_SPACE)
+    torch.manual_seed(0)
+    base = nn.Linear(7, 5, bias=bias).double()
+    layer = GLoraLinear(base, space.choices)
+    gen = torch.Generator().manual_seed(1)
+    _randomise(layer, gen)
+    x = torch.randn(3, 4, 7, generator=gen, dtype=torch.float64)
+    W0, b0 = base.weight, base.bias if bias else torch.zeros(5, dtype=torch.float64)
+    combos = list(itertools.product(*(layer.choices[t] for t in TENSORS)))
+    assert len(combos) == (900 if bias else 300)
+    for combo in combos:
+        c = LayerChoice(*combo)
+        layer.set_choice(c)
+        A, B, C, D, E = _expected_support(layer, c)
+        s = layer.support_tensors()
+        for got, want in zip(s, (A, B, C, D, E)):
+            torch.testing.assert_close(got.expand_as(want), want, atol=1e-12, rtol=0)
+        # The formula, from support_tensors() and the frozen weights only.
+        W = W0 + W0 * s.A + s.B
+        b = b0 + b0 * s.D + s.E + (W0 @ s.C).squeeze(-1)
+        want = x @ W.T + b
+        got = layer(x)
+        assert (got - want).abs().max().item() <= 1e-10, str(c)
+        Wm, bm = layer.merged_weight_bias()
+        merged = x @ Wm.T + (bm if bm is not None else 0)
+        assert (merged - want).abs().max().item() <= 1e-10, str(c)
+    # non-trivial: some configuration must actually change the output
+    layer.set_choice(LayerChoice(*combos[0]))
+    assert (layer(x) - base(x)).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_fresh_layer_equals_base(bias):
+    space = load_space(LARGE_SPACE)
+    base = nn.Linear(6, 4, bias=bias)
+    layer = GLoraLinear(base, space.choices)
+    x = torch.randn(5, 6)
+    for combo in itertools.product(*(layer.choices[t] for t in TENSORS)):
+        layer.set_choice(LayerChoice(*combo))
+        assert torch.equal(layer(x), base(x))
+
+
+def test_initialisation_follows_spec():
+    space = load_space(LARGE_SPACE)
+    layer = GLoraLinear(nn.Linear(16, 12), space.choices)
+    for t in "ABC":
+        assert torch.count_nonzero(getattr(layer, f"glora_{t}d")) == 0
+        up = getattr(layer, f"glora_{t}u")
+        assert up.shape[0] == 8 and torch.count_nonzero(up) == up.numel()
+    assert layer.glora_Ad.shape == (12, 8) and layer.glora_Au.shape == (8, 16)
+    assert layer.glora_Cd.shape == (16, 8) and layer.glora_Cu.shape == (8, 1)
+    assert layer.glora_D.shape == (12,) and torch.count_nonzero(layer.glora_D) == 0
+    assert layer.glora_E.shape == (12,) and torch.count_nonzero(layer.glora_E) == 0
+
+
+@pytest.mark.parametrize(
+    "tensor,choice,expected",
+    [("A", "lora4", 4 * (12 + 16)), ("B", "vector", 12), ("B", "scalar", 1), ("C", "lora8", 8 * 17),
+     ("C", "vector", 16), ("D", "vector", 12), ("E", "scalar", 1), ("A", "none", 0)],
+)
+def test_choice_cost_table(tensor, choice, expected):
+    from supernet import parse_choice
+
+    assert choice_cost(tensor, parse_choice(choice, tensor), 12, 16) == expected
+
+
+def test_illegal_choice_on_layer_names_tensor():
+    from supernet import SpaceError
+
+    layer = GLoraLinear(nn.Linear(4, 4, bias=False), load_space(LARGE_SPACE).choices)
+    with pytest.raises(SpaceError, match=r"fc\.D.*no bias"):
+        layer.set_choice({"A": "none", "B": "none", "C": "none", "D": "vector", "E": "none"}, "fc")
