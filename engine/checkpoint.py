@@ -1,0 +1,35 @@
+"""Training checkpoints: written to a temporary file and renamed, loaded with ``weights_only=True``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from supernet import atomic_write
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is unreadable, unsafe, or from another run."""
+
+
+def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a checkpoint safely: pickled custom objects are refused, nothing is executed."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: empty checkpoint file")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise CheckpointError(f"{path}: refused or unreadable with weights_only=True ({first[:200]})") from None
+    if not isinstance(state, dict) or "step" not in state or "model" not in state:
+        raise CheckpointError(f"{path}: not a training checkpoint of this project (no 'step'/'model')")
+    return state

@@ -1,0 +1,373 @@
+"""Run configuration: one YAML file for all three stages, validated before anything runs.
+
+    output_dir: runs/demo
+    model:   {name, pretrained, checkpoint, kwargs}
+    data:    {kind, root, task, ...}
+    space:   configs/space/large.yaml      # or the space inline
+    train:   {epochs, batch_size, lr, ...}  # stage 1
+    search:  {population, max_params, ...}  # stage 2
+    retrain: {preset | subnet, init, epochs, lr, ...}  # stage 3
+
+``--set key.path=value`` overrides are parsed as YAML and then typed like the field they
+replace. Validation collects every problem (unknown keys with the closest valid name, wrong
+types, out-of-range values, missing files) and raises one :class:`ConfigError`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from supernet import SpaceError, load_space
+
+
+class ConfigError(ValueError):
+    """A run configuration is invalid; ``problems`` lists every one of them."""
+
+    def __init__(self, source: str, problems: list[str]):
+        self.source = source
+        self.problems = problems
+        super().__init__("\n".join(f"{source}: {p}" for p in problems))
+
+
+def _positive(v):
+    return None if v > 0 else "must be > 0"
+
+
+def _non_negative(v):
+    return None if v >= 0 else "must be >= 0"
+
+
+def _probability(v):
+    return None if 0 <= v <= 1 else "must be between 0 and 1"
+
+
+def check(fn):
+    return {"check": fn}
+
+
+@dataclass
+class ModelConfig:
+    name: str = "vit_base_patch16_224"
+    pretrained: bool = False  # timm's own loading (hub tags such as vit_base_patch16_224.augreg_in21k)
+    checkpoint: str | None = None  # local .npz (original ViT format), .safetensors, or .pth/.pt state dict
+    kwargs: dict = field(default_factory=dict)  # extra timm.create_model arguments (img_size, depth, ...)
+    drop_path_rate: float = field(default=0.1, metadata=check(_probability))
+
+
+@dataclass
+class DataSection:
+    kind: Literal["demo", "vtab1k", "fewshot", "imagefolder"] = "demo"
+    root: str | None = None
+    task: str | None = None
+    dataset: str | None = None
+    shots: int = field(default=16, metadata=check(_positive))
+    seed: int = 0
+    num_classes: int | None = field(default=None, metadata=check(_positive))
+    num_workers: int = field(default=0, metadata=check(_non_negative))
+    demo_classes: int = field(default=4, metadata=check(_positive))
+    demo_train: int = field(default=800, metadata=check(_positive))
+    demo_val: int = field(default=200, metadata=check(_positive))
+    demo_test: int = field(default=400, metadata=check(_positive))
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings; defaults are the paper's ViT-B/16 VTAB-1k recipe (SPEC section 3)."""
+
+    epochs: int = field(default=500, metadata=check(_positive))
+    batch_size: int = field(default=64, metadata=check(_positive))
+    eval_batch_size: int = field(default=128, metadata=check(_positive))
+    lr: float = field(default=1e-4, metadata=check(_positive))
+    weight_decay: float = field(default=1e-4, metadata=check(_non_negative))
+    warmup_epochs: float = field(default=10, metadata=check(_non_negative))
+    warmup_lr: float = field(default=1e-7, metadata=check(_non_negative))
+    min_lr: float = field(default=1e-5, metadata=check(_non_negative))
+    grad_clip: float | None = field(default=None, metadata=check(_positive))
+    label_smoothing: float = field(default=0.0, metadata=check(_probability))
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    seed: int = 0
+    eval_every: int = field(default=10, metadata=check(_positive))  # epochs
+    reference_subnets: int = field(default=2, metadata=check(_non_negative))  # random ones, besides largest and smallest
+    checkpoint_every: int = field(default=0, metadata=check(_non_negative))  # steps; 0 = end of each epoch only
+    log_every: int = field(default=10, metadata=check(_positive))  # steps
+    resume: str = "auto"  # auto | never | a checkpoint path
+    device: str = "auto"  # auto | cpu | cuda
+    fail_at_step: int | None = None  # testing aid: inject a NaN loss at this step
+
+
+@dataclass
+class SearchConfig:
+    population: int = field(default=50, metadata=check(_positive))
+    top_k: int = field(default=10, metadata=check(_positive))
+    mutation_count: int = field(default=25, metadata=check(_non_negative))
+    mutation_prob: float = field(default=0.2, metadata=check(_probability))
+    crossover_count: int = field(default=25, metadata=check(_non_negative))
+    generations: int = field(default=20, metadata=check(_positive))
+    max_params: int | None = field(default=None, metadata=check(_positive))  # adapter parameters, head excluded
+    min_params: int | None = field(default=None, metadata=check(_non_negative))
+    seed: int = 0
+    eval_batch_size: int = field(default=128, metadata=check(_positive))
+    resume: str = "auto"  # auto | never
+
+
+@dataclass
+class RetrainConfig(TrainConfig):
+    subnet: str | None = None  # a sub-network YAML; default: <output_dir>/search/result.yaml
+    preset: Literal["lora", "ssf", "bitfit", "prompt", "linear", "full"] | None = None
+    rank: int = field(default=8, metadata=check(_positive))  # rank of the lora preset
+    init: Literal["supernet", "scratch"] = "supernet"
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = "runs/default"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataSection = field(default_factory=DataSection)
+    space: Any = "configs/space/large.yaml"  # a path or the space inline
+    train: TrainConfig = field(default_factory=TrainConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    retrain: RetrainConfig = field(default_factory=RetrainConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# ---------------------------------------------------------------------------------------------
+def _type_name(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(map(str, typing.get_args(tp)))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    return {type(None): "null", int: "an integer", float: "a number", str: "a string", bool: "true/false",
+            dict: "a mapping", list: "a list"}.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+_MISSING = object()
+
+
+def _coerce(value: Any, tp) -> Any:
+    """``value`` as type ``tp``, or _MISSING. Accepts '1e-4' for floats (PyYAML reads it as a string)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for a in args:
+            if a is type(None):
+                continue
+            out = _coerce(value, a)
+            if out is not _MISSING:
+                return out
+        return _MISSING
+    if origin is Literal:
+        return value if value in typing.get_args(tp) else _MISSING
+    if tp is Any:
+        return value
+    if tp is bool:
+        return value if isinstance(value, bool) else _MISSING
+    if tp is int:
+        if isinstance(value, bool):
+            return _MISSING
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        return _MISSING
+    if tp is float:
+        if isinstance(value, bool):
+            return _MISSING
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                return _MISSING
+        return _MISSING
+    if tp is str:
+        return value if isinstance(value, str) else _MISSING
+    if tp is dict:
+        return dict(value) if isinstance(value, dict) else _MISSING
+    if tp is list:
+        return list(value) if isinstance(value, (list, tuple)) else _MISSING
+    return _MISSING
+
+
+def _build(cls, data: Any, prefix: str, problems: list[str]):
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        problems.append(f"{prefix or 'top level'}: expected a mapping, got {type(data).__name__}")
+        return cls()
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{prefix}.{key}" if prefix else str(key)
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(fields)}"
+            problems.append(f"{path}: unknown key{hint}")
+            continue
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value, path, problems)
+            continue
+        out = _coerce(value, tp)
+        if out is _MISSING:
+            problems.append(f"{path}: expected {_type_name(tp)}, got {value!r}")
+            continue
+        checker = fields[key].metadata.get("check")
+        if checker is not None and out is not None:
+            msg = checker(out)
+            if msg:
+                problems.append(f"{path}: {msg}, got {out!r}")
+                continue
+        kwargs[key] = out
+    return cls(**kwargs)
+
+
+def _set_path(data: dict, dotted: str, value: Any, problems: list[str]) -> None:
+    keys = dotted.split(".")
+    node = data
+    for k in keys[:-1]:
+        if node.get(k) is None:
+            node[k] = {}
+        if not isinstance(node[k], dict):
+            problems.append(f"--set {dotted}: {k} is not a section")
+            return
+        node = node[k]
+    node[keys[-1]] = value
+
+
+def _semantic_checks(cfg: RunConfig, base_dir: Path, problems: list[str]) -> None:
+    def exists(p: str | None, key: str, kind: str = "file") -> None:
+        if p is None:
+            return
+        path = Path(p)
+        ok = path.is_file() if kind == "file" else path.is_dir()
+        if not ok:
+            problems.append(f"{key}: {kind} not found: {p}")
+
+    exists(cfg.model.checkpoint, "model.checkpoint")
+    if cfg.model.checkpoint and not str(cfg.model.checkpoint).endswith((".npz", ".safetensors", ".pth", ".pt", ".bin")):
+        problems.append(f"model.checkpoint: expected a .npz, .safetensors, .pth or .pt file, got {cfg.model.checkpoint}")
+    try:
+        import timm
+
+        if not timm.is_model(cfg.model.name.split(".")[0]):
+            close = difflib.get_close_matches(cfg.model.name, timm.list_models(), n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            problems.append(f"model.name: {cfg.model.name!r} is not a timm model{hint}")
+    except ImportError:  # pragma: no cover
+        pass
+    d = cfg.data
+    if d.kind != "demo":
+        if not d.root:
+            problems.append(f"data.root: required for data.kind {d.kind}")
+        else:
+            exists(d.root, "data.root", "directory")
+    if d.kind == "vtab1k" and not d.task:
+        problems.append("data.task: required for data.kind vtab1k")
+    if d.kind == "fewshot" and not d.dataset:
+        problems.append("data.dataset: required for data.kind fewshot")
+    if isinstance(cfg.space, str):
+        if not Path(cfg.space).is_file():
+            problems.append(f"space: file not found: {cfg.space}")
+        else:
+            try:
+                load_space(cfg.space)
+            except SpaceError as err:
+                problems.append(f"space: {err}")
+    else:
+        try:
+            load_space(cfg.space)
+        except SpaceError as err:
+            problems.append(f"space: {err}")
+    s = cfg.search
+    if s.top_k > s.population:
+        problems.append(f"search.top_k: must be <= search.population ({s.population}), got {s.top_k}")
+    if s.max_params is not None and s.min_params is not None and s.min_params > s.max_params:
+        problems.append(f"search.min_params: must be <= search.max_params ({s.max_params}), got {s.min_params}")
+    for section in ("train", "retrain"):
+        t = getattr(cfg, section)
+        if t.resume not in ("auto", "never") and not Path(t.resume).is_file():
+            problems.append(f"{section}.resume: expected auto, never or an existing checkpoint file, got {t.resume!r}")
+        if t.device not in ("auto", "cpu", "cuda"):
+            problems.append(f"{section}.device: expected one of auto, cpu, cuda, got {t.device!r}")
+    if s.resume not in ("auto", "never"):
+        problems.append(f"search.resume: expected auto or never, got {s.resume!r}")
+    if cfg.retrain.subnet is not None and cfg.retrain.preset is not None:
+        problems.append("retrain.subnet: give either retrain.subnet or retrain.preset, not both")
+    exists(cfg.retrain.subnet, "retrain.subnet")
+
+
+def parse_overrides(overrides: list[str] | None, problems: list[str]) -> list[tuple[str, Any]]:
+    out = []
+    for item in overrides or []:
+        if "=" not in item:
+            problems.append(f"--set {item}: expected key.path=value")
+            continue
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError:
+            value = raw
+        out.append((key.strip(), value))
+    return out
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None) -> RunConfig:
+    """Read, override and validate a run config; raises :class:`ConfigError` listing every problem."""
+    source = str(path) if path is not None else "<defaults>"
+    problems: list[str] = []
+    data: Any = {}
+    if path is not None:
+        p = Path(path)
+        if p.is_dir():
+            raise ConfigError(source, ["is a directory, expected a YAML config file"])
+        if not p.is_file():
+            raise ConfigError(source, ["config file not found"])
+        try:
+            data = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            raise ConfigError(source, [f"not valid YAML{where}: {getattr(err, 'problem', None) or 'syntax error'}"]) from None
+        except (OSError, UnicodeDecodeError) as err:
+            raise ConfigError(source, [f"cannot read ({type(err).__name__})"]) from None
+        if data is None:
+            raise ConfigError(source, ["empty file, expected a mapping with output_dir, model, data, space, train, search, retrain"])
+        if not isinstance(data, dict):
+            raise ConfigError(source, [f"expected a mapping at the top level, got {type(data).__name__}"])
+    for key, value in parse_overrides(overrides, problems):
+        _set_path(data, key, value, problems)
+    cfg = _build(RunConfig, data, "", problems)
+    if not problems:
+        _semantic_checks(cfg, Path(path).parent if path else Path("."), problems)
+    if problems:
+        raise ConfigError(source, problems)
+    return cfg
+
+
+def config_from_dict(data: dict, source: str = "<dict>") -> RunConfig:
+    problems: list[str] = []
+    cfg = _build(RunConfig, data, "", problems)
+    if not problems:
+        _semantic_checks(cfg, Path("."), problems)
+    if problems:
+        raise ConfigError(source, problems)
+    return cfg

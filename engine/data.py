@@ -1,0 +1,469 @@
+"""Datasets for GLoRA fine-tuning: VTAB-1k lists, few-shot lists, image folders and an
+embedded synthetic ``demo`` task.
+
+Everything that can be checked cheaply (directories, list syntax, labels, image file
+existence) is checked eagerly when a split is built, so a broken dataset fails before a
+long supernet run starts rather than hours into it. Decoding problems (corrupt images) can
+only be seen when an image is opened and are raised lazily from ``__getitem__``. All
+problems surface as :class:`DataError` with a one-line message naming the offending file.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from torch.utils.data import Dataset
+from torchvision import transforms
+from torchvision.datasets.folder import find_classes, make_dataset
+from torchvision.transforms import v2
+
+__all__ = [
+    "DataError",
+    "DataConfig",
+    "build_transform",
+    "build_splits",
+    "ImageListDataset",
+    "TensorImageDataset",
+    "make_demo_arrays",
+    "IMAGE_EXTENSIONS",
+    "DEMO_SIZE",
+]
+
+IMAGE_EXTENSIONS: tuple[str, ...] = (
+    ".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff",
+)
+PHASES = ("search", "final")
+KINDS = ("vtab1k", "fewshot", "imagefolder", "demo")
+DEMO_SIZE = 32  # native resolution of the generated demo images
+
+Sample = tuple[str, int]
+
+
+class DataError(ValueError):
+    """A dataset is missing, malformed or unreadable; the message names the file."""
+
+
+@dataclass
+class DataConfig:
+    kind: str = "demo"  # vtab1k | fewshot | imagefolder | demo
+    root: str | None = None  # dataset root (vtab1k, fewshot, imagefolder)
+    task: str | None = None  # vtab1k task folder name
+    dataset: str | None = None  # fewshot dataset folder name
+    shots: int = 16  # fewshot
+    seed: int = 0  # fewshot list seed; also demo generation seed
+    # None = inferred from the labels of all splits (max label + 1); if given, labels are
+    # checked against it.
+    num_classes: int | None = None
+    num_workers: int = 0
+    demo_classes: int = 4  # demo task only
+    demo_train: int = 800
+    demo_val: int = 200
+    demo_test: int = 400
+
+
+# --------------------------------------------------------------------------- transforms
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    # Module-level (not a lambda) so the transform pickles into DataLoader workers.
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def build_transform(
+    img_size: int,
+    mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+    std: Sequence[float] = IMAGENET_DEFAULT_STD,
+) -> transforms.Compose:
+    """The VTAB-1k protocol of the GLoRA/NOAH papers: no augmentation, a plain bicubic
+    resize to a square, ToTensor, ImageNet normalisation. Accepts PIL images of any mode."""
+    return transforms.Compose([
+        transforms.Lambda(_to_rgb),
+        transforms.Resize((img_size, img_size), interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.ToTensor(),
+        transforms.Normalize(mean, std),
+    ])
+
+
+def _build_tensor_transform(
+    img_size: int,
+    src_size: int,
+    mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+    std: Sequence[float] = IMAGENET_DEFAULT_STD,
+) -> v2.Compose:
+    """Tensor counterpart of :func:`build_transform` for uint8 [3,H,W] tensors (demo task)."""
+    steps: list[Callable] = []
+    if img_size != src_size:
+        # uint8 in, uint8 out: bicubic over/undershoot is clamped just as PIL does.
+        steps.append(v2.Resize((img_size, img_size), interpolation=v2.InterpolationMode.BICUBIC,
+                               antialias=True))
+    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
+    return v2.Compose(steps)
+
+
+# --------------------------------------------------------------------------- datasets
+
+
+def _load_image(path: str) -> Image.Image:
+    try:
+        with Image.open(path) as img:
+            # convert() forces the full decode inside the try, so truncated files fail here
+            # and not later inside the transform.
+            return img.convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        raise DataError(f"{path}: cannot decode image ({type(exc).__name__}: {reason})") from None
+
+
+class ImageListDataset(Dataset):
+    """(image path, label) pairs decoded lazily with PIL."""
+
+    def __init__(self, samples: Sequence[Sample], transform: Callable) -> None:
+        self.samples = list(samples)
+        self.transform = transform
+
+    @property
+    def targets(self) -> list[int]:
+        return [label for _, label in self.samples]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        path, label = self.samples[index]
+        return self.transform(_load_image(path)), label
+
+
+class TensorImageDataset(Dataset):
+    """In-memory uint8 images [N,3,H,W] with int64 labels; normalised on access so that a
+    large ``img_size`` never materialises the whole float dataset at once."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform: Callable) -> None:
+        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
+            raise DataError(f"TensorImageDataset: expected uint8 [N,3,H,W] images, got "
+                            f"{images.dtype} {tuple(images.shape)}")
+        if labels.shape != (images.shape[0],):
+            raise DataError(f"TensorImageDataset: expected {images.shape[0]} labels, got "
+                            f"{tuple(labels.shape)}")
+        self.images = images
+        self.labels = labels
+        self.transform = transform
+
+    @property
+    def targets(self) -> list[int]:
+        return self.labels.tolist()
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.transform(self.images[index]), int(self.labels[index])
+
+
+# --------------------------------------------------------------------------- list files
+
+
+def _parse_line(line: str, list_path: str, lineno: int) -> Sample:
+    # Split on the LAST whitespace run so that image paths may contain spaces.
+    parts = line.rsplit(maxsplit=1)
+    if len(parts) != 2:
+        raise DataError(f"{list_path}: line {lineno}: expected '<image path> <label>', "
+                        f"got {line!r}")
+    rel_path, label_text = parts
+    try:
+        label = int(label_text)
+    except ValueError:
+        raise DataError(f"{list_path}: line {lineno}: label {label_text!r} is not an integer "
+                        f"in {line!r}") from None
+    if label < 0:
+        raise DataError(f"{list_path}: line {lineno}: negative label {label} in {line!r}")
+    return rel_path, label
+
+
+def _read_list(list_path: str) -> list[tuple[int, str, int]]:
+    """Parse a list file into (line number, relative path, label); blank lines skipped."""
+    if not os.path.isfile(list_path):
+        raise DataError(f"{list_path}: list file not found")
+    entries = []
+    with open(list_path, encoding="utf-8") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            line = raw.strip()
+            if line:
+                entries.append((lineno, *_parse_line(line, list_path, lineno)))
+    if not entries:
+        raise DataError(f"{list_path}: list file is empty (expected '<image path> <label>' lines)")
+    return entries
+
+
+def _load_list_split(list_path: str, image_root: str, num_classes: int | None) -> list[Sample]:
+    samples = []
+    for lineno, rel_path, label in _read_list(list_path):
+        if num_classes is not None and label >= num_classes:
+            raise DataError(f"{list_path}: line {lineno}: label {label} >= num_classes "
+                            f"{num_classes}")
+        path = os.path.join(image_root, rel_path)
+        if not os.path.isfile(path):
+            raise DataError(f"{list_path}: line {lineno}: image not found: {path}")
+        samples.append((path, label))
+    return samples
+
+
+def _require_dir(path: str, what: str) -> None:
+    if not os.path.isdir(path):
+        raise DataError(f"{path}: {what} directory not found")
+
+
+def _require_root(cfg: DataConfig) -> str:
+    if not cfg.root:
+        raise DataError(f"data.root: required for kind {cfg.kind!r}")
+    _require_dir(cfg.root, "dataset root")
+    return cfg.root
+
+
+def _build_from_lists(
+    list_dir: str,
+    image_root: str,
+    train_name: str,
+    eval_name: str,
+    all_names: Sequence[str],
+    num_classes: int | None,
+    img_size: int,
+) -> tuple[Dataset, Dataset, int]:
+    train = _load_list_split(os.path.join(list_dir, train_name), image_root, num_classes)
+    evals = _load_list_split(os.path.join(list_dir, eval_name), image_root, num_classes)
+    if num_classes is None:
+        # Infer from every split on disk, not just the two loaded, so that the search and
+        # final phases agree on the head size even if a class is absent from one split.
+        labels = [label for _, label in train + evals]
+        for name in all_names:
+            path = os.path.join(list_dir, name)
+            if name not in (train_name, eval_name) and os.path.isfile(path):
+                labels += [label for _, _, label in _read_list(path)]
+        num_classes = max(labels) + 1
+    transform = build_transform(img_size)
+    return ImageListDataset(train, transform), ImageListDataset(evals, transform), num_classes
+
+
+def _build_vtab1k(cfg: DataConfig, phase: str, img_size: int) -> tuple[Dataset, Dataset, int]:
+    root = _require_root(cfg)
+    if not cfg.task:
+        raise DataError("data.task: required for kind 'vtab1k'")
+    task_dir = os.path.join(root, cfg.task)
+    _require_dir(task_dir, "vtab1k task")
+    train_name, eval_name = {"search": ("train800.txt", "val200.txt"),
+                             "final": ("train800val200.txt", "test.txt")}[phase]
+    all_names = ("train800.txt", "val200.txt", "train800val200.txt", "test.txt")
+    return _build_from_lists(task_dir, task_dir, train_name, eval_name, all_names,
+                             cfg.num_classes, img_size)
+
+
+def _build_fewshot(cfg: DataConfig, phase: str, img_size: int) -> tuple[Dataset, Dataset, int]:
+    root = _require_root(cfg)
+    if not cfg.dataset:
+        raise DataError("data.dataset: required for kind 'fewshot'")
+    ds_dir = os.path.join(root, cfg.dataset)
+    _require_dir(ds_dir, "few-shot dataset")
+    ann_dir = os.path.join(ds_dir, "annotations")
+    _require_dir(ann_dir, "few-shot annotations")
+    train_name = f"train_meta.list.num_shot_{cfg.shots}.seed_{cfg.seed}"
+    eval_name = {"search": "val_meta.list", "final": "test_meta.list"}[phase]
+    all_names = (train_name, "val_meta.list", "test_meta.list")
+    return _build_from_lists(ann_dir, os.path.join(ds_dir, "images"), train_name, eval_name,
+                             all_names, cfg.num_classes, img_size)
+
+
+# --------------------------------------------------------------------------- image folders
+
+
+def _folder_samples(split_dir: str, class_to_idx: dict[str, int]) -> list[Sample]:
+    samples = make_dataset(split_dir, class_to_idx, extensions=IMAGE_EXTENSIONS, allow_empty=True)
+    if not samples:
+        raise DataError(f"{split_dir}: no images (expected <class>/<image> with extension in "
+                        f"{' '.join(IMAGE_EXTENSIONS)})")
+    return samples
+
+
+def _build_imagefolder(cfg: DataConfig, phase: str, img_size: int) -> tuple[Dataset, Dataset, int]:
+    root = _require_root(cfg)
+    required = {"search": ("train", "val"), "final": ("train", "test")}[phase]
+    for split in required:
+        _require_dir(os.path.join(root, split), f"imagefolder '{split}' split")
+    present = [s for s in ("train", "val", "test") if os.path.isdir(os.path.join(root, s))]
+
+    # One class list for all splits present: a class missing from one split must not shift
+    # the label indices of that split relative to the others.
+    classes: set[str] = set()
+    for split in present:
+        try:
+            classes.update(find_classes(os.path.join(root, split))[0])
+        except FileNotFoundError:
+            pass  # an empty split; reported below if it is actually used
+    class_to_idx = {name: i for i, name in enumerate(sorted(classes))}
+    if cfg.num_classes is not None and len(class_to_idx) > cfg.num_classes:
+        raise DataError(f"{root}: {len(class_to_idx)} class folders but num_classes is "
+                        f"{cfg.num_classes}")
+
+    def load(split: str) -> list[Sample]:
+        return _folder_samples(os.path.join(root, split), class_to_idx)
+
+    transform = build_transform(img_size)
+    if phase == "search":
+        train, evals = load("train"), load("val")
+    else:
+        train = load("train") + (load("val") if "val" in present else [])
+        evals = load("test")
+    num_classes = cfg.num_classes if cfg.num_classes is not None else len(class_to_idx)
+    return ImageListDataset(train, transform), ImageListDataset(evals, transform), num_classes
+
+
+# --------------------------------------------------------------------------- demo task
+#
+# Two objects on a noisy, textured background: a warm-coloured filled square (the anchor A)
+# and a cool-coloured filled disk (B). The class is the spatial relation of B to A along
+# the dominant axis: 0 right-of, 1 above, 2 left-of, 3 below (the first demo_classes of
+# these). Both objects are present in every image, with sizes, colours and background
+# drawn independently of the label, so per-channel statistics, colour histograms and
+# "is there a red thing" are uninformative; the label lives only in the relative position
+# of two parts, which a frozen random backbone plus a linear probe cannot read out but a
+# trained network learns quickly.
+#
+# Generation uses only integer draws and integer arithmetic so that the bytes are identical
+# on every platform (no libm-dependent floats such as normal() tails or atan2).
+
+_DEMO_SPLIT_IDS = {"train": 0, "val": 1, "test": 2}
+_DEMO_MIN_OBJ, _DEMO_MAX_OBJ = 5, 8  # object side / diameter in pixels (inclusive range)
+_DEMO_MARGIN = 2  # dominant-axis offset must exceed the other by this many pixels
+
+
+def _demo_relations(ax: np.ndarray, ay: np.ndarray, bx: np.ndarray, by: np.ndarray,
+                    sa: np.ndarray, sb: np.ndarray) -> np.ndarray:
+    """Relation label of B to A per candidate, or -1 where it is ambiguous/overlapping.
+    Centres are kept doubled so everything stays integer."""
+    dx = (2 * bx + sb) - (2 * ax + sa)
+    dy = (2 * by + sb) - (2 * ay + sa)  # image y grows downwards
+    gap = sa + sb + 2  # doubled: the objects are >= 1 px apart along the dominant axis
+    horizontal = (np.abs(dx) >= np.abs(dy) + 2 * _DEMO_MARGIN) & (np.abs(dx) >= gap)
+    vertical = (np.abs(dy) >= np.abs(dx) + 2 * _DEMO_MARGIN) & (np.abs(dy) >= gap)
+    label = np.full(dx.shape, -1, dtype=np.int64)
+    label[horizontal & (dx > 0)] = 0
+    label[vertical & (dy < 0)] = 1
+    label[horizontal & (dx < 0)] = 2
+    label[vertical & (dy > 0)] = 3
+    return label
+
+
+def _demo_candidates(rng: np.random.Generator, m: int) -> np.ndarray:
+    """m random geometries, rows of (ax, ay, sa, bx, by, sb), plus their relation label."""
+    hi = DEMO_SIZE + 1
+    sa, sb = (rng.integers(_DEMO_MIN_OBJ, _DEMO_MAX_OBJ + 1, m) for _ in range(2))
+    ax, ay = rng.integers(0, hi - sa), rng.integers(0, hi - sa)
+    bx, by = rng.integers(0, hi - sb), rng.integers(0, hi - sb)
+    rel = _demo_relations(ax, ay, bx, by, sa, sb)
+    return np.stack([rel, ax, ay, sa, bx, by, sb], axis=1)
+
+
+def _demo_layout(rng: np.random.Generator, n: int, num_classes: int) -> np.ndarray:
+    """Balanced labels and object geometry: rows of (label, ax, ay, sa, bx, by, sb)."""
+    labels = rng.permutation(np.arange(n) % num_classes)
+    rows = np.zeros((n, 7), dtype=np.int64)
+    for cls in range(num_classes):
+        idx = np.flatnonzero(labels == cls)
+        pool = np.zeros((0, 7), dtype=np.int64)
+        while len(pool) < idx.size:  # rejection sampling; ~1/8 of candidates fit a class
+            cand = _demo_candidates(rng, 8 * idx.size + 8)
+            pool = np.concatenate([pool, cand[cand[:, 0] == cls]])
+        rows[idx] = pool[: idx.size]
+    return rows
+
+
+def _demo_backgrounds(rng: np.random.Generator, n: int) -> np.ndarray:
+    """Textured, noisy backgrounds, int16 [n, H, W, 3]: random base colour, two blocky
+    low-frequency layers at different scales and per-pixel noise."""
+    size = DEMO_SIZE
+    base = rng.integers(70, 186, (n, 1, 1, 3))
+    coarse = rng.integers(-30, 31, (n, size // 8, size // 8, 3)).repeat(8, 1).repeat(8, 2)
+    fine = rng.integers(-15, 16, (n, size // 4, size // 4, 3)).repeat(4, 1).repeat(4, 2)
+    noise = rng.integers(-20, 21, (n, size, size, 3))
+    return (base + coarse + fine + noise).astype(np.int16)
+
+
+def _demo_colours(rng: np.random.Generator, n: int, warm: bool) -> np.ndarray:
+    """Saturated colours: warm = red/orange/yellow-ish, cool = blue/cyan/violet-ish."""
+    strong = rng.integers(200, 256, n)
+    mid = rng.integers(0, 160, n)
+    weak = rng.integers(0, 50, n)
+    # warm: (R, G, B) = (strong, mid, weak); cool: (weak, mid, strong)
+    cols = np.stack([strong, mid, weak] if warm else [weak, mid, strong], axis=1)
+    return cols.astype(np.int16)
+
+
+def make_demo_arrays(seed: int, split: str, n: int, num_classes: int = 4
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """Deterministic demo split: (uint8 images [n, 32, 32, 3], int64 labels [n])."""
+    if split not in _DEMO_SPLIT_IDS:
+        raise DataError(f"demo: unknown split {split!r} (expected train, val or test)")
+    if not 2 <= num_classes <= 4:
+        raise DataError(f"demo: demo_classes must be 2..4 (spatial relations), got {num_classes}")
+    if n <= 0:
+        raise DataError(f"demo: {split} split size must be positive, got {n}")
+    # Each split gets its own stream, so changing one split's size leaves the others unchanged.
+    rng = np.random.default_rng([seed, _DEMO_SPLIT_IDS[split]])
+    layout = _demo_layout(rng, n, num_classes)
+    images = _demo_backgrounds(rng, n)
+    warm, cool = _demo_colours(rng, n, warm=True), _demo_colours(rng, n, warm=False)
+    yy, xx = np.mgrid[:_DEMO_MAX_OBJ, :_DEMO_MAX_OBJ]
+    for i, (_, ax, ay, sa, bx, by, sb) in enumerate(layout):
+        images[i, ay:ay + sa, ax:ax + sa] = warm[i]  # square
+        # disk, integer test on doubled coordinates: (2x+1-s)^2 + (2y+1-s)^2 <= s^2
+        disk = (2 * xx[:sb, :sb] + 1 - sb) ** 2 + (2 * yy[:sb, :sb] + 1 - sb) ** 2 <= sb * sb
+        images[i, by:by + sb, bx:bx + sb][disk] = cool[i]
+    return np.clip(images, 0, 255).astype(np.uint8), layout[:, 0].copy()
+
+
+def _demo_dataset(cfg: DataConfig, splits: Sequence[str], img_size: int) -> TensorImageDataset:
+    sizes = {"train": cfg.demo_train, "val": cfg.demo_val, "test": cfg.demo_test}
+    arrays = [make_demo_arrays(cfg.seed, s, sizes[s], cfg.demo_classes) for s in splits]
+    images = torch.from_numpy(np.concatenate([a for a, _ in arrays])).permute(0, 3, 1, 2)
+    labels = torch.from_numpy(np.concatenate([y for _, y in arrays]))
+    return TensorImageDataset(images.contiguous(), labels,
+                              _build_tensor_transform(img_size, DEMO_SIZE))
+
+
+def _build_demo(cfg: DataConfig, phase: str, img_size: int) -> tuple[Dataset, Dataset, int]:
+    if cfg.num_classes is not None and cfg.demo_classes > cfg.num_classes:
+        raise DataError(f"demo: demo_classes {cfg.demo_classes} > num_classes {cfg.num_classes}")
+    train_splits, eval_split = {"search": (("train",), "val"),
+                                "final": (("train", "val"), "test")}[phase]
+    num_classes = cfg.num_classes if cfg.num_classes is not None else cfg.demo_classes
+    return (_demo_dataset(cfg, train_splits, img_size), _demo_dataset(cfg, (eval_split,), img_size),
+            num_classes)
+
+
+# --------------------------------------------------------------------------- entry point
+
+_BUILDERS = {
+    "vtab1k": _build_vtab1k,
+    "fewshot": _build_fewshot,
+    "imagefolder": _build_imagefolder,
+    "demo": _build_demo,
+}
+
+
+def build_splits(cfg: DataConfig, phase: str, img_size: int) -> tuple[Dataset, Dataset, int]:
+    """(train_dataset, eval_dataset, num_classes) for a phase.
+
+    search: the held-out split is the validation split (used by the evolutionary search);
+    final:  train on train+val and evaluate on test (the retraining phase).
+    """
+    if phase not in PHASES:
+        raise DataError(f"phase {phase!r}: expected one of {', '.join(PHASES)}")
+    if cfg.kind not in _BUILDERS:
+        raise DataError(f"data.kind {cfg.kind!r}: expected one of {', '.join(KINDS)}")
+    if cfg.num_classes is not None and cfg.num_classes <= 0:
+        raise DataError(f"data.num_classes must be positive, got {cfg.num_classes}")
+    return _BUILDERS[cfg.kind](cfg, phase, img_size)

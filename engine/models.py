@@ -1,0 +1,107 @@
+"""Backbones: timm models built by name, with weights from timm's hub or from a local file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import timm
+import torch
+import torch.nn as nn
+
+from supernet import AdapterError, read_safetensors
+
+from .config import ModelConfig
+
+
+class ModelError(ValueError):
+    """A model cannot be built or its weights do not fit."""
+
+
+def _head_prefixes(model: nn.Module) -> list[str]:
+    from supernet.model import _classifier_names
+
+    return [n + "." for n in _classifier_names(model)]
+
+
+def load_state_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """A state dict from ``.safetensors`` or a ``.pth``/``.pt``/``.bin`` loaded with ``weights_only=True``."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        try:
+            return read_safetensors(path)[0]
+        except AdapterError as err:
+            raise ModelError(str(err)) from None
+    if not path.is_file():
+        raise ModelError(f"{path}: file not found")
+    if path.stat().st_size == 0:
+        raise ModelError(f"{path}: empty file")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # unpickling refusals, truncation, wrong format
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelError(f"{path}: refused or unreadable with weights_only=True ({first[:200]})") from None
+    for key in ("state_dict", "model", "module"):
+        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ModelError(f"{path}: expected a state dict of tensors")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def load_backbone_weights(model: nn.Module, path: str | Path) -> None:
+    """Load a local checkpoint into ``model``, skipping its classifier (reset for the task).
+
+    ``.npz`` files in the original ViT format go through timm's own reader.
+    """
+    path = Path(path)
+    if path.suffix == ".npz":
+        if not hasattr(model, "load_pretrained"):
+            raise ModelError(f"{path}: .npz checkpoints are only readable for timm ViT models")
+        head = {k: v.clone() for k, v in model.state_dict().items() if any(k.startswith(p) for p in _head_prefixes(model))}
+        try:
+            model.load_pretrained(str(path))
+        except Exception as err:
+            raise ModelError(f"{path}: cannot load as a ViT .npz checkpoint ({type(err).__name__}: {str(err)[:200]})") from None
+        model.load_state_dict(head, strict=False)
+        return
+    state = load_state_file(path)
+    heads = _head_prefixes(model)
+    own = model.state_dict()
+    state = {k: v for k, v in state.items() if not any(k.startswith(p) for p in heads)}
+    unexpected = [k for k in state if k not in own]
+    missing = [k for k in own if k not in state and not any(k.startswith(p) for p in heads)]
+    wrong = [f"{k} {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in state.items() if k in own and v.shape != own[k].shape]
+    if unexpected or missing or wrong:
+        parts = []
+        if missing:
+            parts.append(f"missing {', '.join(missing[:3])}" + (" ..." if len(missing) > 3 else ""))
+        if unexpected:
+            parts.append(f"unexpected {', '.join(unexpected[:3])}" + (" ..." if len(unexpected) > 3 else ""))
+        if wrong:
+            parts.append(f"shape mismatch {', '.join(wrong[:3])}")
+        raise ModelError(f"{path}: does not fit {type(model).__name__}: " + "; ".join(parts))
+    model.load_state_dict(state, strict=False)
+
+
+def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
+    """``timm.create_model`` with the task's classifier; weights from timm or ``cfg.checkpoint``."""
+    kwargs = dict(cfg.kwargs)
+    kwargs.setdefault("drop_path_rate", cfg.drop_path_rate)
+    try:
+        model = timm.create_model(cfg.name, pretrained=cfg.pretrained, num_classes=num_classes, **kwargs)
+    except TypeError as err:
+        raise ModelError(f"model.kwargs: {cfg.name} does not accept these arguments ({err})") from None
+    except RuntimeError as err:
+        raise ModelError(f"model.name: cannot create {cfg.name!r} ({str(err)[:200]})") from None
+    if cfg.checkpoint:
+        load_backbone_weights(model, cfg.checkpoint)
+    return model
+
+
+def input_size(model: nn.Module) -> int:
+    """The square image size the model expects."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    patch = getattr(model, "patch_embed", None)
+    if patch is not None and getattr(patch, "img_size", None):
+        return int(patch.img_size[0])
+    return int(cfg.get("input_size", (3, 224, 224))[-1])

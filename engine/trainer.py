@@ -1,0 +1,285 @@
+"""The training loop shared by stage 1 (supernet: a sampled sub-network per step) and stage 3.
+
+Lifecycle: ``Trainer(...)`` builds the optimiser, scheduler and loaders; ``resume()`` restores
+a checkpoint; ``fit()`` trains, checkpoints atomically, evaluates and logs; a SIGTERM/Ctrl-C
+sets ``stop_requested`` and the loop saves and returns at the next step boundary.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn as nn
+from timm.scheduler import CosineLRScheduler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from tqdm import tqdm
+
+from . import distributed as D
+from .checkpoint import load_checkpoint, save_checkpoint
+from .config import TrainConfig
+from .rng import get_rng_state, set_rng_state
+from .tracker import Tracker
+
+
+class TrainError(RuntimeError):
+    """Training cannot go on (a non-finite loss, a checkpoint from another run)."""
+
+
+class ResumableSampler(Sampler):
+    """DistributedSampler order (a pure function of seed and epoch) that can skip a prefix.
+
+    Skipping the batches already trained lets a run resumed mid-epoch see exactly the data an
+    uninterrupted run would have seen.
+    """
+
+    def __init__(self, dataset: Dataset, info: D.DistInfo, seed: int):
+        self.inner = DistributedSampler(dataset, num_replicas=info.world_size, rank=info.rank, shuffle=True, seed=seed)
+        self.skip = 0
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        self.inner.set_epoch(epoch)
+        self.skip = skip
+
+    def __iter__(self):
+        return iter(list(self.inner)[self.skip :])
+
+    def __len__(self) -> int:
+        return len(self.inner) - self.skip
+
+
+class ShardSampler(Sampler):
+    """Every index exactly once across ranks (no padding, so evaluation counts are exact)."""
+
+    def __init__(self, n: int, info: D.DistInfo):
+        self.indices = list(range(info.rank, n, info.world_size))
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def autocast_for(precision: str, device: torch.device):
+    if precision == "fp32":
+        return nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, info: D.DistInfo, precision: str = "fp32", topk=(1,)) -> dict[str, float]:
+    """Top-k accuracy over the loader's shard, summed over ranks."""
+    was_training = model.training
+    model.eval()
+    counts = torch.zeros(len(topk) + 1, dtype=torch.float64)
+    for x, y in loader:
+        x, y = x.to(info.device, non_blocking=True), y.to(info.device)
+        with autocast_for(precision, info.device):
+            logits = model(x)
+        k = min(max(topk), logits.shape[1])
+        pred = logits.float().topk(k, dim=1).indices
+        hit = pred == y[:, None]
+        for i, kk in enumerate(topk):
+            counts[i] += hit[:, :kk].any(dim=1).sum().item()
+        counts[-1] += y.numel()
+    counts = D.all_reduce_sum(counts.to(info.device)).cpu()
+    model.train(was_training)
+    total = max(counts[-1].item(), 1.0)
+    return {f"top{k}": 100.0 * counts[i].item() / total for i, k in enumerate(topk)} | {"n": int(counts[-1].item())}
+
+
+class Trainer:
+    def __init__(
+        self,
+        model: nn.Module,
+        train_ds: Dataset,
+        eval_ds: Dataset | None,
+        cfg: TrainConfig,
+        out_dir: Path,
+        info: D.DistInfo,
+        tracker: Tracker,
+        before_step: Callable[[int], None] | None = None,
+        on_eval: Callable[[int, int], dict[str, float]] | None = None,
+        fingerprint: str = "",
+        num_workers: int = 0,
+        desc: str = "train",
+    ):
+        self.model, self.cfg, self.info, self.tracker = model, cfg, info, tracker
+        self.out_dir = Path(out_dir)
+        self.ckpt_path = self.out_dir / "checkpoints" / "last.pt"
+        self.before_step, self.on_eval = before_step, on_eval
+        self.fingerprint, self.desc = fingerprint, desc
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.param_names = [n for n, p in model.named_parameters() if p.requires_grad]
+        self.sampler = ResumableSampler(train_ds, info, cfg.seed)
+        self.loader = DataLoader(train_ds, batch_size=cfg.batch_size, sampler=self.sampler, num_workers=num_workers,
+                                 pin_memory=info.device.type == "cuda", drop_last=False)
+        self.eval_loader = None
+        if eval_ds is not None:
+            self.eval_loader = DataLoader(eval_ds, batch_size=cfg.eval_batch_size, sampler=ShardSampler(len(eval_ds), info),
+                                          num_workers=num_workers)
+        self.steps_per_epoch = math.ceil(len(self.sampler.inner) / cfg.batch_size)
+        self.total_steps = self.steps_per_epoch * cfg.epochs
+        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.scheduler = CosineLRScheduler(
+            self.optimizer,
+            t_initial=self.total_steps,
+            lr_min=cfg.min_lr,
+            warmup_t=int(round(cfg.warmup_epochs * self.steps_per_epoch)),
+            warmup_lr_init=cfg.warmup_lr,
+            t_in_epochs=False,
+        )
+        self.scaler = torch.amp.GradScaler(info.device.type, enabled=cfg.precision == "fp16")
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+        self.epoch = self.step = self.batch_in_epoch = 0
+        self.stop_requested: str | None = None
+
+    # -- signals -----------------------------------------------------------------------------
+    def install_signal_handlers(self) -> None:
+        def handler(signum, frame):
+            if self.stop_requested is not None and signum == signal.SIGINT:
+                raise KeyboardInterrupt  # a second Ctrl-C stops at once
+            self.stop_requested = signal.Signals(signum).name
+
+        signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGINT, handler)
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        own = dict(self.model.named_parameters())
+        return {n: own[n].detach().cpu().clone() for n in self.param_names}
+
+    def save(self) -> None:
+        if not self.info.is_main:
+            return
+        self.tracker.flush()
+        jsonl = self.tracker.log_dir / "metrics.jsonl"
+        state = {
+            "model": self.trainable_state(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "epoch": self.epoch,
+            "step": self.step,
+            "batch_in_epoch": self.batch_in_epoch,
+            "rng": get_rng_state(),
+            "fingerprint": self.fingerprint,
+            "metrics_offset": jsonl.stat().st_size if jsonl.exists() else 0,
+        }
+        save_checkpoint(state, self.ckpt_path)
+
+    def resume(self, mode: str) -> bool:
+        """Restore ``last.pt`` (``auto``) or a given checkpoint; returns whether one was loaded."""
+        if mode == "never":
+            return False
+        path = self.ckpt_path if mode == "auto" else Path(mode)
+        if mode == "auto" and not path.is_file():
+            return False
+        state = load_checkpoint(path)
+        if self.fingerprint and state.get("fingerprint") not in ("", self.fingerprint):
+            raise TrainError(f"{path}: checkpoint is from a run with another configuration; use a new output_dir or --overwrite")
+        missing = [n for n in self.param_names if n not in state["model"]]
+        if missing:
+            raise TrainError(f"{path}: checkpoint lacks trainable tensors {', '.join(missing[:3])}")
+        own = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for n in self.param_names:
+                if own[n].shape != state["model"][n].shape:
+                    raise TrainError(f"{path}: {n} has shape {tuple(state['model'][n].shape)}, model {tuple(own[n].shape)}")
+                own[n].copy_(state["model"][n])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.epoch, self.step, self.batch_in_epoch = state["epoch"], state["step"], state["batch_in_epoch"]
+        set_rng_state(state["rng"])
+        jsonl = self.tracker.log_dir / "metrics.jsonl"
+        if self.info.is_main and jsonl.exists() and jsonl.stat().st_size > state.get("metrics_offset", 0):
+            # Lines written after this checkpoint belong to steps that will be run again.
+            with jsonl.open("r+b") as fh:
+                fh.truncate(state.get("metrics_offset", 0))
+        return True
+
+    # -- the loop ----------------------------------------------------------------------------
+    def _sync_flags(self, loss: torch.Tensor) -> tuple[float, bool, bool]:
+        """Mean loss over ranks, whether any rank saw a non-finite loss, whether any was signalled."""
+        value = loss.detach().float()
+        bad = 0.0 if torch.isfinite(value) else 1.0
+        flags = torch.stack([torch.nan_to_num(value, nan=0.0, posinf=0.0, neginf=0.0),
+                             torch.tensor(bad, device=value.device),
+                             torch.tensor(1.0 if self.stop_requested else 0.0, device=value.device)])
+        flags = D.all_reduce_sum(flags)
+        return flags[0].item() / self.info.world_size, flags[1].item() > 0, flags[2].item() > 0
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, bool]:
+        """One optimisation step; returns (mean loss, whether to stop before applying it)."""
+        cfg = self.cfg
+        if self.before_step is not None:
+            self.before_step(self.step)
+        self.scheduler.step_update(self.step)
+        with autocast_for(cfg.precision, self.info.device):
+            logits = self.model(x)
+            loss = self.criterion(logits.float(), y)
+        if cfg.fail_at_step is not None and self.step == cfg.fail_at_step:
+            loss = loss * float("nan")
+        mean_loss, bad, stop = self._sync_flags(loss)
+        if bad:
+            raise TrainError(f"non-finite loss at step {self.step} (epoch {self.epoch}); "
+                             f"nothing was written after the last good checkpoint")
+        if stop:
+            return mean_loss, True
+        self.scaler.scale(loss).backward()
+        D.average_gradients(self.params, self.info.world_size)
+        if cfg.grad_clip:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_([p for p in self.params if p.grad is not None], cfg.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return mean_loss, False
+
+    def fit(self) -> str:
+        """Train to the last epoch; returns ``"done"`` or the name of the signal that stopped it."""
+        cfg, info = self.cfg, self.info
+        self.model.train()
+        bar = tqdm(total=self.total_steps, initial=self.step, desc=self.desc, disable=not info.is_main,
+                   dynamic_ncols=True, mininterval=1.0, leave=False)
+        t0, seen = time.perf_counter(), 0
+        try:
+            while self.epoch < cfg.epochs:
+                self.sampler.set_epoch(self.epoch, skip=self.batch_in_epoch * cfg.batch_size)
+                for x, y in self.loader:
+                    x, y = x.to(info.device, non_blocking=True), y.to(info.device, non_blocking=True)
+                    loss, stop = self.train_step(x, y)
+                    if stop:
+                        self.save()
+                        return self.stop_requested or "SIGTERM"
+                    self.step += 1
+                    self.batch_in_epoch += 1
+                    seen += x.shape[0] * info.world_size
+                    bar.update(1)
+                    bar.set_postfix(epoch=self.epoch, loss=f"{loss:.4f}", refresh=False)
+                    if self.step % cfg.log_every == 0 or self.step == self.total_steps:
+                        dt = time.perf_counter() - t0
+                        self.tracker.log(self.step, {"loss": loss, "lr": self.optimizer.param_groups[0]["lr"],
+                                                     "epoch": self.epoch, "images_per_sec": seen / max(dt, 1e-9)})
+                        t0, seen = time.perf_counter(), 0
+                    if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+                        self.save()
+                self.epoch += 1
+                self.batch_in_epoch = 0
+                if self.on_eval is not None and (self.epoch % cfg.eval_every == 0 or self.epoch == cfg.epochs):
+                    metrics = self.on_eval(self.epoch, self.step)
+                    self.tracker.log(self.step, metrics, kind="eval")
+                    if info.is_main:
+                        bar.write(f"epoch {self.epoch}: " + ", ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
+                self.save()
+        finally:
+            bar.close()
+        return "done"
