@@ -102,6 +102,7 @@ class TrainConfig:
     resume: str = "auto"  # auto | never | a checkpoint path
     device: str = "auto"  # auto | cpu | cuda
     fail_at_step: int | None = None  # testing aid: inject a NaN loss at this step
+    stop_at_step: int | None = None  # testing aid: behave as if SIGTERM arrived at this step
 
 
 @dataclass

@@ -64,7 +64,7 @@ STAGE_SECTIONS = {
     "search": ("model", "data", "space", "train", "search"),
     "retrain": ("model", "data", "space", "retrain"),
 }
-_VOLATILE = {"resume", "device"}  # may change between a run and its resumption
+_VOLATILE = {"resume", "device", "stop_at_step", "fail_at_step"}  # may change between a run and its resumption
 
 
 def _relevant(cfg_dict: dict, stage: str) -> dict:
@@ -144,6 +144,12 @@ def reference_subnets(model: nn.Module, seed: int, n_random: int) -> dict[str, A
     return refs
 
 
+def subnet_tag(config) -> int:
+    """A short stable hash of a configuration, logged per step and compared across ranks."""
+    text = json.dumps(subnet_to_dict(config), sort_keys=True)
+    return int(hashlib.sha256(text.encode()).hexdigest()[:8], 16)
+
+
 def run_train(cfg: RunConfig, info: D.DistInfo, source: str, overwrite: bool = False) -> str:
     out = Path(cfg.output_dir)
     t = cfg.train
@@ -156,8 +162,9 @@ def run_train(cfg: RunConfig, info: D.DistInfo, source: str, overwrite: bool = F
     tracker = Tracker(out, enabled=info.is_main)
     refs = reference_subnets(model, t.seed, t.reference_subnets)
 
-    def before_step(step: int) -> None:
-        sample_subnet(model, step_generator(t.seed, step))
+    def before_step(step: int) -> int:
+        config = sample_subnet(model, step_generator(t.seed, step))
+        return subnet_tag(config)
 
     trainer = Trainer(model, train_ds, val_ds, t, out, info, tracker, before_step=before_step,
                       fingerprint=fingerprint(cfg, "train"), num_workers=cfg.data.num_workers, desc="supernet")

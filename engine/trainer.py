@@ -119,8 +119,11 @@ class Trainer:
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.param_names = [n for n, p in model.named_parameters() if p.requires_grad]
         self.sampler = ResumableSampler(train_ds, info, cfg.seed)
+        # The loader gets its own generator: creating an iterator would otherwise draw from the
+        # global RNG at every epoch start, and a resumed run would then drift from the original.
         self.loader = DataLoader(train_ds, batch_size=cfg.batch_size, sampler=self.sampler, num_workers=num_workers,
-                                 pin_memory=info.device.type == "cuda", drop_last=False)
+                                 pin_memory=info.device.type == "cuda", drop_last=False,
+                                 generator=torch.Generator().manual_seed(cfg.seed))
         self.eval_loader = None
         if eval_ds is not None:
             self.eval_loader = DataLoader(eval_ds, batch_size=cfg.eval_batch_size, sampler=ShardSampler(len(eval_ds), info),
@@ -140,6 +143,7 @@ class Trainer:
         self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
         self.epoch = self.step = self.batch_in_epoch = 0
         self.stop_requested: str | None = None
+        self.last_tag = 0
 
     # -- signals -----------------------------------------------------------------------------
     def install_signal_handlers(self) -> None:
@@ -207,33 +211,48 @@ class Trainer:
         return True
 
     # -- the loop ----------------------------------------------------------------------------
-    def _sync_flags(self, loss: torch.Tensor) -> tuple[float, bool, bool]:
-        """Mean loss over ranks, whether any rank saw a non-finite loss, whether any was signalled."""
-        value = loss.detach().float()
-        bad = 0.0 if torch.isfinite(value) else 1.0
-        flags = torch.stack([torch.nan_to_num(value, nan=0.0, posinf=0.0, neginf=0.0),
-                             torch.tensor(bad, device=value.device),
-                             torch.tensor(1.0 if self.stop_requested else 0.0, device=value.device)])
-        flags = D.all_reduce_sum(flags)
-        return flags[0].item() / self.info.world_size, flags[1].item() > 0, flags[2].item() > 0
+    def _should_stop(self) -> bool:
+        """Whether any rank was signalled; checked before a step touches any random state, so the
+        checkpoint written on stopping resumes exactly where an uninterrupted run would be."""
+        if self.cfg.stop_at_step is not None and self.step == self.cfg.stop_at_step:
+            self.stop_requested = "SIGTERM"
+        if not self.info.enabled:
+            return self.stop_requested is not None
+        flag = torch.tensor([1.0 if self.stop_requested else 0.0], device=self.info.device)
+        return D.all_reduce_sum(flag).item() > 0
 
-    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, bool]:
-        """One optimisation step; returns (mean loss, whether to stop before applying it)."""
+    def _sync_flags(self, loss: torch.Tensor, tag: int) -> tuple[float, bool]:
+        """One all-reduce per step: mean loss, any non-finite loss, and a check that every rank
+        trains the same sub-network (the sums of tag and tag² equal world·tag and world·tag²
+        only when all tags agree)."""
+        value = loss.detach().double()
+        bad = 0.0 if torch.isfinite(value) else 1.0
+        h = float(tag % (1 << 20))
+        flags = torch.tensor([torch.nan_to_num(value, nan=0.0, posinf=0.0, neginf=0.0).item(), bad, h, h * h],
+                             dtype=torch.float64, device=value.device)
+        flags = D.all_reduce_sum(flags).cpu()
+        w = self.info.world_size
+        if flags[2].item() != w * h or flags[3].item() != w * h * h:
+            raise TrainError(f"ranks sampled different sub-networks at step {self.step} (rank {self.info.rank})")
+        return flags[0].item() / w, flags[1].item() > 0
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        """One optimisation step; returns the loss averaged over ranks."""
         cfg = self.cfg
+        tag = 0
         if self.before_step is not None:
-            self.before_step(self.step)
+            tag = self.before_step(self.step) or 0
         self.scheduler.step_update(self.step)
         with autocast_for(cfg.precision, self.info.device):
             logits = self.model(x)
             loss = self.criterion(logits.float(), y)
         if cfg.fail_at_step is not None and self.step == cfg.fail_at_step:
             loss = loss * float("nan")
-        mean_loss, bad, stop = self._sync_flags(loss)
+        mean_loss, bad = self._sync_flags(loss, tag)
+        self.last_tag = tag
         if bad:
             raise TrainError(f"non-finite loss at step {self.step} (epoch {self.epoch}); "
                              f"nothing was written after the last good checkpoint")
-        if stop:
-            return mean_loss, True
         self.scaler.scale(loss).backward()
         D.average_gradients(self.params, self.info.world_size)
         if cfg.grad_clip:
@@ -242,7 +261,7 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        return mean_loss, False
+        return mean_loss
 
     def fit(self) -> str:
         """Train to the last epoch; returns ``"done"`` or the name of the signal that stopped it."""
@@ -255,11 +274,11 @@ class Trainer:
             while self.epoch < cfg.epochs:
                 self.sampler.set_epoch(self.epoch, skip=self.batch_in_epoch * cfg.batch_size)
                 for x, y in self.loader:
-                    x, y = x.to(info.device, non_blocking=True), y.to(info.device, non_blocking=True)
-                    loss, stop = self.train_step(x, y)
-                    if stop:
+                    if self._should_stop():
                         self.save()
                         return self.stop_requested or "SIGTERM"
+                    x, y = x.to(info.device, non_blocking=True), y.to(info.device, non_blocking=True)
+                    loss = self.train_step(x, y)
                     self.step += 1
                     self.batch_in_epoch += 1
                     seen += x.shape[0] * info.world_size
@@ -268,7 +287,8 @@ class Trainer:
                     if self.step % cfg.log_every == 0 or self.step == self.total_steps:
                         dt = time.perf_counter() - t0
                         self.tracker.log(self.step, {"loss": loss, "lr": self.optimizer.param_groups[0]["lr"],
-                                                     "epoch": self.epoch, "images_per_sec": seen / max(dt, 1e-9)})
+                                                     "epoch": self.epoch, "images_per_sec": seen / max(dt, 1e-9),
+                                                     **({"subnet_tag": self.last_tag} if self.before_step else {})})
                         t0, seen = time.perf_counter(), 0
                     if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
                         self.save()

@@ -1,0 +1,37 @@
+"""A tiny run configuration (2-block ViT at 32 px, small demo data) that the pipeline tests share."""
+
+import copy
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TINY = {
+    "output_dir": None,
+    "model": {"name": "vit_tiny_patch16_224", "pretrained": False, "drop_path_rate": 0.1,
+              "kwargs": {"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 32, "num_heads": 2}},
+    "data": {"kind": "demo", "demo_classes": 4, "demo_train": 48, "demo_val": 24, "demo_test": 24},
+    "space": str(ROOT / "configs" / "space" / "large.yaml"),
+    "train": {"epochs": 2, "batch_size": 16, "eval_batch_size": 32, "lr": 1e-2, "warmup_epochs": 0.5,
+              "eval_every": 1, "log_every": 1, "reference_subnets": 1},
+    "search": {"population": 6, "top_k": 3, "mutation_count": 2, "crossover_count": 2, "generations": 3},
+    "retrain": {"epochs": 1, "batch_size": 16, "eval_batch_size": 32, "lr": 1e-2, "warmup_epochs": 0, "log_every": 1},
+}
+
+
+def tiny_config(out_dir, **sections) -> dict:
+    cfg = copy.deepcopy(TINY)
+    cfg["output_dir"] = str(out_dir)
+    for key, value in sections.items():
+        if isinstance(value, dict):
+            cfg[key] = {**cfg.get(key, {}), **value}
+        else:
+            cfg[key] = value
+    return cfg
+
+
+def write_config(path, out_dir, **sections) -> Path:
+    path = Path(path)
+    path.write_text(yaml.safe_dump(tiny_config(out_dir, **sections)))
+    return path

@@ -1,0 +1,82 @@
+"""Run-config validation: every problem reported at once, typed overrides, shipped configs valid."""
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from conftest import ROOT
+from engine.config import ConfigError, load_config
+from runcfg import write_config
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_run_configs_validate(path):
+    header = "".join(line for line in path.read_text().splitlines(True) if line.startswith("#"))
+    assert "train.py" in header and "--config" in header and "--set" in header  # launch and override commands
+    cfg = load_config(path)
+    assert cfg.output_dir
+
+
+def test_overrides_are_typed(tmp_path):
+    p = write_config(tmp_path / "c.yaml", tmp_path / "out")
+    cfg = load_config(p, ["train.lr=3e-4", "train.epochs=7", "search.max_params=1000", "model.kwargs={depth: 1}",
+                          "train.grad_clip=null", "data.kind=demo"])
+    assert cfg.train.lr == 3e-4 and isinstance(cfg.train.lr, float)
+    assert cfg.train.epochs == 7 and cfg.search.max_params == 1000 and cfg.model.kwargs == {"depth": 1}
+
+
+def test_yaml_exponent_strings_are_floats(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("output_dir: x\ntrain: {lr: 1e-4, min_lr: 1e-5}\nspace: %s\n" % (ROOT / "configs/space/small.yaml"))
+    cfg = load_config(p)
+    assert cfg.train.lr == 1e-4 and cfg.train.min_lr == 1e-5
+
+
+def test_every_problem_reported_at_once(tmp_path):
+    p = write_config(tmp_path / "c.yaml", tmp_path / "out", train={"lrr": 1, "epochs": -1, "batch_size": "big"},
+                     search={"mutation_prob": 2.0}, bogus=3)
+    with pytest.raises(ConfigError) as err:
+        load_config(p)
+    msg = str(err.value)
+    for piece in ["train.lrr: unknown key; did you mean 'lr'?", "train.epochs: must be > 0", "train.batch_size: expected an integer",
+                  "search.mutation_prob: must be between 0 and 1", "bogus: unknown key"]:
+        assert piece in msg
+    assert all(line.startswith(str(p)) for line in msg.splitlines())
+
+
+@pytest.mark.parametrize(
+    "override,needle",
+    [
+        ("model.name=vit_tinny_patch16_224", "model.name: 'vit_tinny_patch16_224' is not a timm model; did you mean"),
+        ("data.kind=vtab1k", "data.root: required"),
+        ("model.checkpoint=/nonexistent/w.safetensors", "model.checkpoint: file not found"),
+        ("space=/nonexistent/space.yaml", "space: file not found"),
+        ("train.precision=fp8", "train.precision: expected one of fp32, bf16, fp16"),
+        ("search.top_k=100", "search.top_k: must be <= search.population"),
+        ("retrain.preset=lora2", "retrain.preset: expected one of"),
+    ],
+)
+def test_semantic_errors(tmp_path, override, needle):
+    p = write_config(tmp_path / "c.yaml", tmp_path / "out")
+    with pytest.raises(ConfigError, match=None) as err:
+        load_config(p, [override])
+    assert needle in str(err.value)
+
+
+def test_cli_bad_config_exits_2_without_traceback(tmp_path):
+    p = write_config(tmp_path / "c.yaml", tmp_path / "out", train={"epochs": 0})
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "--config", str(p)], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and "train.epochs: must be > 0" in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_resolved_config_round_trips(tmp_path):
+    p = write_config(tmp_path / "c.yaml", tmp_path / "out")
+    cfg = load_config(p, ["train.lr=0.5"])
+    again = tmp_path / "again.yaml"
+    again.write_text(cfg.to_yaml())
+    assert load_config(again) == cfg
+    assert yaml.safe_load(cfg.to_yaml())["train"]["lr"] == 0.5

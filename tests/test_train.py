@@ -1,0 +1,89 @@
+"""Stage 1 machinery on a tiny ViT: outputs, exact resume, NaN stop, RNG round trip, reference evals."""
+
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from engine import distributed as D
+from engine.config import config_from_dict
+from engine.rng import get_rng_state, set_rng_state
+from engine.stages import run_train
+from engine.trainer import TrainError
+from runcfg import tiny_config
+
+INFO = D.DistInfo()
+
+
+def _train(out, source="test.yaml", **sections):
+    cfg = config_from_dict(tiny_config(out, **sections))
+    return run_train(cfg, INFO, source)
+
+
+def _losses(out):
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"], r["subnet_tag"]) for r in rows if r["kind"] == "train"]
+
+
+def test_outputs(tmp_path):
+    out = tmp_path / "run"
+    assert _train(out) == "done"
+    for name in ["config.yaml", "supernet.safetensors", "supernet.yaml", "checkpoints/last.pt", "metrics.jsonl"]:
+        assert (out / name).is_file(), name
+    assert list((out / "tb").glob("events.out.tfevents.*"))
+    tensors = load_file(out / "supernet.safetensors")
+    assert tensors and all("glora_" in k or k.startswith("head.") for k in tensors)  # never the frozen backbone
+    evals = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if '"eval"' in l]
+    assert len(evals) == 2 and {"acc_largest", "acc_smallest", "acc_random0"} <= set(evals[0])
+    steps = _losses(out)
+    assert [s for s, _, _ in steps] == list(range(1, 7))  # 48 images / 16 = 3 steps x 2 epochs
+    assert len({tag for _, _, tag in steps}) > 1  # a different sub-network per step
+    ckpt = torch.load(out / "checkpoints/last.pt", weights_only=True)
+    assert ckpt["step"] == 6 and ckpt["epoch"] == 2 and "rng" in ckpt and "optimizer" in ckpt
+
+
+@pytest.mark.parametrize("stop_at", [2, 3, 4])  # mid-epoch, epoch boundary, mid-epoch of the second epoch
+def test_stop_and_resume_is_exact(tmp_path, stop_at):
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert _train(full) == "done"
+    assert _train(part, train={"stop_at_step": stop_at}) == "SIGTERM"
+    assert not (part / "supernet.safetensors").exists()
+    ckpt = torch.load(part / "checkpoints/last.pt", weights_only=True)
+    assert ckpt["step"] == stop_at
+    assert _train(part, train={"stop_at_step": None}) == "done"
+    assert _losses(part) == _losses(full)  # same per-step losses and sampled sub-networks
+    a, b = load_file(full / "supernet.safetensors"), load_file(part / "supernet.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_nan_loss_stops_naming_step_and_writes_nothing_after(tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(TrainError, match="non-finite loss at step 4"):
+        _train(out, train={"fail_at_step": 4})
+    ckpt = torch.load(out / "checkpoints/last.pt", weights_only=True)
+    assert ckpt["step"] == 3  # the end of epoch 1, the last good checkpoint
+    assert not (out / "supernet.safetensors").exists()
+
+
+def test_rng_state_round_trip(tmp_path):
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    state = get_rng_state()
+    torch.save(state, tmp_path / "rng.pt")
+    want = (random.random(), np.random.rand(), torch.rand(3))
+    random.seed(9), np.random.seed(9), torch.manual_seed(9)
+    set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    got = (random.random(), np.random.rand(), torch.rand(3))
+    assert want[0] == got[0] and want[1] == got[1] and torch.equal(want[2], got[2])
+
+
+def test_refuses_output_dir_of_another_config(tmp_path):
+    from engine.config import ConfigError
+
+    out = tmp_path / "run"
+    _train(out)
+    with pytest.raises(ConfigError, match=r"different configuration \(train\.lr\)"):
+        _train(out, train={"lr": 0.5})
+    assert _train(out) == "done"  # the same config is fine (it resumes the finished run)
