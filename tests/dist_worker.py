@@ -1,0 +1,55 @@
+"""Run by torchrun in tests: one rank of a stage, then each rank dumps what it saw for comparison.
+
+    python -m torch.distributed.run --nproc_per_node 2 tests/dist_worker.py STAGE CONFIG DUMP_DIR
+"""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from engine import distributed as D  # noqa: E402
+from engine import stages  # noqa: E402
+from engine.config import load_config  # noqa: E402
+
+
+def main() -> None:
+    stage, config, dump = sys.argv[1], sys.argv[2], Path(sys.argv[3])
+    cfg = load_config(config)
+    info = D.setup("cpu")
+    tags = []
+    if stage == "train":
+        # record the sub-network every step on every rank
+        original = stages.sample_subnet
+
+        def recording(model, gen, activate=True):
+            out = original(model, gen, activate)
+            if activate:
+                tags.append(stages.subnet_tag(out))
+            return out
+
+        stages.sample_subnet = recording
+        captured = {}
+        original_fit = stages.Trainer.fit
+
+        def fit(self):
+            status = original_fit(self)
+            captured.update(self.trainable_state())
+            captured["__epochs_indices__"] = torch.tensor(list(self.sampler.inner))
+            return status
+
+        stages.Trainer.fit = fit
+        status = stages.run_train(cfg, info, config)
+        torch.save(captured, dump / f"rank{info.rank}.pt")
+    else:
+        status = stages.run_search(cfg, info, config)
+    (dump / f"rank{info.rank}.json").write_text(json.dumps({"status": status, "tags": tags, "rank": info.rank}))
+    D.cleanup()
+
+
+if __name__ == "__main__":
+    main()

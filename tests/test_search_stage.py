@@ -1,0 +1,107 @@
+"""Stage 2 on a tiny trained supernet: merged scoring, budget, outputs, resume, clear budget errors."""
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from engine import distributed as D
+from engine.config import ConfigError, config_from_dict
+from engine.stages import MergedScorer, load_supernet, run_search, run_train
+from runcfg import tiny_config
+from supernet import count_params, load_subnet, sample_subnet
+
+INFO = D.DistInfo()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("search") / "run"
+    run_train(config_from_dict(tiny_config(out)), INFO, "t.yaml")
+    return out
+
+
+def _cfg(out, **search):
+    return config_from_dict(tiny_config(out, search=search))
+
+
+def test_merged_and_unmerged_scoring_agree(trained):
+    from engine.data import DataConfig, build_splits
+
+    cfg = _cfg(trained)
+    _, val, n = build_splits(DataConfig(kind="demo", demo_classes=4, demo_train=48, demo_val=24, demo_test=24), "search", 32)
+    model = load_supernet(cfg, n, INFO)
+    with torch.no_grad():
+        for p in (p for name, p in model.named_parameters() if "glora_" in name):
+            p.add_(torch.randn_like(p) * 0.05)  # make sub-networks really differ
+    scorer = MergedScorer(model, torch.utils.data.DataLoader(val, batch_size=10), INFO)
+    g = torch.Generator().manual_seed(0)
+    seen = set()
+    for _ in range(5):
+        cfg_ = sample_subnet(model, g, activate=False)
+        merged, plain = scorer.predictions(cfg_, merged=True), scorer.predictions(cfg_, merged=False)
+        assert torch.equal(merged, plain)
+        seen.add(tuple(merged.tolist()))
+    assert len(seen) > 1
+
+
+def test_search_outputs_budget_and_no_duplicates(trained, tmp_path):
+    budget = 9000
+    assert run_search(_cfg(trained, max_params=budget, min_params=2000), INFO, "t.yaml") == "done"
+    sdir = trained / "search"
+    result = yaml.safe_load((sdir / "result.yaml").read_text())
+    history = [json.loads(l) for l in (sdir / "history.jsonl").read_text().splitlines()]
+    assert len(history) == result["evaluated"] and len(history) >= 6
+    assert all(2000 <= h["params"] <= budget for h in history)
+    keys = [json.dumps(h["subnet"], sort_keys=True) for h in history]
+    assert len(set(keys)) == len(keys)
+    assert result["accuracy"] == max(h["accuracy"] for h in history)
+    assert "head is excluded" in result["params_note"]
+    best = load_subnet(sdir / "result.yaml")
+    from engine.data import DataConfig  # noqa: F401
+    model = load_supernet(_cfg(trained), 4, INFO)
+    assert count_params(model, best).adapter == result["params"]
+    assert (sdir / "pareto.png").stat().st_size > 1000
+    assert list((sdir / "tb").glob("events.*"))
+
+
+def test_search_is_deterministic(trained):
+    cfg = _cfg(trained, max_params=20000, generations=3)
+    run_search(cfg, INFO, "t.yaml", overwrite=True)
+    full = (trained / "search" / "history.jsonl").read_text()
+    run_search(cfg, INFO, "t.yaml", overwrite=True)
+    assert (trained / "search" / "history.jsonl").read_text() == full  # same seed, same history
+    run_search(_cfg(trained, max_params=20000, generations=3, seed=1), INFO, "t.yaml", overwrite=True)
+    assert (trained / "search" / "history.jsonl").read_text() != full
+
+
+def test_search_resume_after_interruption(trained, monkeypatch):
+    import engine.stages as st
+
+    cfg = _cfg(trained, max_params=20000, generations=3, seed=5)
+    run_search(cfg, INFO, "t.yaml", overwrite=True)
+    want = (trained / "search" / "result.yaml").read_text()
+    calls = {"n": 0}
+    real_tell = st.EvolutionSearch.tell
+
+    def tell_then_die(self, scores):
+        real_tell(self, scores)
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt  # dies before generation 2's state is saved
+
+    monkeypatch.setattr(st.EvolutionSearch, "tell", tell_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run_search(cfg, INFO, "t.yaml", overwrite=True)
+    monkeypatch.setattr(st.EvolutionSearch, "tell", real_tell)
+    state = torch.load(trained / "search" / "state.pt", weights_only=True)
+    assert state["search"]["generation"] == 1
+    assert run_search(cfg, INFO, "t.yaml") == "done"  # resume: auto
+    assert (trained / "search" / "result.yaml").read_text() == want
+
+
+def test_budget_that_admits_nothing_fails_clearly(trained):
+    cfg = _cfg(trained, max_params=None, min_params=10**9)
+    with pytest.raises(ConfigError, match=r"search\.max_params: .*largest"):
+        run_search(cfg, INFO, "t.yaml", overwrite=True)
