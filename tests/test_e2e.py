@@ -1,0 +1,50 @@
+"""The three real CLIs in sequence as subprocesses, TensorBoard events read back with tensorboard's reader."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import timm
+from safetensors.torch import load_file
+
+from conftest import ROOT
+from runcfg import write_config
+
+pytestmark = pytest.mark.slow
+
+
+def _run(script, cfg, *extra):
+    proc = subprocess.run([sys.executable, str(ROOT / script), "--config", str(cfg), *extra],
+                          capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    return proc
+
+
+def _scalars(tb_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tb_dir))
+    acc.Reload()
+    return {tag: [e.value for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def test_train_search_retrain_cli(tmp_path):
+    out = tmp_path / "run"
+    cfg = write_config(tmp_path / "c.yaml", out)
+    _run("train.py", cfg)
+    tb = _scalars(out / "tb")
+    assert len(tb["train/loss"]) == 6 and all(v > 0 for v in tb["train/loss"])
+    assert {"train/lr", "train/images_per_sec", "eval/acc_largest", "eval/acc_smallest"} <= set(tb)
+    _run("search.py", cfg, "--set", "search.max_params=12000")
+    stb = _scalars(out / "search" / "tb")
+    assert len(stb["search/best_accuracy"]) == 3 and stb["search/best_accuracy"] == sorted(stb["search/best_accuracy"])
+    _run("retrain.py", cfg)
+    metrics = json.loads((out / "retrain" / "metrics.json").read_text())
+    assert metrics["adapter_params"] <= 12000 and metrics["test_images"] == 24
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=2, num_classes=4)
+    model.load_state_dict(load_file(out / "retrain" / "merged.safetensors"), strict=True)
+    proc = _run("evaluate.py", cfg, "--checkpoint", str(out / "retrain" / "merged.safetensors"), "--split", "test")
+    scored = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert abs(scored["top1"] - metrics["test_top1"]) < 1e-9

@@ -1,0 +1,101 @@
+"""Stage 3: presets through the same path, merged export, the refusal path, metrics."""
+
+import json
+
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file
+
+from engine import distributed as D
+from engine.config import config_from_dict
+from engine.stages import run_retrain, run_search, run_train
+from runcfg import tiny_config
+from supernet import MergeError
+
+INFO = D.DistInfo()
+DIMS = {"qkv": (32, 96), "proj": (32, 32), "fc1": (32, 128), "fc2": (128, 32)}  # (in, out) of the tiny ViT
+LAYERS = [DIMS[k] for _ in range(2) for k in ("qkv", "proj", "fc1", "fc2")]
+
+
+def _spec_count(preset: str, r: int = 8) -> int:
+    """SPEC section 2's table, summed over the tiny ViT's 8 linear layers."""
+    per = {
+        "lora": lambda i, o: r * (o + i),
+        "ssf": lambda i, o: 3 * o,
+        "bitfit": lambda i, o: o,
+        "prompt": lambda i, o: i,
+        "linear": lambda i, o: 0,
+    }[preset]
+    return sum(per(i, o) for i, o in LAYERS)
+
+
+def _retrain(out, **retrain):
+    return run_retrain(config_from_dict(tiny_config(out, retrain=retrain)), INFO, "t.yaml")
+
+
+@pytest.mark.parametrize("preset", ["lora", "ssf", "bitfit", "prompt", "linear", "full"])
+def test_presets(tmp_path, preset):
+    out = tmp_path / preset
+    assert _retrain(out, preset=preset, rank=4 if preset == "lora" else 8) == "done"
+    m = json.loads((out / "retrain" / "metrics.json").read_text())
+    base = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=2, num_classes=4)
+    head = sum(p.numel() for p in base.head.parameters())
+    if preset == "full":
+        assert m["adapter_params"] == sum(p.numel() for p in base.parameters()) - head
+    else:
+        assert m["adapter_params"] == _spec_count(preset, 4)
+    assert m["head_params"] == head and m["trainable_params"] == m["adapter_params"] + head
+    assert 0 <= m["test_top1"] <= 100 and m["method"] == preset
+    merged = load_file(out / "retrain" / "merged.safetensors")
+    base.load_state_dict(merged, strict=True)  # an ordinary timm model
+    assert m["merged_model_params"] == sum(p.numel() for p in base.parameters())
+    assert (out / "retrain" / "adapter.safetensors").exists() == (preset not in ("linear", "full"))
+
+
+def test_merged_export_predicts_like_unmerged(tmp_path, monkeypatch):
+    import engine.stages as st
+
+    captured = {}
+    real_export = st.export
+
+    def spy(model, cfg, rdir, val_ds, info, preset):
+        captured["model"] = model
+        captured["x"] = next(iter(torch.utils.data.DataLoader(val_ds, batch_size=24)))[0]
+        return real_export(model, cfg, rdir, val_ds, info, preset)
+
+    monkeypatch.setattr(st, "export", spy)
+    out = tmp_path / "run"
+    run_train(config_from_dict(tiny_config(out)), INFO, "t.yaml")
+    run_search(config_from_dict(tiny_config(out, search={"max_params": 15000})), INFO, "t.yaml")
+    assert _retrain(out) == "done"
+    fresh = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=2, num_classes=4)
+    fresh.load_state_dict(load_file(out / "retrain" / "merged.safetensors"), strict=True)
+    fresh.eval()
+    with torch.no_grad():
+        want = captured["model"].eval()(captured["x"])
+        got = fresh(captured["x"])
+    assert (got - want).abs().max() <= 1e-4
+    assert torch.equal(got.argmax(1), want.argmax(1))
+    m = json.loads((out / "retrain" / "metrics.json").read_text())
+    result = (out / "search" / "result.yaml").read_text()
+    assert f"params: {m['adapter_params']}" in result  # the retrained model holds exactly the searched tensors
+    assert (out / "retrain" / "subnet.yaml").is_file()
+
+
+def test_refuses_to_write_when_merge_disagrees(tmp_path, monkeypatch):
+    import engine.stages as st
+
+    def bad_merge(model):
+        from supernet import merge_glora
+
+        merged = merge_glora(model)
+        with torch.no_grad():
+            merged.blocks[0].mlp.fc1.bias.add_(1.0)  # a broken merge
+        return merged
+
+    monkeypatch.setattr(st, "merge_glora", bad_merge)
+    with pytest.raises(MergeError, match="not written"):
+        _retrain(tmp_path / "run", preset="lora")
+    assert not (tmp_path / "run" / "retrain" / "merged.safetensors").exists()
+    assert not (tmp_path / "run" / "retrain" / "metrics.json").exists()
