@@ -11,8 +11,12 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # The whole pipeline (train -> search -> retrain + merge) on the embedded demo data, offline.
+DEMO ?= configs/demo.yaml
 demo: $(STAMP)
-	$(PY) scripts/demo.py --config configs/demo.yaml
+	$(PY) train.py --config $(DEMO)
+	$(PY) search.py --config $(DEMO)
+	$(PY) retrain.py --config $(DEMO)
+	$(PY) -m engine.summary --config $(DEMO)
 
 # Every test, including the end-to-end ones that run the real CLIs.
 test: $(STAMP)

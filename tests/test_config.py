@@ -12,10 +12,13 @@ from runcfg import write_config
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
-def test_shipped_run_configs_validate(path):
+def test_shipped_run_configs_validate(path, tmp_path):
     header = "".join(line for line in path.read_text().splitlines(True) if line.startswith("#"))
     assert "train.py" in header and "--config" in header and "--set" in header  # launch and override commands
-    cfg = load_config(path)
+    data = yaml.safe_load(path.read_text())["data"]
+    # dataset roots do not exist on a test machine: point them at an empty folder (the loader's own
+    # tests cover the layouts); everything else validates as shipped.
+    cfg = load_config(path, [f"data.root={tmp_path}"] if data["kind"] != "demo" else [])
     assert cfg.output_dir
 
 

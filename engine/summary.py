@@ -1,0 +1,57 @@
+"""A short, honest summary of a finished pipeline run (what `make demo` prints at the end).
+
+    python -m engine.summary --config configs/demo.yaml
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import yaml
+
+from .config import ConfigError, load_config
+
+
+def summarise(output_dir: Path) -> str:
+    retrain = output_dir / "retrain" / "metrics.json"
+    if not retrain.is_file():
+        raise FileNotFoundError(f"{retrain}: not found; run train.py, search.py and retrain.py first")
+    m = json.loads(retrain.read_text())
+    lines = ["", "=== GLoRA pipeline summary ==="]
+    result = output_dir / "search" / "result.yaml"
+    if result.is_file():
+        r = yaml.safe_load(result.read_text())
+        lines.append(f"search:   best of {r['evaluated']} candidates: {r['accuracy']:.2f}% validation accuracy, "
+                     f"{r['params']:,} adapter parameters (budget {r['budget']['max_params'] or 'none'})")
+    top5 = f", top-5 {m['test_top5']:.2f}%" if "test_top5" in m else ""
+    lines += [
+        f"retrain:  merged model test accuracy {m['test_top1']:.2f}%{top5} on {m['test_images']} test images",
+        f"trained:  {m['adapter_params']:,} adapter + {m['head_params']:,} head parameters "
+        f"({m['trainable_params']:,} trainable; the merged model has {m['merged_model_params']:,}, the base architecture's count)",
+        f"artifacts: {output_dir / 'retrain' / 'merged.safetensors'} (plain timm weights), "
+        f"{output_dir / 'retrain' / 'adapter.safetensors'} + subnet.yaml, {output_dir / 'search' / 'pareto.png'}",
+        f"tensorboard: .venv/bin/tensorboard --logdir {output_dir}",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--set", action="append", default=[])
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.set)
+        print(summarise(Path(cfg.output_dir)))
+    except (ConfigError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
