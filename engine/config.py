@@ -314,6 +314,38 @@ def _semantic_checks(cfg: RunConfig, base_dir: Path, problems: list[str]) -> Non
     if cfg.retrain.subnet is not None and cfg.retrain.preset is not None:
         problems.append("retrain.subnet: give either retrain.subnet or retrain.preset, not both")
     exists(cfg.retrain.subnet, "retrain.subnet")
+    if not problems and (s.max_params is not None or s.min_params is not None):
+        _check_budget(cfg, problems)
+
+
+def _check_budget(cfg: "RunConfig", problems: list[str]) -> None:
+    """Reject a budget no configuration can meet, using the model's shapes only (meta device)."""
+    import timm
+
+    from supernet import apply_glora, choice_costs
+
+    try:
+        with torch_meta():
+            model = timm.create_model(cfg.model.name, pretrained=False, num_classes=2, **cfg.model.kwargs)
+            apply_glora(model, cfg.space)
+    except Exception:  # the stages report model/space problems with their own messages
+        return
+    costs = choice_costs(model)
+    low = sum(min(per.values()) for layer in costs.values() for per in layer.values())
+    high = sum(max(per.values()) for layer in costs.values() for per in layer.values())
+    s = cfg.search
+    if s.max_params is not None and s.max_params < low:
+        problems.append(f"search.max_params: {s.max_params:,} is below the smallest configuration of this space "
+                        f"({low:,} adapter parameters)")
+    if s.min_params is not None and s.min_params > high:
+        problems.append(f"search.min_params: {s.min_params:,} is above the largest configuration of this space "
+                        f"({high:,} adapter parameters)")
+
+
+def torch_meta():
+    import torch
+
+    return torch.device("meta")
 
 
 def parse_overrides(overrides: list[str] | None, problems: list[str]) -> list[tuple[str, Any]]:

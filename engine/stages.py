@@ -85,7 +85,9 @@ def fingerprint(cfg: RunConfig, stage: str) -> str:
 def guard_output_dir(stage_dir: Path, cfg: RunConfig, stage: str, source: str, overwrite: bool) -> None:
     """Refuse to run into a folder that holds a run of a different configuration."""
     previous = stage_dir / "config.yaml"
-    if overwrite or not previous.is_file():
+    section = {"train": cfg.train, "retrain": cfg.retrain, "search": cfg.search}[stage]
+    explicit_resume = section.resume not in ("auto", "never")  # the user named the checkpoint to continue
+    if overwrite or explicit_resume or not previous.is_file():
         return
     try:
         old = yaml.safe_load(previous.read_text()) or {}
@@ -180,8 +182,7 @@ def run_train(cfg: RunConfig, info: D.DistInfo, source: str, overwrite: bool = F
     tracker.print(f"supernet: {len(refs['largest'])} GLoRA layers, {sum(p.numel() for p in trainer.params):,} trainable "
                   f"tensors' parameters (largest sub-network {pc.adapter:,} adapter + {pc.head:,} head), "
                   f"{len(train_ds)} train / {len(val_ds)} val images, {trainer.total_steps} steps")
-    if t.resume != "never" or overwrite:
-        trainer.install_signal_handlers()
+    trainer.install_signal_handlers()
     status = trainer.fit()
     if status == "done" and info.is_main:
         save_adapter(model, out / "supernet.safetensors", out / "supernet.yaml",

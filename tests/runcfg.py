@@ -24,7 +24,7 @@ def tiny_config(out_dir, **sections) -> dict:
     cfg = copy.deepcopy(TINY)
     cfg["output_dir"] = str(out_dir)
     for key, value in sections.items():
-        if isinstance(value, dict):
+        if isinstance(value, dict) and isinstance(cfg.get(key), dict):
             cfg[key] = {**cfg.get(key, {}), **value}
         else:
             cfg[key] = value

@@ -83,3 +83,13 @@ def test_resolved_config_round_trips(tmp_path):
     again.write_text(cfg.to_yaml())
     assert load_config(again) == cfg
     assert yaml.safe_load(cfg.to_yaml())["train"]["lr"] == 0.5
+
+
+def test_budget_no_configuration_meets(tmp_path):
+    space = {"targets": "all-linear", "choices": {"A": ["lora4", "vector"], "B": ["scalar"], "C": ["vector"],
+                                                  "D": ["scalar"], "E": ["vector"]}}
+    p = write_config(tmp_path / "c.yaml", tmp_path / "out", space=space, search={"max_params": 10})
+    with pytest.raises(ConfigError, match=r"search\.max_params: 10 is below the smallest configuration of this space \(1,"):
+        load_config(p)
+    with pytest.raises(ConfigError, match=r"search\.min_params: .* is above the largest"):
+        load_config(p, ["search.max_params=null", "search.min_params=100000000"])
