@@ -377,9 +377,10 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
         try:
             data = yaml.safe_load(p.read_text())
         except yaml.YAMLError as err:
-            mark = getattr(err, "problem_mark", None)
+            mark, ctx = getattr(err, "problem_mark", None), getattr(err, "context_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-            raise ConfigError(source, [f"not valid YAML{where}: {getattr(err, 'problem', None) or 'syntax error'}"]) from None
+            opened = f" ({err.context} at line {ctx.line + 1})" if ctx is not None and getattr(err, "context", None) else ""
+            raise ConfigError(source, [f"not valid YAML{where}: {getattr(err, 'problem', None) or 'syntax error'}{opened}"]) from None
         except (OSError, UnicodeDecodeError) as err:
             raise ConfigError(source, [f"cannot read ({type(err).__name__})"]) from None
         if data is None:
