@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +16,19 @@ class CheckpointError(ValueError):
     """A checkpoint is unreadable, unsafe, or from another run."""
 
 
+# Fault-injection tests set this to hold a checkpoint write open (seconds) so a kill lands inside it.
+_PAUSE_ENV = "GLORA_TEST_PAUSE_IN_CHECKPOINT_WRITE"
+
+
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
+    pause = float(os.environ.get(_PAUSE_ENV, "0") or 0)
+
+    def write(tmp: str) -> None:
+        torch.save(state, tmp)
+        if pause:
+            time.sleep(pause)
+
+    atomic_write(path, write)
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

@@ -176,7 +176,7 @@ def run_train(cfg: RunConfig, info: D.DistInfo, source: str, overwrite: bool = F
                 if set_subnet(model, ref) is not None}
 
     trainer.on_eval = on_eval
-    if not overwrite and trainer.resume(t.resume):
+    if trainer.resume("never" if overwrite else t.resume):
         tracker.print(f"resumed from {trainer.ckpt_path} at epoch {trainer.epoch}, step {trainer.step}")
     pc = count_params(model, refs["largest"])
     tracker.print(f"supernet: {len(refs['largest'])} GLoRA layers, {sum(p.numel() for p in trainer.params):,} trainable "
@@ -431,7 +431,7 @@ def run_retrain(cfg: RunConfig, info: D.DistInfo, source: str, overwrite: bool =
     tracker = Tracker(rdir, enabled=info.is_main)
     trainer = Trainer(model, train_ds, None, r, rdir, info, tracker, fingerprint=fingerprint(cfg, "retrain"),
                       num_workers=cfg.data.num_workers, desc="retrain")
-    if not overwrite and trainer.resume(r.resume):
+    if trainer.resume("never" if overwrite else r.resume):
         tracker.print(f"resumed from {trainer.ckpt_path} at epoch {trainer.epoch}, step {trainer.step}")
     n_adapter = adapter_params(model, r.preset)
     from supernet import head_params

@@ -181,10 +181,13 @@ class Trainer:
 
     def resume(self, mode: str) -> bool:
         """Restore ``last.pt`` (``auto``) or a given checkpoint; returns whether one was loaded."""
-        if mode == "never":
-            return False
         path = self.ckpt_path if mode == "auto" else Path(mode)
-        if mode == "auto" and not path.is_file():
+        if mode == "never" or (mode == "auto" and not path.is_file()):
+            # A fresh start: lines a killed earlier attempt logged belong to steps that will be
+            # run again.
+            jsonl = self.tracker.log_dir / "metrics.jsonl"
+            if self.info.is_main and jsonl.exists():
+                jsonl.unlink()
             return False
         state = load_checkpoint(path)
         if self.fingerprint and state.get("fingerprint") not in ("", self.fingerprint):

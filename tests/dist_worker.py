@@ -22,6 +22,19 @@ def main() -> None:
     cfg = load_config(config)
     info = D.setup("cpu")
     tags = []
+    if stage == "crash":
+        # rank 1 fails at its second step; rank 0 would wait in the next all-reduce forever if the
+        # launcher did not end the job.
+        original_step = stages.Trainer.train_step
+
+        def failing(self, x, y):
+            if info.rank == 1 and self.step == 1:
+                raise RuntimeError("injected failure on rank 1")
+            return original_step(self, x, y)
+
+        stages.Trainer.train_step = failing
+        stages.run_train(cfg, info, config)
+        return
     if stage == "train":
         # record the sub-network every step on every rank
         original = stages.sample_subnet
