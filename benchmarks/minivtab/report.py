@@ -1,0 +1,117 @@
+"""Tables (markdown, paper style: tasks as columns, group averages, mean ± spread over seeds) and a plot."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+from .prepare import GROUPS
+
+ORDER = ["linear", "full", "bitfit", "ssf", "lora4", "lora8", "glora_small", "glora_middle", "glora_large"]
+
+
+def _ms(vals):
+    if not vals:
+        return None
+    m = statistics.mean(vals)
+    s = statistics.pstdev(vals) if len(vals) > 1 else 0.0
+    return m, s, len(vals)
+
+
+def _fmt(x):
+    if x is None:
+        return "–"
+    m, s, n = x
+    return f"{m:.1f}" if n == 1 else f"{m:.1f}±{s:.1f}"
+
+
+def vtab_table(data: dict) -> str:
+    runs = [r for k, r in data["runs"].items() if k.startswith("vtab/") and "test_top1" in r]
+    tasks = [t for g in GROUPS.values() for t in g if any(r["task"] == t for r in runs)]
+    methods = [m for m in ORDER if any(r["method"] == m for r in runs)]
+    groups = {g: [t for t in ts if t in tasks] for g, ts in GROUPS.items()}
+    groups = {g: ts for g, ts in groups.items() if ts}
+    head = ["method", "adapter params", "lr"] + tasks + [f"{g} avg" for g in groups] + ["mean", "wall s/run"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for m in methods:
+        mr = [r for r in runs if r["method"] == m]
+        cells = [m, f"{statistics.mean(r['adapter_params'] for r in mr):,.0f}",
+                 "/".join(sorted({f"{r['lr']:g}" for r in mr}))]
+        per_task = {t: [r["test_top1"] for r in mr if r["task"] == t] for t in tasks}
+        cells += [_fmt(_ms(per_task[t])) for t in tasks]
+        seeds = sorted({r["seed"] for r in mr})
+        # group / overall averages: average over tasks per seed, then mean ± spread over seeds
+        def avg_over(ts):
+            per_seed = []
+            for s in seeds:
+                v = [r["test_top1"] for r in mr if r["seed"] == s and r["task"] in ts]
+                if len(v) == len(ts):
+                    per_seed.append(sum(v) / len(v))
+            return _ms(per_seed)
+        cells += [_fmt(avg_over(ts)) for ts in groups.values()]
+        cells.append(_fmt(avg_over(tasks)))
+        cells.append(f"{statistics.mean(r['wall_s'] + r.get('supernet_s', 0) + r.get('search_s', 0) for r in mr):.0f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def fewshot_table(data: dict) -> str:
+    runs = [r for k, r in data["runs"].items() if k.startswith("fewshot/")]
+    if not runs:
+        return ""
+    shots = sorted({r["shots"] for r in runs})
+    methods = [m for m in ORDER if any(r["method"] == m for r in runs)]
+    head = ["method"] + [f"{k}-shot" for k in shots] + ["DG source", "DG inverted", "DG edges", "DG blurred"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for m in methods:
+        mr = [r for r in runs if r["method"] == m]
+        cells = [m] + [_fmt(_ms([r["test_top1"] for r in mr if r["shots"] == k])) for k in shots]
+        dg = [r for r in mr if "dg" in r]
+        cells.append(_fmt(_ms([r["test_top1"] for r in dg])))
+        cells += [_fmt(_ms([r["dg"][d] for r in dg])) for d in ("inverted", "edges", "blurred")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(data: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [r for k, r in data["runs"].items() if k.startswith("vtab/") and "test_top1" in r]
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    for m in [m for m in ORDER if any(r["method"] == m for r in runs)]:
+        mr = [r for r in runs if r["method"] == m]
+        tasks = sorted({r["task"] for r in mr})
+        acc = statistics.mean(statistics.mean(r["test_top1"] for r in mr if r["task"] == t) for t in tasks)
+        params = statistics.mean(r["adapter_params"] for r in mr)
+        ax.scatter([max(params, 1)], [acc], s=60, marker="*" if m.startswith("glora") else "o", label=m)
+    ax.set_xscale("log")
+    ax.set_xlabel("adapter parameters (head excluded; linear plotted at 1)")
+    ax.set_ylabel("mean test accuracy over tasks (%)")
+    ax.set_title(f"mini-VTAB ({data['meta']['mode']})")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_report(results_path: Path) -> str:
+    results_path = Path(results_path)
+    data = json.loads(results_path.read_text())
+    md = "### VTAB-style tasks (test top-1 %, mean±std over seeds)\n\n" + vtab_table(data) + "\n"
+    fs = fewshot_table(data)
+    if fs:
+        md += "\n### Few-shot digits and domain generalisation (16-shot, test on shifted renderings)\n\n" + fs + "\n"
+    sel = data.get("lr_selection", {})
+    if sel:
+        md += "\n### Learning-rate selection (val200 top-1 %, seed 0)\n\n" + "\n".join(
+            f"- {k}: " + ", ".join(f"{lr}: {v:.1f}" for lr, v in s["val_top1"].items()) + f" -> {s['chosen']:g}"
+            for k, s in sorted(sel.items())) + "\n"
+    stem = results_path.with_suffix("")
+    Path(f"{stem}.md").write_text(md)
+    plot(data, Path(f"{stem}.png"))
+    print(md)
+    return md

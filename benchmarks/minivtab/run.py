@@ -1,0 +1,280 @@
+"""The mini-VTAB driver: every task x method x seed through the project's own pipeline stages
+(engine.stages.run_train / run_search / run_retrain, in-process), results written incrementally.
+
+Protocol (the same for every method): AdamW, cosine schedule with 1 warm-up epoch, weight decay
+1e-4, batch 64, ``epochs`` epochs, no augmentation, fp32, CPU. The learning rate is chosen per
+task and method from a 3-value grid by training on train800 and scoring on val200 (the
+``<task>_lrsel`` view; seed 0); the chosen value is then used to train on train800val200 with
+each seed and test once on test. GLoRA: the supernet is trained on train800 (lr = the middle of
+the grid, seed 0), the evolutionary search scores on val200 under a budget equal to the matching
+LoRA's adapter parameter count, and the chosen sub-network is retrained (init from the supernet)
+with the same lr grid / seeds as every other method. Budgets: large <= lora8, middle <= lora4,
+small <= lora4. Few-shot / DG reuse the lr chosen on the natural ``digits`` task.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+SPACES = REPO / "configs" / "space"
+METHODS = {
+    "linear": {"preset": "linear"}, "bitfit": {"preset": "bitfit"}, "ssf": {"preset": "ssf"},
+    "lora4": {"preset": "lora", "rank": 4}, "lora8": {"preset": "lora", "rank": 8}, "full": {"preset": "full"},
+    "glora_small": {"space": "small", "budget": "lora4"},
+    "glora_middle": {"space": "middle", "budget": "lora4"},
+    "glora_large": {"space": "large", "budget": "lora8"},
+}
+LR_GRID = {"full": [1e-4, 3e-4, 1e-3]}
+DEFAULT_GRID = [1e-3, 3e-3, 1e-2]
+
+MODES = {
+    "quick": {"tasks": ["digits", "orientation"], "methods": ["linear", "lora4", "glora_middle"], "seeds": [0],
+              "epochs": 8, "lr_grid_size": 2, "search": {"population": 10, "top_k": 4, "mutation_count": 5,
+                                                           "crossover_count": 5, "generations": 3},
+              "fewshot": None, "dg": False},
+    "full": {"tasks": None, "methods": list(METHODS), "seeds": [0, 1, 2], "epochs": 20, "lr_grid_size": 3,
+             "search": {"population": 20, "top_k": 5, "mutation_count": 10, "crossover_count": 10, "generations": 8},
+             "fewshot": {"methods": ["linear", "bitfit", "lora8", "glora_large"], "shots": [1, 2, 4, 8, 16],
+                         "seeds": [0, 1, 2], "epochs": 40},
+             "dg": True},
+}
+
+
+def grid_for(method: str, size: int) -> list[float]:
+    g = LR_GRID.get(method, DEFAULT_GRID)
+    return g if size >= len(g) else g[1:1 + size] if size == 1 else [g[0], g[-1]] if size == 2 else g
+
+
+class Results:
+    """results.json, rewritten atomically after every finished cell; finished cells are skipped on rerun."""
+
+    def __init__(self, path: Path, meta: dict):
+        self.path = path
+        self.data = json.loads(path.read_text()) if path.is_file() else {}
+        if self.data.get("meta", {}).get("mode") != meta["mode"]:
+            self.data = {"runs": {}, "lr_selection": {}}
+        self.data["meta"] = {**self.data.get("meta", {}), **meta}
+
+    def get(self, section, key):
+        return self.data[section].get(key)
+
+    def put(self, section, key, value):
+        self.data[section][key] = value
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.data, indent=1, sort_keys=True) + "\n")
+        tmp.replace(self.path)
+
+
+def lora_budget(ckpt: str, rank: int, num_classes: int = 10) -> int:
+    import timm
+
+    from engine.stages import PRESETS
+    from supernet import apply_glora, count_params
+
+    from . import MODEL_KWARGS, MODEL_NAME
+
+    m = timm.create_model(MODEL_NAME, num_classes=num_classes, **MODEL_KWARGS)
+    apply_glora(m, {"targets": "all-linear", "exclude": ["head"], "choices": {t: [c] for t, c in PRESETS["lora"](rank).items()}})
+    return count_params(m).adapter
+
+
+class Runner:
+    def __init__(self, mode: str, ckpt: Path, data_root: Path, results: Results, log=print):
+        self.mode, self.m = mode, MODES[mode]
+        self.ckpt, self.root, self.results, self.log = str(ckpt), data_root, results, log
+        self.runs = HERE / "cache" / "runs" / mode
+        self.budgets = {f"lora{r}": lora_budget(self.ckpt, r) for r in (2, 4, 8)}
+
+    def base(self, out: Path, data: dict, space: str = "large") -> dict:
+        from . import MODEL_KWARGS, MODEL_NAME
+
+        return {"output_dir": str(out),
+                "model": {"name": MODEL_NAME, "checkpoint": self.ckpt, "kwargs": dict(MODEL_KWARGS), "drop_path_rate": 0.0},
+                "data": data, "space": str(SPACES / f"{space}.yaml")}
+
+    def _sched(self, epochs, lr, seed, warmup=1):
+        return {"epochs": epochs, "batch_size": 64, "lr": lr, "weight_decay": 1e-4, "warmup_epochs": warmup,
+                "min_lr": lr / 100, "seed": seed, "device": "cpu", "log_every": 50}
+
+    # ------------------------------------------------------------------ one pipeline run
+    def supernet(self, method: str, out: Path, data: dict, epochs: int, lr: float) -> dict:
+        from engine import distributed as D
+        from engine.config import config_from_dict
+        from engine.stages import run_search, run_train
+
+        spec = METHODS[method]
+        d = self.base(out, data, spec["space"])
+        d["train"] = {**self._sched(epochs, lr, 0), "eval_every": epochs, "reference_subnets": 0}
+        d["search"] = {**self.m["search"], "max_params": self.budgets[spec["budget"]], "seed": 0}
+        t0 = time.time()
+        if not (out / "supernet.safetensors").is_file():
+            run_train(config_from_dict(d), D.DistInfo(), "minivtab")
+        t1 = time.time()
+        if not (out / "search" / "result.yaml").is_file():
+            run_search(config_from_dict(d), D.DistInfo(), "minivtab")
+        return {"supernet_s": round(t1 - t0, 1), "search_s": round(time.time() - t1, 1)}
+
+    def retrain(self, method: str, out: Path, data: dict, epochs: int, lr: float, seed: int,
+                supernet_dir: Path | None = None, warmup: float = 1) -> dict:
+        from engine import distributed as D
+        from engine.config import config_from_dict
+        from engine.stages import run_retrain
+
+        spec = METHODS[method]
+        metrics_path = out / "retrain" / "metrics.json"
+        t0 = time.time()
+        if not metrics_path.is_file():
+            d = self.base(out, data, spec.get("space", "large"))
+            r = self._sched(epochs, lr, seed, warmup)
+            if "preset" in spec:
+                r.update(preset=spec["preset"], rank=spec.get("rank", 8))
+            else:
+                out.mkdir(parents=True, exist_ok=True)
+                for f in ("supernet.safetensors", "supernet.yaml"):
+                    shutil.copyfile(supernet_dir / f, out / f)
+                r.update(subnet=str(supernet_dir / "search" / "result.yaml"), init="supernet")
+            d["retrain"] = r
+            run_retrain(config_from_dict(d), D.DistInfo(), "minivtab")
+        m = json.loads(metrics_path.read_text())
+        return {"test_top1": m["test_top1"], "adapter_params": m["adapter_params"], "head_params": m["head_params"],
+                "trainable_params": m["trainable_params"], "wall_s": round(time.time() - t0, 1), "lr": lr, "seed": seed}
+
+    # ------------------------------------------------------------------ protocol
+    def choose_lr(self, task: str, method: str, sup_dir: Path | None) -> float:
+        key = f"{task}/{method}"
+        done = self.results.get("lr_selection", key)
+        if done:
+            return done["chosen"]
+        epochs = self.m["epochs"]
+        scores, walls = {}, {}
+        for lr in grid_for(method, self.m["lr_grid_size"]):
+            res = self.retrain(method, self.runs / "vtab" / task / method / f"lrsel_{lr:g}",
+                               {"kind": "vtab1k", "root": str(self.root / "vtab"), "task": f"{task}_lrsel"}, epochs, lr, 0, sup_dir)
+            scores[f"{lr:g}"], walls[f"{lr:g}"] = res["test_top1"], res["wall_s"]
+            self.log(f"[lr] {task:12s} {method:13s} lr {lr:g}: val200 {res['test_top1']:.2f}% ({res['wall_s']}s)")
+        best = max(scores, key=lambda k: (scores[k], -float(k)))
+        self.results.put("lr_selection", key, {"val_top1": scores, "wall_s": walls, "chosen": float(best)})
+        return float(best)
+
+    def vtab_cell(self, task: str, method: str) -> None:
+        data = {"kind": "vtab1k", "root": str(self.root / "vtab"), "task": task}
+        sup_dir, sup_cost = None, {}
+        if "space" in METHODS[method]:
+            sup_dir = self.runs / "vtab" / task / method / "supernet"
+            key = f"vtab/{task}/{method}/supernet"
+            sup_cost = self.results.get("runs", key) or self.supernet(method, sup_dir, data, self.m["epochs"], grid_for(method, 3)[1])
+            self.results.put("runs", key, sup_cost)
+        lr = self.choose_lr(task, method, sup_dir)
+        for seed in self.m["seeds"]:
+            key = f"vtab/{task}/{method}/{seed}"
+            if self.results.get("runs", key):
+                continue
+            res = self.retrain(method, self.runs / "vtab" / task / method / f"seed_{seed}", data, self.m["epochs"], lr, seed, sup_dir)
+            res.update(track="vtab", task=task, method=method, **sup_cost)
+            self.results.put("runs", key, res)
+            self.log(f"[vtab] {task:12s} {method:13s} seed {seed}: test {res['test_top1']:.2f}% "
+                     f"{res['adapter_params']:,} adapter params ({res['wall_s']}s)")
+
+    def fewshot_cell(self, method: str, shots: int, seed: int) -> None:
+        fs = self.m["fewshot"]
+        key = f"fewshot/digits/{method}/{shots}/{seed}"
+        if self.results.get("runs", key):
+            return
+        data = {"kind": "fewshot", "root": str(self.root / "fewshot"), "dataset": "digits", "shots": shots, "seed": seed}
+        lr = self.choose_lr("digits", method, self.runs / "vtab" / "digits" / method / "supernet" if "space" in METHODS[method] else None)
+        base = self.runs / "fewshot" / f"{method}" / f"shot{shots}_seed{seed}"
+        sup_dir, sup_cost = None, {}
+        if "space" in METHODS[method]:
+            sup_dir = base / "supernet"
+            sup_cost = self.supernet(method, sup_dir, data, fs["epochs"], grid_for(method, 3)[1])
+        res = self.retrain(method, base / "final", data, fs["epochs"], lr, seed, sup_dir, warmup=5)
+        res.update(track="fewshot", task="digits", method=method, shots=shots, **sup_cost)
+        if self.m["dg"] and shots == 16:
+            res["dg"] = {dom: self.evaluate_merged(base / "final", f"digits_{dom}", shots, seed) for dom in ("inverted", "edges", "blurred")}
+        self.results.put("runs", key, res)
+        self.log(f"[fewshot] {method:13s} {shots:2d}-shot seed {seed}: test {res['test_top1']:.2f}%"
+                 + (f" DG {res['dg']}" if "dg" in res else ""))
+
+    def evaluate_merged(self, run_dir: Path, dataset: str, shots: int, seed: int) -> float:
+        import torch
+
+        from engine import distributed as D
+        from engine.config import config_from_dict
+        from engine.data import build_splits
+        from engine.models import build_model, load_state_file
+        from engine.stages import _data_config, probe_input_size
+        from engine.trainer import evaluate
+
+        d = self.base(run_dir, {"kind": "fewshot", "root": str(self.root / "fewshot"), "dataset": dataset, "shots": shots, "seed": seed})
+        d["model"]["checkpoint"] = None
+        cfg = config_from_dict(d)
+        _, ds, n = build_splits(_data_config(cfg), "final", probe_input_size(cfg))
+        model = build_model(cfg.model, n)
+        model.load_state_dict(load_state_file(run_dir / "retrain" / "merged.safetensors"), strict=True)
+        return evaluate(model, torch.utils.data.DataLoader(ds, batch_size=256), D.DistInfo())["top1"]
+
+    def run(self) -> None:
+        from .prepare import TASKS
+
+        for task in self.m["tasks"] or TASKS:
+            for method in self.m["methods"]:
+                self.vtab_cell(task, method)
+        fs = self.m["fewshot"]
+        if fs:
+            for method in fs["methods"]:
+                for shots in fs["shots"]:
+                    for seed in fs["seeds"]:
+                        self.fewshot_cell(method, shots, seed)
+
+
+def main(argv=None) -> int:
+    import argparse
+    import platform
+
+    import torch
+
+    from . import fmnist
+    from .prepare import prepare_cached
+    from .pretrain import pretrain
+
+    p = argparse.ArgumentParser(prog="python -m benchmarks.minivtab", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="2 tasks, 3 methods, 1 seed, 8 epochs, small search (< 15 min)")
+    p.add_argument("--results", default=None, help="default benchmarks/minivtab/results[-quick].json")
+    p.add_argument("--report-only", action="store_true")
+    args = p.parse_args(argv)
+    mode = "quick" if args.quick else "full"
+    results_path = Path(args.results) if args.results else HERE / ("results-quick.json" if args.quick else "results.json")
+    from .report import write_report
+
+    if args.report_only:
+        write_report(results_path)
+        return 0
+    torch.set_num_threads(1)  # measured: on 2 shared cores 1 thread trains ~10x faster than 2
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    t0 = time.time()
+    try:
+        ckpt = pretrain()
+        root = prepare_cached(HERE / "data")
+    except fmnist.FashionMNISTMissing as err:
+        print(err, file=sys.stderr)
+        return 2
+    meta = {"mode": mode, "settings": {k: v for k, v in MODES[mode].items()}, "backbone": str(ckpt.name),
+            "backbone_info": json.loads(ckpt.with_suffix(".json").read_text()), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, 1 thread",
+            "lr_grid": {m: grid_for(m, MODES[mode]["lr_grid_size"]) for m in METHODS}}
+    results = Results(results_path, meta)
+    runner = Runner(mode, ckpt, root, results)
+    results.data["meta"]["budgets"] = runner.budgets
+    runner.run()
+    results.data["meta"]["total_wall_s_last_invocation"] = round(time.time() - t0, 1)
+    results.put("meta", "finished", True)
+    write_report(results_path)
+    print(f"done in {time.time() - t0:.0f}s -> {results_path}")
+    return 0

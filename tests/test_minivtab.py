@@ -1,0 +1,142 @@
+"""The mini-VTAB prepare step on a synthetic stand-in (no Debian package needed): the VTAB-1k and
+few-shot layouts it writes parse with the project's loader, labels are in range, and no task image
+is built from the backbone's training images."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from benchmarks.minivtab import prepare as P
+from engine.data import DataConfig, build_splits
+
+
+def _synthetic(n_train=300, n_test=400, n_digits=1300, seed=0):
+    rng = np.random.default_rng(seed)
+    fm_train = rng.integers(0, 256, (n_train, 28, 28), dtype=np.uint8)
+    fm_test = rng.integers(0, 256, (n_test, 28, 28), dtype=np.uint8)
+    fm_test[:5] = fm_train[:5]  # exact duplicates of training images: must never be used
+    digits = (rng.integers(0, 17, (n_digits, 8, 8)).astype(np.float64), np.arange(n_digits) % 10)
+    return (fm_test, rng.integers(0, 10, n_test)), digits, fm_train
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    fm_test, digits, fm_train = _synthetic()
+    root = tmp_path_factory.mktemp("minivtab")
+    P.prepare(root, fm_test, digits, fm_train, n_test=60, log=lambda *_: None)
+    return root, fm_test, digits, fm_train
+
+
+@pytest.mark.parametrize("task", P.TASKS)
+def test_vtab_layout_parses_with_project_loader(prepared, task):
+    root = prepared[0]
+    tdir = root / "vtab" / task
+    counts = {n: len((tdir / f"{n}.txt").read_text().splitlines()) for n in ("train800", "val200", "train800val200", "test")}
+    assert counts["train800"] == 800 and counts["val200"] == 200 and counts["train800val200"] == 1000
+    for line in (tdir / "train800.txt").read_text().splitlines()[:3]:
+        path, label = line.rsplit(" ", 1)
+        assert path.startswith("images/train800/") and path.endswith(".png") and len(Path(path).stem) == 6
+    for phase, (n_train, n_eval) in {"search": (800, 200), "final": (1000, counts["test"])}.items():
+        train, evals, n_classes = build_splits(DataConfig(kind="vtab1k", root=str(root / "vtab"), task=task), phase, 28)
+        assert (len(train), len(evals)) == (n_train, n_eval)
+        assert n_classes == P.NUM_CLASSES[task]
+        labels = train.targets + evals.targets
+        assert min(labels) >= 0 and max(labels) < P.NUM_CLASSES[task]
+        assert set(train.targets) == set(range(P.NUM_CLASSES[task]))  # every class is trained
+        x, y = train[0]
+        assert tuple(x.shape) == (3, 28, 28)
+    # the lr-selection view: "final" trains on train800 and scores on val200, same files
+    tr, ev, _ = build_splits(DataConfig(kind="vtab1k", root=str(root / "vtab"), task=f"{task}_lrsel"), "final", 28)
+    _, val, _ = build_splits(DataConfig(kind="vtab1k", root=str(root / "vtab"), task=task), "search", 28)
+    assert len(tr) == 800 and [Path(p).resolve() for p, _ in ev.samples] == [Path(p).resolve() for p, _ in val.samples]
+
+
+def test_structured_labels_match_the_pictures(prepared):
+    root = prepared[0]
+    # counting: the number of items equals label + 1 (items are bright blocks on a black canvas)
+    tdir = root / "vtab" / "counting"
+    prov = json.loads((tdir / "provenance.json").read_text())
+    for line in (tdir / "test.txt").read_text().splitlines()[:20]:
+        path, label = line.rsplit(" ", 1)
+        assert len(prov[path].split()) == int(label) + 1
+    # location: the item's bounding box lies in the labelled cell of the 3x3 grid
+    tdir = root / "vtab" / "location"
+    for line in (tdir / "test.txt").read_text().splitlines()[:20]:
+        path, label = line.rsplit(" ", 1)
+        a = np.asarray(Image.open(tdir / path))
+        ys, xs = np.nonzero(a)
+        assert (ys.min() // 14) * 3 + xs.min() // 14 == int(label)
+
+
+def test_no_task_image_comes_from_backbone_training_data(prepared):
+    root, (fm_test, _), _, fm_train = prepared
+    train_hashes = P.image_hashes(fm_train)
+    dup = {i for i in range(len(fm_test)) if P.image_hashes(fm_test[i:i + 1]) <= train_hashes}
+    assert dup == {0, 1, 2, 3, 4}
+    used = set()
+    for task in P.TASKS:
+        tdir = root / "vtab" / task
+        prov = json.loads((tdir / "provenance.json").read_text())
+        for src in prov.values():
+            for item in src.split():
+                assert item.startswith(("fashion-mnist:test:", "digits:")), item
+                if item.startswith("fashion-mnist:test:"):
+                    used.add(int(item.rsplit(":", 1)[1]))
+        # and no written image equals a backbone training image pixel for pixel
+        for split in ("train800", "test"):
+            for png in sorted((tdir / "images" / split).glob("*.png"))[:50]:
+                a = np.asarray(Image.open(png))
+                if a.shape == (28, 28):
+                    assert not P.image_hashes(a[None]) <= train_hashes
+    assert used and not (used & dup)
+
+
+def test_splits_use_disjoint_source_items(prepared):
+    root = prepared[0]
+    for task in P.TASKS:
+        prov = json.loads((root / "vtab" / task / "provenance.json").read_text())
+        by_split = {}
+        for rel, src in prov.items():
+            by_split.setdefault(rel.split("/")[1], set()).update(src.split())
+        assert not by_split["train800"] & by_split["test"], task
+        assert not by_split["val200"] & by_split["test"], task
+        assert not by_split["train800"] & by_split["val200"], task
+
+
+def test_fewshot_and_dg_layout(prepared):
+    root = prepared[0]
+    for ds in ("digits", "digits_inverted", "digits_edges", "digits_blurred"):
+        for shots in P.SHOTS:
+            for seed in P.FEWSHOT_SEEDS:
+                cfg = DataConfig(kind="fewshot", root=str(root / "fewshot"), dataset=ds, shots=shots, seed=seed)
+                train, val, n = build_splits(cfg, "search", 28)
+                assert n == 10 and len(train) == 10 * shots
+                assert sorted(train.targets) == sorted(list(range(10)) * shots)
+        _, test, _ = build_splits(DataConfig(kind="fewshot", root=str(root / "fewshot"), dataset=ds), "final", 28)
+        train_files = {p for f in (root / "fewshot" / ds / "annotations").glob("train_meta*") for p in f.read_text().split()[::2]}
+        assert not train_files & {Path(p).name for p, _ in test.samples}
+    a = np.asarray(Image.open(root / "fewshot" / "digits" / "images" / "000000.png"), dtype=int)
+    b = np.asarray(Image.open(root / "fewshot" / "digits_inverted" / "images" / "000000.png"), dtype=int)
+    assert (a + b == 255).all()
+
+
+def test_prepare_is_deterministic(tmp_path):
+    fm_test, digits, fm_train = _synthetic(n_test=200)
+    outs = []
+    for run in ("a", "b"):
+        P.write_vtab_task(tmp_path / run, "counting", P.make_task("counting", fm_test, digits, fm_train, n_test=20))
+        outs.append([p.read_bytes() for p in sorted((tmp_path / run / "counting").rglob("*")) if p.is_file()])
+    assert outs[0] == outs[1]
+
+
+def test_missing_fashion_mnist_message(monkeypatch, tmp_path):
+    from benchmarks.minivtab import fmnist
+
+    monkeypatch.setattr(fmnist, "FMNIST_DIR", tmp_path)
+    with pytest.raises(fmnist.FashionMNISTMissing, match="apt-get install dataset-fashion-mnist"):
+        fmnist.load("train")
