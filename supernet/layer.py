@@ -9,8 +9,10 @@ choice is switched with :meth:`GLoraLinear.set_choice`.
 The forward pass never builds a dense ``(out, in)`` matrix unless A is low-rank: a vector or
 scalar A rescales the output of ``W0 x`` (``(W0 ⊙ a1ᵀ) x = a ⊙ W0 x``), B is applied to the
 activations (``Bd (Bu x)``, or ``b · sum(x)`` for vector/scalar), and C, D, E only touch the
-bias. The dense form is kept in :meth:`support_tensors` and :meth:`merged_weight_bias` for
-merging and for testing.
+bias. A vector/scalar A or B goes through :class:`_ScaleShiftLinear`, which has a leaner
+backward than the autograd composition. When A is low-rank the dense weight (and its gradient)
+is needed anyway, and B is folded into it. The dense form is kept in :meth:`support_tensors` and
+:meth:`merged_weight_bias` for merging and for testing.
 """
 
 from __future__ import annotations
@@ -45,6 +47,57 @@ def choice_cost(tensor: str, choice: Choice, out_features: int, in_features: int
     if tensor == "C":
         return {"lora": choice.rank * (in_features + 1), "vector": in_features}[choice.kind]
     return {"vector": out_features, "scalar": 1}[choice.kind]
+
+
+class _ScaleShiftLinear(torch.autograd.Function):
+    """``y = (x W0ᵀ) ⊙ s + bias + (Σ_j x_j) t``: a vector/scalar A (``s = 1 + A``) and B (``t = B``).
+
+    ``W0 ⊙ A`` with A constant along the input dimension is a row scaling, ``(W0 ⊙ a1ᵀ) x = a ⊙ W0 x``,
+    and such a B adds ``b · Σ_j x_j``; so no dense weight and no weight gradient are needed. The
+    same as composing ``F.linear``/``addcmul``/``sum`` under autograd, with a leaner backward: the
+    input gradient is one matrix product with the row-scaled ``(out, in)`` weight (instead of scaling
+    the ``(N, out)`` output gradient), seeded with the B term, and the gradients of s, bias and t
+    are reductions of the output gradient. ``scale``/``bias``/``shift`` are ``(out,)`` or None
+    (not both of ``scale`` and ``shift``); the frozen ``weight`` gets no gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, scale, bias, shift):
+        z = F.linear(x, weight)  # under autocast this runs (and returns) in the autocast dtype
+        dt = z.dtype
+        if scale is None:
+            y = z if bias is None else z.add_(bias.to(dt))
+        else:
+            y = z * scale.to(dt) if bias is None else torch.addcmul(bias.to(dt), z, scale.to(dt))
+        xsum = None
+        if shift is not None:
+            xsum = x.sum(-1, keepdim=True).to(dt)
+            y.view(-1, y.shape[-1]).addmm_(xsum.view(-1, 1), shift.to(dt).view(1, -1))
+        ctx.x_shape = x.shape
+        ctx.save_for_backward(z if scale is not None and ctx.needs_input_grad[2] else None, weight, scale, shift, xsum)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        z, weight, scale, shift, xsum = ctx.saved_tensors
+        dt = g.dtype
+        g2 = g.reshape(-1, g.shape[-1])
+        gx = gscale = gbias = gshift = None
+        if ctx.needs_input_grad[0]:
+            w = weight.to(dt) if scale is None else weight.to(dt) * scale.to(dt).unsqueeze(-1)
+            if shift is None:
+                gx = g2 @ w
+            else:
+                gx = torch.addmm((g2 @ shift.to(dt).unsqueeze(-1)).expand(-1, w.shape[1]), g2, w)
+            gx = gx.view(ctx.x_shape)
+        if ctx.needs_input_grad[2]:
+            gscale = (g2 * z.reshape(g2.shape)).sum(0)
+        if ctx.needs_input_grad[3]:
+            gbias = g2.sum(0)
+        if ctx.needs_input_grad[4]:
+            gshift = (xsum.reshape(1, -1) @ g2).view(-1)
+        return gx, None, gscale, gbias, gshift
 
 
 class GLoraLinear(nn.Module):
@@ -163,24 +216,33 @@ class GLoraLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         c = self.active
         bias = self._effective_bias(c)
-        A = self._matrix("A", c.A)
         if c.A.kind == "lora":
-            # The only case that needs the dense weight: W0 + W0 ⊙ A.
-            out = F.linear(x, torch.addcmul(self.weight, self.weight, A), bias)
-        elif A is None:
-            out = F.linear(x, self.weight, bias)
-        else:
-            out = F.linear(x, self.weight)
-            scale = (1 + A.reshape(-1)).to(out.dtype)
-            out = out * scale if bias is None else torch.addcmul(bias.to(out.dtype), out, scale)
+            return F.linear(x, self._dense_weight(c), bias)
+        A = self._matrix("A", c.A)
+        scale = None if A is None else 1 + A.reshape(-1).expand(self.out_features)
+        if c.B.kind == "lora":
+            out = F.linear(x, self.weight, bias) if scale is None else _ScaleShiftLinear.apply(x, self.weight, scale, bias, None)
+            r = c.B.rank
+            return out + F.linear(F.linear(x, self.glora_Bu[:r]), self.glora_Bd[:, :r])
+        B = self._matrix("B", c.B)
+        if scale is None and B is None:
+            return F.linear(x, self.weight, bias)
+        shift = None if B is None else B.reshape(-1).expand(self.out_features)
+        return _ScaleShiftLinear.apply(x, self.weight, scale, bias, shift)
+
+    def _dense_weight(self, c: LayerChoice) -> torch.Tensor:
+        """``W0 + W0 ⊙ A + B`` for a low-rank A, the only case that needs the dense weight.
+
+        Its gradient (one extra ``(out, in)`` matrix product per step) is paid for A anyway, so B
+        is folded in too: a low-rank B costs ``Bd @ Bu`` on the weight instead of two products on
+        the activations in the forward pass and four in the backward pass.
+        """
+        weight = torch.addcmul(self.weight, self.weight, self._matrix("A", c.A))
         if c.B.kind == "lora":
             r = c.B.rank
-            out = out + F.linear(F.linear(x, self.glora_Bu[:r]), self.glora_Bd[:, :r])
-        elif c.B.kind != "none":
-            # B broadcast over inputs: (B x)_i = b_i · Σ_j x_j
-            B = self._matrix("B", c.B).reshape(-1).to(out.dtype)
-            out = torch.addcmul(out, x.sum(-1, keepdim=True).to(out.dtype), B)
-        return out
+            return torch.addmm(weight, self.glora_Bd[:, :r], self.glora_Bu[:r])
+        B = self._matrix("B", c.B)
+        return weight if B is None else weight + B
 
     # -- dense forms ------------------------------------------------------------------------
     def support_tensors(self) -> SupportTensors:

@@ -102,6 +102,6 @@ def test_search_resume_after_interruption(trained, monkeypatch):
 
 
 def test_budget_that_admits_nothing_fails_clearly(trained):
-    cfg = _cfg(trained, max_params=None, min_params=10**9)
-    with pytest.raises(ConfigError, match=r"search\.max_params: .*largest"):
-        run_search(cfg, INFO, "t.yaml", overwrite=True)
+    # caught when the config is loaded, before the search touches output_dir
+    with pytest.raises(ConfigError, match=r"search\.min_params: .* is above the largest configuration"):
+        run_search(_cfg(trained, max_params=None, min_params=10**9), INFO, "t.yaml", overwrite=True)

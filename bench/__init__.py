@@ -1,0 +1,1 @@
+"""GLoRA benchmarks: python -m bench.run [--quick] [--device cpu|cuda]."""

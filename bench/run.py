@@ -1,0 +1,376 @@
+"""GLoRA speed and memory benchmark: ``python -m bench.run [--quick] [--device cpu|cuda] [--out PATH]``.
+
+Every ratio compares two contenders built from the same base weights, fed the same inputs and
+timed interleaved step by step (A, B, A, B, ...) on the same thread count. A ratio is the median
+of the per-round ratios ``t_A / t_B``; the raw median times are stored next to it.
+
+Peak memory (``*_peak_mem``) is the extra memory one training step needs above the resting state
+(weights, optimizer state): on CPU each contender runs in a fresh subprocess with glibc's mmap
+threshold pinned (so freed tensors go back to the OS) and the peak RSS (``VmHWM``, reset through
+``/proc/self/clear_refs``) is read after the warm-up steps; on CUDA it is
+``max_memory_allocated`` above ``memory_allocated``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from . import contenders as C
+from .contenders import ModelSpec
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_OUT = ROOT / "bench" / "results.json"
+
+# key -> (numerator, denominator, comparison, target)
+TARGETS: dict[str, tuple[str, float]] = {
+    "supernet_vs_lora_step": ("<=", 1.20),
+    "subnet_vs_peft_glora_step_lora": ("<=", 0.70),
+    "subnet_vs_peft_glora_step_vector": ("<=", 0.50),
+    "merged_vs_base_forward": ("<=", 1.02),
+    "search_eval_vs_forward": (">=", 0.95),
+    "supernet_vs_lora_peak_mem": ("<=", 1.20),
+}
+KEYS = tuple(TARGETS)
+
+TRAIN_PAIRS = {
+    "supernet_vs_lora_step": ("supernet", "peft_lora"),
+    "subnet_vs_peft_glora_step_lora": ("subnet_lora", "peft_glora_lora"),
+    "subnet_vs_peft_glora_step_vector": ("subnet_vector", "peft_glora_vector"),
+}
+
+FULL_MODELS = ("vit_tiny_patch16_224", "vit_small_patch16_224", "vit_base_patch16_224")
+
+
+@dataclass
+class Settings:
+    device: str = "cpu"
+    batch: int = 8
+    amp: bool = False  # bf16 autocast (cuda)
+    threads: int = 2
+    warmup: int = 3
+    steps: int = 10
+    fwd_warmup: int = 3
+    fwd_steps: int = 20
+    val_images: int = 200
+    val_batch: int = 50
+    search_warmup: int = 1
+    candidates: int = 5
+    mem_warmup: int = 1
+    mem_steps: int = 2
+    seed: int = 0
+
+
+def quick_settings() -> Settings:
+    return Settings(warmup=1, steps=2, fwd_warmup=1, fwd_steps=6, val_images=32, val_batch=16, candidates=2, mem_steps=1)
+
+
+def full_settings(model: str) -> Settings:
+    if "base" in model:  # ~4x the cost of vit_small: fewer rounds keep the full run near 15 min
+        return Settings(warmup=2, steps=5, fwd_steps=10, val_images=48, val_batch=24, candidates=3)
+    if "small" in model:
+        return Settings(val_images=100, mem_steps=3)
+    return Settings(mem_steps=3)
+
+
+def cuda_settings() -> Settings:
+    return Settings(device="cuda", batch=64, amp=True, warmup=5, steps=20, fwd_steps=50, val_images=1024, val_batch=256, candidates=5)
+
+
+# -- timing -------------------------------------------------------------------------------------
+def _sync(device: str) -> Callable[[], None]:
+    return torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+
+def interleave(fns: dict[str, Callable[[], Any]], warmup: int, steps: int, device: str = "cpu") -> dict[str, list[float]]:
+    """Run the callables in turn, round after round; seconds per call of the measured rounds."""
+    sync = _sync(device)
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for i in range(warmup + steps):
+        for name, fn in fns.items():
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            if i >= warmup:
+                times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def paired_ratio(num: list[float], den: list[float]) -> float:
+    return statistics.median(a / b for a, b in zip(num, den))
+
+
+def make_batch(spec: ModelSpec, batch: int, device: str, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 3, spec.img_size, spec.img_size, generator=g)
+    y = torch.randint(spec.num_classes, (batch,), generator=g)
+    return x.to(device), y.to(device)
+
+
+# -- peak memory --------------------------------------------------------------------------------
+def _proc_status_kb(field_name: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field_name}")
+
+
+def _reset_peak_rss() -> None:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
+
+
+def _memory_child(payload: dict[str, Any]) -> dict[str, int]:
+    """Runs in a fresh process: build one contender, warm up, then peak RSS over the measured steps."""
+    torch.set_num_threads(payload["threads"])
+    spec = ModelSpec.from_json(payload["spec"])
+    base = spec.build(payload["seed"])
+    contender = C.build_train_contender(payload["contender"], base, payload["seed"])
+    del base
+    x, y = make_batch(spec, payload["batch"], "cpu", payload["seed"])
+    step = C.train_step(contender, x, y)
+    for _ in range(payload["warmup"]):
+        step()
+    gc.collect()
+    rss0 = _proc_status_kb("VmRSS")
+    _reset_peak_rss()
+    for _ in range(payload["steps"]):
+        step()
+    peak = _proc_status_kb("VmHWM")
+    return dict(peak_delta_bytes=(peak - rss0) * 1024, rss_before_bytes=rss0 * 1024, peak_bytes=peak * 1024)
+
+
+def peak_memory(spec: ModelSpec, name: str, s: Settings) -> dict[str, int]:
+    if s.device == "cuda":
+        torch.cuda.empty_cache()
+        base = spec.build(s.seed)
+        contender = C.build_train_contender(name, base, s.seed)
+        del base
+        x, y = make_batch(spec, s.batch, "cuda", s.seed)
+        step = C.train_step(contender, x, y, amp=s.amp)
+        for _ in range(s.mem_warmup):
+            step()
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        for _ in range(s.mem_steps):
+            step()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated()
+        del step, contender, x, y
+        gc.collect()
+        torch.cuda.empty_cache()
+        return dict(peak_delta_bytes=peak - before, rss_before_bytes=before, peak_bytes=peak)
+    payload = dict(spec=spec.to_json(), contender=name, seed=s.seed, batch=s.batch, threads=s.threads, warmup=s.mem_warmup, steps=s.mem_steps)
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="4096", MALLOC_TRIM_THRESHOLD_="4096", PYTHONPATH=str(ROOT))
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.run", "--memory-child", json.dumps(payload)],
+        cwd=ROOT, env=env, capture_output=True, text=True,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"memory measurement of {name} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# -- one model ----------------------------------------------------------------------------------
+def bench_model(spec: ModelSpec, s: Settings, log: Callable[[str], None] = print) -> dict[str, Any]:
+    dev = s.device
+    base = spec.build(s.seed).to(dev)
+    x, y = make_batch(spec, s.batch, dev, s.seed)
+    ratios: dict[str, float] = {}
+    medians: dict[str, float] = {}
+    images_per_s: dict[str, float] = {}
+
+    def record(times: dict[str, list[float]], images: int) -> None:
+        for name, t in times.items():
+            medians[name] = statistics.median(t)
+            images_per_s[name] = images / medians[name]
+
+    # training steps
+    for key, (a, b) in TRAIN_PAIRS.items():
+        ca, cb = C.build_train_contender(a, base, s.seed), C.build_train_contender(b, base, s.seed)
+        times = interleave({a: C.train_step(ca, x, y, s.amp), b: C.train_step(cb, x, y, s.amp)}, s.warmup, s.steps, dev)
+        record(times, s.batch)
+        ratios[key] = paired_ratio(times[a], times[b])
+        log(f"  {key}: {ratios[key]:.3f} ({a} {medians[a]:.3f} s, {b} {medians[b]:.3f} s)")
+        del ca, cb, times
+        gc.collect()
+
+    # inference of the merged model
+    merged = C.merged(base, s.seed)
+    times = interleave({"merged_forward": C.forward_fn(merged, x, s.amp), "base_forward": C.forward_fn(base, x, s.amp)}, s.fwd_warmup, s.fwd_steps, dev)
+    record(times, s.batch)
+    ratios["merged_vs_base_forward"] = paired_ratio(times["merged_forward"], times["base_forward"])
+    log(f"  merged_vs_base_forward: {ratios['merged_vs_base_forward']:.3f}")
+    del merged
+
+    # search: candidates scored per second x images per candidate vs plain forward images per second
+    g = torch.Generator().manual_seed(s.seed + 1)
+    n_val = s.val_images
+    vx = torch.randn(n_val, 3, spec.img_size, spec.img_size, generator=g)
+    vy = torch.randint(spec.num_classes, (n_val,), generator=g)
+    batches = [(vx[i : i + s.val_batch].to(dev), vy[i : i + s.val_batch].to(dev)) for i in range(0, n_val, s.val_batch)]
+    scorer = C.CandidateScorer(base, batches, s.amp)
+    from supernet.subnet import sample_config
+    from supernet.model import layer_choices
+
+    choices = layer_choices(scorer.supernet)
+    candidates = iter([sample_config(choices, g) for _ in range(s.search_warmup + s.candidates)])
+    times = interleave({"search_candidate": lambda: scorer.score(next(candidates)), "search_forward": lambda: scorer.evaluate(base)}, s.search_warmup, s.candidates, dev)
+    record(times, n_val)
+    ratios["search_eval_vs_forward"] = paired_ratio(times["search_forward"], times["search_candidate"])
+    log(f"  search_eval_vs_forward: {ratios['search_eval_vs_forward']:.3f}")
+    del scorer, batches
+
+    # peak memory of one training step
+    mem = {name: peak_memory(spec, name, s) for name in ("supernet", "peft_lora")}
+    if min(m["peak_delta_bytes"] for m in mem.values()) <= 0:
+        raise RuntimeError(f"peak memory measurement found no growth during a step: {mem}")
+    ratios["supernet_vs_lora_peak_mem"] = mem["supernet"]["peak_delta_bytes"] / mem["peft_lora"]["peak_delta_bytes"]
+    log(f"  supernet_vs_lora_peak_mem: {ratios['supernet_vs_lora_peak_mem']:.3f}")
+
+    return dict(ratios=ratios, median_s=medians, images_per_s=images_per_s, memory=mem, settings=asdict(s), spec=spec.to_json())
+
+
+# -- whole run ----------------------------------------------------------------------------------
+def _met(key: str, value: float) -> bool:
+    op, target = TARGETS[key]
+    return value <= target if op == "<=" else value >= target
+
+
+def machine_info() -> dict[str, Any]:
+    import timm
+
+    info = dict(platform=platform.platform(), processor=platform.processor() or platform.machine(), cpu_count=os.cpu_count(), python=platform.python_version(), loadavg=list(os.getloadavg()))
+    if torch.cuda.is_available():
+        info["cuda_device"] = torch.cuda.get_device_name()
+    try:
+        import peft
+
+        peft_version = peft.__version__
+    except ImportError:
+        peft_version = None
+    return dict(machine=info, torch=torch.__version__, timm=timm.__version__, peft=peft_version)
+
+
+def run(specs: list[ModelSpec], settings_for: Callable[[ModelSpec], Settings], out: Path | None, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Benchmark every model in turn; ``out`` is rewritten after each one, so a long run keeps what it measured."""
+    results: dict[str, Any] = {k: {} for k in KEYS}
+    per_model: dict[str, Any] = {}
+    t0 = time.perf_counter()
+    load_start = list(os.getloadavg())
+    doc: dict[str, Any] = {}
+    for spec in specs:
+        s = settings_for(spec)
+        if s.device == "cpu":
+            torch.set_num_threads(s.threads)
+        log(f"{spec.label} (batch {s.batch}, {'bf16' if s.amp else 'fp32'}, {s.device}, {s.threads if s.device == 'cpu' else '-'} threads)")
+        res = bench_model(spec, s, log)
+        per_model[spec.label] = res
+        for k in KEYS:
+            results[k][spec.label] = res["ratios"][k]
+        doc = dict(
+            results,
+            targets={k: dict(op=op, value=v) for k, (op, v) in TARGETS.items()},
+            met={k: {m: _met(k, v) for m, v in results[k].items()} for k in KEYS},
+            models=per_model,
+            wall_s=time.perf_counter() - t0,
+            **machine_info(),
+        )
+        # Other processes on the machine make CPU timings noisy: the load averages are kept.
+        doc["machine"]["loadavg_start"] = load_start
+        if out is not None:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(doc, indent=2) + "\n")
+    return doc
+
+
+def format_table(doc: dict[str, Any]) -> str:
+    models = list(doc["models"])
+    width = max(12, *(len(m) for m in models))
+    head = f"{'key':34} {'target':>8}  " + "  ".join(f"{m:>{width}}" for m in models)
+    lines = [head, "-" * len(head)]
+    for k in KEYS:
+        op, v = TARGETS[k]
+        cells = "  ".join(f"{doc[k][m]:>{width - 5}.3f} {'ok' if doc['met'][k][m] else 'MISS':>4}" for m in models)
+        lines.append(f"{k:34} {op + format(v, '.2f'):>8}  {cells}")
+    lines.append("")
+    lines.append("median seconds per call (images/s):")
+    for m in models:
+        med, ips = doc["models"][m]["median_s"], doc["models"][m]["images_per_s"]
+        lines.append(f"  {m}: " + ", ".join(f"{n} {med[n]:.3f} ({ips[n]:.1f})" for n in med))
+        mem = doc["models"][m]["memory"]
+        lines.append(f"  {m} peak step memory (MiB above rest): " + ", ".join(f"{n} {v['peak_delta_bytes'] / 2**20:.0f}" for n, v in mem.items()))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any] | None:
+    p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="tiny model, few steps (< 60 s on 2 cores)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="cuda: bf16 autocast, batch 64, vit_base_patch16_224")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"results JSON (default {DEFAULT_OUT.relative_to(ROOT)})")
+    p.add_argument("--models", nargs="+", help="timm model names (default: by mode)")
+    p.add_argument("--model-kwargs", type=json.loads, default={}, help="JSON kwargs for timm.create_model, e.g. a tiny test model")
+    p.add_argument("--num-classes", type=int, default=100)
+    p.add_argument("--threads", type=int, help="CPU threads (default 2)")
+    p.add_argument("--warmup", type=int, help="override warm-up rounds")
+    p.add_argument("--steps", type=int, help="override measured rounds (all measurements)")
+    p.add_argument("--val-images", type=int, help="override validation images per candidate")
+    p.add_argument("--memory-child", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+
+    if args.memory_child:
+        print(json.dumps(_memory_child(json.loads(args.memory_child))))
+        return None
+
+    if args.device == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit("bench.run: --device cuda was asked for but torch.cuda.is_available() is False (no GPU or a CPU-only torch build)")
+        models = args.models or ["vit_base_patch16_224"]
+        quick = dict(warmup=2, steps=5, fwd_steps=10, val_images=256, candidates=2) if args.quick else {}
+        base_settings: Callable[[str], Settings] = lambda m: replace(cuda_settings(), **quick)  # noqa: E731
+    elif args.quick:
+        models = args.models or ["vit_tiny_patch16_224"]
+        base_settings = lambda m: quick_settings()  # noqa: E731
+    else:
+        models = args.models or list(FULL_MODELS)
+        base_settings = full_settings
+
+    def settings_for(spec: ModelSpec) -> Settings:
+        s = base_settings(spec.name)
+        if args.warmup is not None:
+            s = replace(s, warmup=args.warmup, fwd_warmup=args.warmup, search_warmup=args.warmup, mem_warmup=max(1, args.warmup))
+        if args.steps is not None:
+            s = replace(s, steps=args.steps, fwd_steps=args.steps, candidates=args.steps, mem_steps=args.steps)
+        if args.threads is not None:
+            s = replace(s, threads=args.threads)
+        if args.val_images is not None:
+            s = replace(s, val_images=args.val_images, val_batch=min(s.val_batch, args.val_images))
+        return s
+
+    img_size = int(args.model_kwargs.get("img_size", 224))
+    specs = [ModelSpec(m, dict(args.model_kwargs), img_size, args.num_classes) for m in models]
+    doc = run(specs, settings_for, args.out)
+    print()
+    print(format_table(doc))
+    print(f"\nwrote {args.out} ({doc['wall_s']:.0f} s)")
+    return doc
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,30 @@
+"""The benchmark's machinery end to end on a tiny ViT (targets are checked by running the benchmark, not here)."""
+
+import json
+import math
+
+from bench import run as bench_run
+
+TINY = {"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 32, "num_heads": 2}
+
+
+def test_quick_bench_machinery_writes_every_key(tmp_path):
+    out = tmp_path / "results.json"
+    argv = ["--quick", "--out", str(out), "--models", "vit_tiny_patch16_224", "--model-kwargs", json.dumps(TINY), "--warmup", "1", "--steps", "1", "--val-images", "16", "--num-classes", "5"]
+    returned = bench_run.main(argv)
+    doc = json.loads(out.read_text())
+    assert doc == json.loads(json.dumps(returned))
+
+    label = next(iter(doc["models"]))
+    for key in bench_run.KEYS:
+        value = doc[key][label]
+        assert math.isfinite(value) and value > 0, (key, value)
+        assert isinstance(doc["met"][key][label], bool)
+        assert key in doc["targets"]
+    model = doc["models"][label]
+    assert all(math.isfinite(v) and v > 0 for v in model["median_s"].values())
+    assert all(math.isfinite(v) and v > 0 for v in model["images_per_s"].values())
+    assert set(model["median_s"]) >= {"supernet", "peft_lora", "subnet_lora", "peft_glora_lora", "subnet_vector", "peft_glora_vector", "merged_forward", "base_forward", "search_candidate", "search_forward"}
+    assert all(m["peak_delta_bytes"] > 0 for m in model["memory"].values())
+    assert doc["machine"]["cpu_count"] >= 1 and doc["torch"] and doc["timm"]
+    assert model["settings"]["batch"] == 8 and model["settings"]["threads"] == 2
