@@ -11,7 +11,8 @@ scalar A rescales the output of ``W0 x`` (``(W0 ⊙ a1ᵀ) x = a ⊙ W0 x``), B 
 activations (``Bd (Bu x)``, or ``b · sum(x)`` for vector/scalar), and C, D, E only touch the
 bias. A vector/scalar A or B goes through :class:`_ScaleShiftLinear`, which has a leaner
 backward than the autograd composition. When A is low-rank the dense weight (and its gradient)
-is needed anyway, and B is folded into it. The dense form is kept in :meth:`support_tensors` and
+is needed anyway, and B is folded into it; :class:`_RebuiltWeightLinear` rebuilds that weight in
+the backward pass rather than holding it. The dense form is kept in :meth:`support_tensors` and
 :meth:`merged_weight_bias` for merging and for testing.
 """
 
@@ -98,6 +99,51 @@ class _ScaleShiftLinear(torch.autograd.Function):
         if ctx.needs_input_grad[4]:
             gshift = (xsum.reshape(1, -1) @ g2).view(-1)
         return gx, None, gscale, gbias, gshift
+
+
+def _dense_weight(W0: torch.Tensor, Ad: torch.Tensor, Au: torch.Tensor, Bd: torch.Tensor | None = None, Bu: torch.Tensor | None = None) -> torch.Tensor:
+    """``W0 + W0 ⊙ (Ad @ Au) + B``; B is ``Bd @ Bu`` (low-rank), ``Bd`` broadcast (vector/scalar) or absent."""
+    weight = torch.addcmul(W0, W0, Ad @ Au)
+    if Bu is not None:
+        return torch.addmm(weight, Bd, Bu)
+    return weight if Bd is None else weight + Bd
+
+
+class _RebuiltWeightLinear(torch.autograd.Function):
+    """``F.linear(x, build(*params), bias)`` that keeps only ``x`` and the small factors for backward.
+
+    Plain autograd would hold the dense ``(out, in)`` weight (and the dense A) of every such
+    layer from the forward to the backward pass; here the weight is rebuilt in the backward pass
+    instead (a rank-r product and a few elementwise passes over ``(out, in)``, cheap next to the
+    products with the ``(N, in)`` activations). Same operations, same results, less peak memory.
+    """
+
+    @staticmethod
+    def forward(ctx, x, bias, build, *params):
+        y = F.linear(x, build(*params), bias)  # under autocast this runs (and returns) in the autocast dtype
+        ctx.build = build
+        ctx.save_for_backward(x.to(y.dtype), *params)  # what F.linear itself would keep of x
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        x, *params = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        with torch.enable_grad():
+            leaves = [p.detach().requires_grad_(n) for p, n in zip(params, needs[3:])]
+            weight = ctx.build(*leaves)
+        dt = g.dtype
+        g2 = g.reshape(-1, g.shape[-1])
+        gx = (g2 @ weight.detach().to(dt)).view(x.shape) if needs[0] else None
+        gbias = g2.sum(0) if needs[1] else None
+        gparams: list[torch.Tensor | None] = [None] * len(params)
+        wanted = [i for i, leaf in enumerate(leaves) if leaf.requires_grad]
+        if wanted:
+            gweight = (g2.t() @ x.reshape(-1, x.shape[-1])).to(weight.dtype)
+            for i, grad in zip(wanted, torch.autograd.grad(weight, [leaves[i] for i in wanted], gweight)):
+                gparams[i] = grad
+        return (gx, gbias, None, *gparams)
 
 
 class GLoraLinear(nn.Module):
@@ -217,7 +263,7 @@ class GLoraLinear(nn.Module):
         c = self.active
         bias = self._effective_bias(c)
         if c.A.kind == "lora":
-            return F.linear(x, self._dense_weight(c), bias)
+            return _RebuiltWeightLinear.apply(x, bias, _dense_weight, *self._dense_factors(c))
         A = self._matrix("A", c.A)
         scale = None if A is None else 1 + A.reshape(-1).expand(self.out_features)
         if c.B.kind == "lora":
@@ -230,19 +276,20 @@ class GLoraLinear(nn.Module):
         shift = None if B is None else B.reshape(-1).expand(self.out_features)
         return _ScaleShiftLinear.apply(x, self.weight, scale, bias, shift)
 
-    def _dense_weight(self, c: LayerChoice) -> torch.Tensor:
-        """``W0 + W0 ⊙ A + B`` for a low-rank A, the only case that needs the dense weight.
+    def _dense_factors(self, c: LayerChoice) -> list[torch.Tensor]:
+        """Arguments of :func:`_dense_weight` for a low-rank A, the only case that needs the dense weight.
 
         Its gradient (one extra ``(out, in)`` matrix product per step) is paid for A anyway, so B
         is folded in too: a low-rank B costs ``Bd @ Bu`` on the weight instead of two products on
         the activations in the forward pass and four in the backward pass.
         """
-        weight = torch.addcmul(self.weight, self.weight, self._matrix("A", c.A))
+        r = c.A.rank
+        factors = [self.weight, self.glora_Ad[:, :r], self.glora_Au[:r]]
         if c.B.kind == "lora":
-            r = c.B.rank
-            return torch.addmm(weight, self.glora_Bd[:, :r], self.glora_Bu[:r])
-        B = self._matrix("B", c.B)
-        return weight if B is None else weight + B
+            factors += [self.glora_Bd[:, : c.B.rank], self.glora_Bu[: c.B.rank]]
+        elif c.B.kind != "none":
+            factors.append(self._matrix("B", c.B))
+        return factors
 
     # -- dense forms ------------------------------------------------------------------------
     def support_tensors(self) -> SupportTensors:
