@@ -31,18 +31,26 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
     atomic_write(path, write)
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a checkpoint safely: pickled custom objects are refused, nothing is executed."""
+def safe_torch_load(path: str | Path, error: type[Exception], what: str = "file") -> Any:
+    """``torch.load(weights_only=True)`` with one-line errors naming the file.
+
+    Pickled custom objects are refused by the restricted unpickler, so nothing is executed.
+    """
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint not found")
+        raise error(f"{path}: {what} not found")
     if path.stat().st_size == 0:
-        raise CheckpointError(f"{path}: empty checkpoint file")
+        raise error(f"{path}: empty {what}")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # unpickling refusals, truncation, wrong format
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise CheckpointError(f"{path}: refused or unreadable with weights_only=True ({first[:200]})") from None
+        raise error(f"{path}: refused or unreadable with weights_only=True ({first[:200]})") from None
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a training checkpoint safely (see :func:`safe_torch_load`)."""
+    state = safe_torch_load(path, CheckpointError, "checkpoint file")
     if not isinstance(state, dict) or "step" not in state or "model" not in state:
         raise CheckpointError(f"{path}: not a training checkpoint of this project (no 'step'/'model')")
     return state

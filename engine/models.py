@@ -10,6 +10,7 @@ import torch.nn as nn
 
 from supernet import AdapterError, read_safetensors
 
+from .checkpoint import safe_torch_load
 from .config import ModelConfig
 
 
@@ -31,15 +32,7 @@ def load_state_file(path: str | Path) -> dict[str, torch.Tensor]:
             return read_safetensors(path)[0]
         except AdapterError as err:
             raise ModelError(str(err)) from None
-    if not path.is_file():
-        raise ModelError(f"{path}: file not found")
-    if path.stat().st_size == 0:
-        raise ModelError(f"{path}: empty file")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # unpickling refusals, truncation, wrong format
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ModelError(f"{path}: refused or unreadable with weights_only=True ({first[:200]})") from None
+    state = safe_torch_load(path, ModelError)
     for key in ("state_dict", "model", "module"):
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
             state = state[key]

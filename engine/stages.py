@@ -37,6 +37,7 @@ from supernet import (
     count_params,
     extract_subnet,
     glora_layers,
+    head_params,
     layer_choices,
     load_adapter,
     load_space,
@@ -50,6 +51,7 @@ from supernet import (
 from supernet.layer import choice_cost
 
 from . import distributed as D
+from .checkpoint import CheckpointError, safe_torch_load
 from .config import ConfigError, RunConfig
 from .data import DataConfig, build_splits
 from .models import build_model, input_size
@@ -172,8 +174,11 @@ def run_train(cfg: RunConfig, info: D.DistInfo, source: str, overwrite: bool = F
                       fingerprint=fingerprint(cfg, "train"), num_workers=cfg.data.num_workers, desc="supernet")
 
     def on_eval(epoch: int, step: int) -> dict[str, float]:
-        return {f"acc_{name}": evaluate(model, trainer.eval_loader, info, t.precision)["top1"] for name, ref in refs.items()
-                if set_subnet(model, ref) is not None}
+        scores = {}
+        for name, ref in refs.items():
+            set_subnet(model, ref)
+            scores[f"acc_{name}"] = evaluate(model, trainer.eval_loader, info, t.precision)["top1"]
+        return scores
 
     trainer.on_eval = on_eval
     if trainer.resume("never" if overwrite else t.resume):
@@ -300,12 +305,7 @@ def run_search(cfg: RunConfig, info: D.DistInfo, source: str, overwrite: bool = 
         raise ConfigError(source, [f"search.max_params: {err}"]) from None
     state_path = sdir / "state.pt"
     if not overwrite and s.resume == "auto" and state_path.is_file():
-        from .checkpoint import CheckpointError
-
-        try:
-            state = torch.load(state_path, map_location="cpu", weights_only=True)
-        except Exception as err:
-            raise CheckpointError(f"{state_path}: unreadable search state ({str(err).splitlines()[0][:200]})") from None
+        state = safe_torch_load(state_path, CheckpointError, "search state")
         if state.get("fingerprint") != fingerprint(cfg, "search"):
             raise ConfigError(source, [f"output_dir: {state_path} is from a search with another configuration; pass --overwrite"])
         search.load_state_dict(state["search"])
@@ -434,8 +434,6 @@ def run_retrain(cfg: RunConfig, info: D.DistInfo, source: str, overwrite: bool =
     if trainer.resume("never" if overwrite else r.resume):
         tracker.print(f"resumed from {trainer.ckpt_path} at epoch {trainer.epoch}, step {trainer.step}")
     n_adapter = adapter_params(model, r.preset)
-    from supernet import head_params
-
     n_head = head_params(model)
     tracker.print(f"retrain ({origin}): {n_adapter:,} adapter + {n_head:,} head parameters, "
                   f"{len(train_ds)} train / {len(test_ds)} test images, {trainer.total_steps} steps")
