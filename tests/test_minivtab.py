@@ -140,3 +140,71 @@ def test_missing_fashion_mnist_message(monkeypatch, tmp_path):
     monkeypatch.setattr(fmnist, "FMNIST_DIR", tmp_path)
     with pytest.raises(fmnist.FashionMNISTMissing, match="apt-get install dataset-fashion-mnist"):
         fmnist.load("train")
+
+
+# ---------------------------------------------------------------------- the driver's bookkeeping
+def _bare_runner(tmp_path, mode="full"):
+    from benchmarks.minivtab import run as R
+
+    runner = R.Runner.__new__(R.Runner)  # no backbone / data needed for the bookkeeping under test
+    runner.mode, runner.m = mode, R.MODES[mode]
+    runner.root, runner.runs, runner.log = tmp_path, tmp_path / "runs", lambda *_: None
+    runner.results = R.Results(tmp_path / "results.json", {"mode": mode, "settings": {}, "lr_grid": {}, "backbone": "b", "protocol": R.PROTOCOL})
+    return runner
+
+
+@pytest.mark.parametrize("peak, expected_tried, expected", [
+    (1.0, ["0.003", "0.01", "0.03", "0.09", "0.27"], 0.27),   # keeps climbing: extended twice, stops at the limit
+    (0.05, ["0.003", "0.01", "0.03", "0.09"], 0.03),         # one step up finds the peak inside
+    (0.01, ["0.003", "0.01", "0.03"], 0.01),                 # interior optimum: no extension
+    (1e-4, ["0.001", "0.00033", "0.003", "0.01", "0.03"], 0.00033),  # extends downwards
+])
+def test_lr_grid_extends_past_an_edge(tmp_path, peak, expected_tried, expected):
+    import math
+
+    runner = _bare_runner(tmp_path)
+    tried = []
+
+    def fake_retrain(method, out, data, epochs, lr, seed, sup_dir=None, warmup=1):
+        tried.append(f"{lr:g}")
+        return {"test_top1": 100 - abs(math.log(lr / peak)), "wall_s": 0.0}
+
+    runner.retrain = fake_retrain
+    assert runner.choose_lr("digits", "lora4", None) == pytest.approx(expected)
+    assert sorted(tried, key=float) == sorted(expected_tried, key=float)
+    sel = json.loads((tmp_path / "results.json").read_text())["lr_selection"]["digits/lora4"]
+    assert sel["chosen"] == pytest.approx(expected) and len(sel["val_top1"]) == len(expected_tried)
+    tried.clear()
+    assert runner.choose_lr("digits", "lora4", None) == pytest.approx(expected) and tried == []  # cached
+
+
+def test_workers_split_cells_and_keep_each_others_results(tmp_path):
+    """Two workers sharing one claims folder run every cell exactly once, and their interleaved
+    writes to results.json all survive."""
+    from benchmarks.minivtab import run as R
+
+    a, b = _bare_runner(tmp_path), _bare_runner(tmp_path)
+    b.results = R.Results(tmp_path / "results.json")  # a second process opens the same file
+    ran = []
+    claims = tmp_path / "claims"
+    claims.mkdir()
+    cells = a.cells("vtab")
+    import threading
+    import time
+
+    def slow(r, name, cell):
+        time.sleep(0.002)
+        ran.append((name, cell))
+        r.results.put("runs", "/".join(map(str, cell)), name)
+
+    a.run_cell = lambda phase, cell: slow(a, "a", cell)
+    b.run_cell = lambda phase, cell: slow(b, "b", cell)
+    threads = [threading.Thread(target=r.run, args=("vtab", claims)) for r in (a, b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(c for _, c in ran) == sorted(cells) and len(ran) == len(cells)
+    saved = json.loads((tmp_path / "results.json").read_text())["runs"]
+    assert len(saved) == len(cells)
+    assert {n for n, _ in ran} == {"a", "b"}

@@ -4,9 +4,11 @@
 Protocol (the same for every method): AdamW, cosine schedule with 1 warm-up epoch, weight decay
 1e-4, batch 64, ``epochs`` epochs, no augmentation, fp32, CPU. The learning rate is chosen per
 task and method from a 3-value grid by training on train800 and scoring on val200 (the
-``<task>_lrsel`` view; seed 0); the chosen value is then used to train on train800val200 with
+``<task>_lrsel`` view; seed 0). When the best value sits on an edge of the grid, the grid is
+extended by one x3 step in that direction (at most twice), so no cell is limited by the grid's
+range. The chosen value is then used to train on train800val200 with
 each seed and test once on test. GLoRA: the supernet is trained on train800 (lr = the middle of
-the grid, seed 0), the evolutionary search scores on val200 under a budget equal to the matching
+the base grid, seed 0), the evolutionary search scores on val200 under a budget equal to the matching
 LoRA's adapter parameter count, and the chosen sub-network is retrained (init from the supernet)
 with the same lr grid / seeds as every other method. Budgets: large <= lora8, middle <= lora4,
 small <= lora4. Few-shot / DG reuse the lr chosen on the natural ``digits`` task.
@@ -14,8 +16,11 @@ small <= lora4. Few-shot / DG reuse the lr chosen on the natural ``digits`` task
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
+import subprocess
 import shutil
 import sys
 import time
@@ -32,19 +37,24 @@ METHODS = {
     "glora_large": {"space": "large", "budget": "lora8"},
 }
 LR_GRID = {"full": [1e-4, 3e-4, 1e-3]}
-DEFAULT_GRID = [1e-3, 3e-3, 1e-2]
+# The first full run picked the top of {1e-3, 3e-3, 1e-2} in every cell, so the base grid moved up.
+DEFAULT_GRID = [3e-3, 1e-2, 3e-2]
 
 MODES = {
     "quick": {"tasks": ["digits", "orientation"], "methods": ["linear", "lora4", "glora_middle"], "seeds": [0],
               "epochs": 8, "lr_grid_size": 2, "search": {"population": 10, "top_k": 4, "mutation_count": 5,
                                                            "crossover_count": 5, "generations": 3},
-              "fewshot": None, "dg": False},
-    "full": {"tasks": None, "methods": list(METHODS), "seeds": [0, 1, 2], "epochs": 20, "lr_grid_size": 3,
+              "lr_extend": 1, "fewshot": None, "dg": False},
+    "full": {"tasks": None, "methods": list(METHODS), "seeds": [0, 1, 2], "epochs": 20, "lr_grid_size": 3, "lr_extend": 2,
              "search": {"population": 20, "top_k": 5, "mutation_count": 10, "crossover_count": 10, "generations": 8},
              "fewshot": {"methods": ["linear", "bitfit", "lora8", "glora_large"], "shots": [1, 2, 4, 8, 16],
                          "seeds": [0, 1, 2], "epochs": 40},
              "dg": True},
 }
+
+
+# Bumped whenever the driver changes how a cell is run (results.json and run folders then restart).
+PROTOCOL = 2
 
 
 def grid_for(method: str, size: int) -> list[float]:
@@ -53,23 +63,49 @@ def grid_for(method: str, size: int) -> list[float]:
 
 
 class Results:
-    """results.json, rewritten atomically after every finished cell; finished cells are skipped on rerun."""
+    """results.json, rewritten atomically after every finished cell; finished cells are skipped on
+    rerun. Several worker processes share the file: every write re-reads it under an exclusive lock
+    and changes only its own key, so no worker overwrites another's results."""
 
-    def __init__(self, path: Path, meta: dict):
+    def __init__(self, path: Path, meta: dict | None = None):
         self.path = path
-        self.data = json.loads(path.read_text()) if path.is_file() else {}
-        if self.data.get("meta", {}).get("mode") != meta["mode"]:
-            self.data = {"runs": {}, "lr_selection": {}}
-        self.data["meta"] = {**self.data.get("meta", {}), **meta}
+        self.lock = path.with_name(path.name + ".lock")
+        with self._locked():
+            self.data = self._read()
+            if meta is not None:
+                old = self.data.get("meta", {})
+                if any(old.get(k) != meta[k] for k in ("mode", "settings", "lr_grid", "backbone", "protocol")):
+                    self.data = {"runs": {}, "lr_selection": {}}
+                self.data["meta"] = {**self.data.get("meta", {}), **meta}
+                self._write()
 
-    def get(self, section, key):
-        return self.data[section].get(key)
+    def _read(self) -> dict:
+        return json.loads(self.path.read_text()) if self.path.is_file() else {"runs": {}, "lr_selection": {}}
 
-    def put(self, section, key, value):
-        self.data[section][key] = value
-        tmp = self.path.with_suffix(".tmp")
+    def _write(self) -> None:
+        tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
         tmp.write_text(json.dumps(self.data, indent=1, sort_keys=True) + "\n")
         tmp.replace(self.path)
+
+    @contextlib.contextmanager
+    def _locked(self):
+        import fcntl
+
+        with open(self.lock, "a") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+    def get(self, section, key):
+        return self.data.setdefault(section, {}).get(key)
+
+    def put(self, section, key, value):
+        with self._locked():
+            self.data = self._read()
+            self.data.setdefault(section, {})[key] = value
+            self._write()
 
 
 def lora_budget(ckpt: str, rank: int, num_classes: int = 10) -> int:
@@ -89,7 +125,10 @@ class Runner:
     def __init__(self, mode: str, ckpt: Path, data_root: Path, results: Results, log=print):
         self.mode, self.m = mode, MODES[mode]
         self.ckpt, self.root, self.results, self.log = str(ckpt), data_root, results, log
-        self.runs = HERE / "cache" / "runs" / mode
+        # run folders are keyed by everything that changes a run's result, so a changed protocol
+        # never silently reuses an older run's metrics.json
+        key = json.dumps([MODES[mode], {m: grid_for(m, self.m["lr_grid_size"]) for m in METHODS}, PROTOCOL, str(ckpt)], sort_keys=True)
+        self.runs = HERE / "cache" / "runs" / f"{mode}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
         self.budgets = {f"lora{r}": lora_budget(self.ckpt, r) for r in (2, 4, 8)}
 
     def base(self, out: Path, data: dict, space: str = "large") -> dict:
@@ -154,14 +193,29 @@ class Runner:
             return done["chosen"]
         epochs = self.m["epochs"]
         scores, walls = {}, {}
-        for lr in grid_for(method, self.m["lr_grid_size"]):
+
+        def score(lr: float) -> None:
+            if f"{lr:g}" in scores:
+                return
             res = self.retrain(method, self.runs / "vtab" / task / method / f"lrsel_{lr:g}",
                                {"kind": "vtab1k", "root": str(self.root / "vtab"), "task": f"{task}_lrsel"}, epochs, lr, 0, sup_dir)
             scores[f"{lr:g}"], walls[f"{lr:g}"] = res["test_top1"], res["wall_s"]
             self.log(f"[lr] {task:12s} {method:13s} lr {lr:g}: val200 {res['test_top1']:.2f}% ({res['wall_s']}s)")
-        best = max(scores, key=lambda k: (scores[k], -float(k)))
-        self.results.put("lr_selection", key, {"val_top1": scores, "wall_s": walls, "chosen": float(best)})
-        return float(best)
+
+        grid = grid_for(method, self.m["lr_grid_size"])
+        for lr in grid:
+            score(lr)
+        best = lambda: float(max(scores, key=lambda k: (scores[k], -float(k))))  # noqa: E731 - ties go to the smaller lr
+        for _ in range(self.m.get("lr_extend", 0)):
+            lrs = sorted(float(k) for k in scores)
+            if best() == lrs[-1]:
+                score(float(f"{lrs[-1] * 3:.2g}"))
+            elif best() == lrs[0]:
+                score(float(f"{lrs[0] / 3:.2g}"))
+            else:
+                break
+        self.results.put("lr_selection", key, {"val_top1": scores, "wall_s": walls, "chosen": best()})
+        return best()
 
     def vtab_cell(self, task: str, method: str) -> None:
         data = {"kind": "vtab1k", "root": str(self.root / "vtab"), "task": task}
@@ -220,18 +274,53 @@ class Runner:
         model.load_state_dict(load_state_file(run_dir / "retrain" / "merged.safetensors"), strict=True)
         return evaluate(model, torch.utils.data.DataLoader(ds, batch_size=256), D.DistInfo())["top1"]
 
-    def run(self) -> None:
+    # ------------------------------------------------------------------ work list
+    def cells(self, phase: str) -> list[tuple]:
+        """The phase's cells, the costliest first so that parallel workers finish together.
+        Few-shot cells reuse the lr chosen on the vtab ``digits`` task, so they form a later phase."""
         from .prepare import TASKS
 
-        for task in self.m["tasks"] or TASKS:
-            for method in self.m["methods"]:
-                self.vtab_cell(task, method)
+        cost = {"full": 2, "glora_small": 3, "glora_middle": 3, "glora_large": 3}
+        if phase == "vtab":
+            cells = [(t, m) for t in (self.m["tasks"] or TASKS) for m in self.m["methods"]]
+            return sorted(cells, key=lambda c: -cost.get(c[1], 1))
         fs = self.m["fewshot"]
-        if fs:
-            for method in fs["methods"]:
-                for shots in fs["shots"]:
-                    for seed in fs["seeds"]:
-                        self.fewshot_cell(method, shots, seed)
+        if not fs:
+            return []
+        cells = [(m, k, s) for m in fs["methods"] for k in fs["shots"] for s in fs["seeds"]]
+        return sorted(cells, key=lambda c: (-cost.get(c[0], 1), -c[1]))
+
+    def run_cell(self, phase: str, cell: tuple) -> None:
+        (self.vtab_cell if phase == "vtab" else self.fewshot_cell)(*cell)
+
+    def run(self, phase: str, claims: Path | None = None, only: list[tuple] | None = None) -> None:
+        """Run every cell of ``phase`` (or ``only`` these); with ``claims`` (a folder shared by the
+        workers), a worker runs only the cells it claims first (an exclusive file create), so N
+        workers split the list dynamically."""
+        for cell in only if only is not None else self.cells(phase):
+            if claims is not None:
+                try:
+                    os.close(os.open(claims / "-".join(map(str, cell)), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+                except FileExistsError:
+                    continue
+            self.run_cell(phase, cell)
+
+
+def run_workers(argv: list[str], workers: int, claims: Path, phase: str) -> None:
+    """Launch ``workers`` copies of this module for one phase and wait; any failure fails the run."""
+    if claims.exists():
+        shutil.rmtree(claims)  # claims of an interrupted run: its finished cells are skipped via results.json
+    claims.mkdir(parents=True)
+    cmd = [sys.executable, "-m", "benchmarks.minivtab", *argv, "--phase", phase, "--claims", str(claims)]
+    procs = [subprocess.Popen(cmd, cwd=REPO) for _ in range(workers)]
+    try:
+        codes = [p.wait() for p in procs]
+    except BaseException:
+        for p in procs:
+            p.terminate()
+        raise
+    if any(codes):
+        raise SystemExit(f"minivtab: a {phase} worker failed (exit codes {codes}); rerun to resume")
 
 
 def main(argv=None) -> int:
@@ -249,6 +338,10 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="2 tasks, 3 methods, 1 seed, 8 epochs, small search (< 15 min)")
     p.add_argument("--results", default=None, help="default benchmarks/minivtab/results[-quick].json")
     p.add_argument("--report-only", action="store_true")
+    p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
+                   help="parallel single-threaded worker processes (default: min(2, CPUs))")
+    p.add_argument("--phase", choices=["vtab", "fewshot"], help=argparse.SUPPRESS)  # set for worker processes
+    p.add_argument("--claims", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     mode = "quick" if args.quick else "full"
     results_path = Path(args.results) if args.results else HERE / ("results-quick.json" if args.quick else "results.json")
@@ -267,13 +360,24 @@ def main(argv=None) -> int:
         print(err, file=sys.stderr)
         return 2
     meta = {"mode": mode, "settings": {k: v for k, v in MODES[mode].items()}, "backbone": str(ckpt.name),
-            "backbone_info": json.loads(ckpt.with_suffix(".json").read_text()), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, 1 thread",
+            "backbone_info": json.loads(ckpt.with_suffix(".json").read_text()), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, 1 thread per worker",
+            "protocol": PROTOCOL,
             "lr_grid": {m: grid_for(m, MODES[mode]["lr_grid_size"]) for m in METHODS}}
+    if args.phase:  # a worker: the parent has written the metadata already
+        Runner(mode, ckpt, root, Results(results_path)).run(args.phase, Path(args.claims))
+        return 0
+    meta["workers"] = args.workers
     results = Results(results_path, meta)
     runner = Runner(mode, ckpt, root, results)
-    results.data["meta"]["budgets"] = runner.budgets
-    runner.run()
-    results.data["meta"]["total_wall_s_last_invocation"] = round(time.time() - t0, 1)
+    results.put("meta", "budgets", runner.budgets)
+    for phase in ("vtab", "fewshot"):
+        if args.workers > 1:
+            run_workers((["--quick"] if args.quick else []) + ["--results", str(results_path)], args.workers,
+                        runner.runs / "claims", phase)
+        else:
+            runner.run(phase)
+    results = Results(results_path)
+    results.put("meta", "total_wall_s_last_invocation", round(time.time() - t0, 1))
     results.put("meta", "finished", True)
     write_report(results_path)
     print(f"done in {time.time() - t0:.0f}s -> {results_path}")
