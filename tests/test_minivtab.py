@@ -208,3 +208,22 @@ def test_workers_split_cells_and_keep_each_others_results(tmp_path):
     saved = json.loads((tmp_path / "results.json").read_text())["runs"]
     assert len(saved) == len(cells)
     assert {n for n, _ in ran} == {"a", "b"}
+
+
+def test_report_compares_each_glora_space_with_its_budget_lora(tmp_path):
+    from benchmarks.minivtab.report import comparison_table
+
+    def run(method, task, seed, acc, params):
+        return {"track": "vtab", "task": task, "method": method, "seed": seed, "test_top1": acc, "adapter_params": params}
+
+    runs = {}
+    for seed, (g, lo, g8, l8) in enumerate([(90.0, 85.0, 80.0, 80.5), (91.0, 86.0, 81.0, 80.0), (92.0, 84.0, 79.0, 80.2)]):
+        runs[f"a{seed}"] = run("glora_middle", "digits", seed, g, 20000)
+        runs[f"b{seed}"] = run("lora4", "digits", seed, lo, 24576)
+        runs[f"c{seed}"] = run("glora_large", "digits", seed, g8, 40000)
+        runs[f"d{seed}"] = run("lora8", "digits", seed, l8, 49152)
+    table = comparison_table({"runs": runs})
+    rows = {line.split(" | ")[0].strip("| "): line for line in table.splitlines()[2:]}
+    assert "+6.0 win" in rows["glora_middle vs lora4"] and "20,000 / 24,576" in rows["glora_middle vs lora4"]
+    assert "-0.2 tie" in rows["glora_large vs lora8"]
+    assert "glora_small vs lora4" not in rows  # no runs, no row

@@ -56,6 +56,47 @@ def vtab_table(data: dict) -> str:
     return "\n".join(lines)
 
 
+PAIRS = [("glora_small", "lora4"), ("glora_middle", "lora4"), ("glora_large", "lora8")]
+
+
+def _verdict(a: list[float], b: list[float]) -> str:
+    """win / loss when the mean difference exceeds the larger seed spread (population std), else tie."""
+    (ma, sa, na), (mb, sb, nb) = _ms(a), _ms(b)
+    d = ma - mb
+    if min(na, nb) < 2:
+        return f"{d:+.1f} (1 seed)"
+    return f"{d:+.1f} " + ("win" if d > max(sa, sb) else "loss" if -d > max(sa, sb) else "tie")
+
+
+def comparison_table(data: dict) -> str:
+    """Each GLoRA space against the LoRA whose parameter count is its budget, per task (and per
+    few-shot setting): the difference of the seed means and a verdict."""
+    runs = list(data["runs"].values())
+    vt = [r for r in runs if r.get("track") == "vtab" and "test_top1" in r]
+    fs = [r for r in runs if r.get("track") == "fewshot"]
+    tasks = [t for g in GROUPS.values() for t in g if any(r["task"] == t for r in vt)]
+    shots = sorted({r["shots"] for r in fs})
+    cols = tasks + [f"{k}-shot" for k in shots]
+    head = ["GLoRA vs budget LoRA", "params (GLoRA / LoRA)"] + cols
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for g, lo in PAIRS:
+        gv = [r for r in vt if r["method"] == g] + [r for r in fs if r["method"] == g]
+        lv = [r for r in vt if r["method"] == lo] + [r for r in fs if r["method"] == lo]
+        if not gv or not lv:
+            continue
+        cells = [f"{g} vs {lo}", f"{statistics.mean(r['adapter_params'] for r in gv):,.0f} / {statistics.mean(r['adapter_params'] for r in lv):,.0f}"]
+        for t in tasks:
+            a = [r["test_top1"] for r in gv if r["track"] == "vtab" and r["task"] == t]
+            b = [r["test_top1"] for r in lv if r["track"] == "vtab" and r["task"] == t]
+            cells.append(_verdict(a, b) if a and b else "–")
+        for k in shots:
+            a = [r["test_top1"] for r in gv if r["track"] == "fewshot" and r["shots"] == k]
+            b = [r["test_top1"] for r in lv if r["track"] == "fewshot" and r["shots"] == k]
+            cells.append(_verdict(a, b) if a and b else "–")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
 def fewshot_table(data: dict) -> str:
     runs = [r for k, r in data["runs"].items() if k.startswith("fewshot/")]
     if not runs:
@@ -105,6 +146,10 @@ def write_report(results_path: Path) -> str:
     fs = fewshot_table(data)
     if fs:
         md += "\n### Few-shot digits and domain generalisation (16-shot, test on shifted renderings)\n\n" + fs + "\n"
+    cmp = comparison_table(data)
+    if cmp:
+        md += ("\n### GLoRA against the LoRA whose parameter count is its budget (difference of seed means, "
+               "points; win/loss only when larger than the bigger seed spread)\n\n" + cmp + "\n")
     sel = data.get("lr_selection", {})
     if sel:
         md += "\n### Learning-rate selection (val200 top-1 %, seed 0)\n\n" + "\n".join(
