@@ -227,3 +227,45 @@ def test_report_compares_each_glora_space_with_its_budget_lora(tmp_path):
     assert "+6.0 win" in rows["glora_middle vs lora4"] and "20,000 / 24,576" in rows["glora_middle vs lora4"]
     assert "-0.2 tie" in rows["glora_large vs lora8"]
     assert "glora_small vs lora4" not in rows  # no runs, no row
+
+
+@pytest.mark.slow
+def test_driver_end_to_end_on_stand_in_data(prepared, tmp_path):
+    """The whole driver (lr selection with extension, supernet + search + retrain, the few-shot
+    phase with its domain-generalisation evaluations, the report) in its ``smoke`` mode, on the
+    synthetic stand-in tasks and a randomly initialised backbone."""
+    import timm
+    from safetensors.torch import save_file
+
+    from benchmarks.minivtab import MODEL_KWARGS, MODEL_NAME
+    from benchmarks.minivtab import run as R
+    from benchmarks.minivtab.report import write_report
+
+    root = prepared[0]
+    torch_model = timm.create_model(MODEL_NAME, num_classes=10, **MODEL_KWARGS)
+    ckpt = tmp_path / "backbone.safetensors"
+    save_file({k: v.contiguous() for k, v in torch_model.state_dict().items()}, str(ckpt))
+    results_path = tmp_path / "results.json"
+    meta = {"mode": "smoke", "settings": R.MODES["smoke"], "lr_grid": {}, "backbone": ckpt.name, "protocol": R.PROTOCOL}
+    runner = R.Runner("smoke", ckpt, root, R.Results(results_path, meta), log=lambda *_: None, runs_root=tmp_path / "runs")
+    for phase in ("vtab", "fewshot"):
+        runner.run(phase)
+    data = json.loads(results_path.read_text())
+    runs = data["runs"]
+    assert set(runs) == {"vtab/digits/lora4/0", "vtab/digits/glora_large/supernet", "vtab/digits/glora_large/0",
+                         "fewshot/digits/lora8/16/0", "fewshot/digits/glora_large/16/0"}
+    assert runs["vtab/digits/lora4/0"]["adapter_params"] == runner.budgets["lora4"]
+    assert 0 < runs["vtab/digits/glora_large/0"]["adapter_params"] <= runner.budgets["lora8"]
+    for key in ("fewshot/digits/lora8/16/0", "fewshot/digits/glora_large/16/0"):
+        assert set(runs[key]["dg"]) == {"inverted", "edges", "blurred"}
+        assert all(0 <= v <= 100 for v in runs[key]["dg"].values())
+    # one base lr, extended once: two values scored per (task, method), the few-shot lora8 included
+    assert {k: len(v["val_top1"]) for k, v in data["lr_selection"].items()} == {
+        "digits/lora4": 2, "digits/glora_large": 2, "digits/lora8": 2}
+    md = write_report(results_path)
+    assert "glora_large vs lora8" in md and (tmp_path / "results.png").stat().st_size > 0
+    # a rerun finds everything done and trains nothing
+    again = R.Runner("smoke", ckpt, root, R.Results(results_path), log=lambda *_: None, runs_root=tmp_path / "runs")
+    again.retrain = again.supernet = lambda *a, **k: pytest.fail("a finished cell ran again")
+    for phase in ("vtab", "fewshot"):
+        again.run(phase)

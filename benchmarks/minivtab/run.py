@@ -50,6 +50,10 @@ MODES = {
              "fewshot": {"methods": ["linear", "bitfit", "lora8", "glora_large"], "shots": [1, 2, 4, 8, 16],
                          "seeds": [0, 1, 2], "epochs": 40},
              "dg": True},
+    # the driver's own end-to-end test (tests/test_minivtab.py): every code path, minimal work
+    "smoke": {"tasks": ["digits"], "methods": ["lora4", "glora_large"], "seeds": [0], "epochs": 1, "lr_grid_size": 1,
+              "lr_extend": 1, "search": {"population": 4, "top_k": 2, "mutation_count": 2, "crossover_count": 2, "generations": 1},
+              "fewshot": {"methods": ["lora8", "glora_large"], "shots": [16], "seeds": [0], "epochs": 1}, "dg": True},
 }
 
 
@@ -122,13 +126,13 @@ def lora_budget(ckpt: str, rank: int, num_classes: int = 10) -> int:
 
 
 class Runner:
-    def __init__(self, mode: str, ckpt: Path, data_root: Path, results: Results, log=print):
+    def __init__(self, mode: str, ckpt: Path, data_root: Path, results: Results, log=print, runs_root: Path | None = None):
         self.mode, self.m = mode, MODES[mode]
         self.ckpt, self.root, self.results, self.log = str(ckpt), data_root, results, log
         # run folders are keyed by everything that changes a run's result, so a changed protocol
         # never silently reuses an older run's metrics.json
         key = json.dumps([MODES[mode], {m: grid_for(m, self.m["lr_grid_size"]) for m in METHODS}, PROTOCOL, str(ckpt)], sort_keys=True)
-        self.runs = HERE / "cache" / "runs" / f"{mode}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+        self.runs = (runs_root or HERE / "cache" / "runs") / f"{mode}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
         self.budgets = {f"lora{r}": lora_budget(self.ckpt, r) for r in (2, 4, 8)}
 
     def base(self, out: Path, data: dict, space: str = "large") -> dict:
