@@ -93,18 +93,10 @@ class _ScaleShiftLinear(torch.autograd.Function):
                 gx = torch.addmm((g2 @ shift.to(dt).unsqueeze(-1)).expand(-1, w.shape[1]), g2, w)
             gx = gx.view(ctx.x_shape)
         if ctx.needs_input_grad[2]:
-            # z is ours alone (y was written to a separate tensor), so the product goes into z's
-            # storage instead of a fresh (N, out) buffer. A second backward through the same graph
-            # (retain_graph=True) is refused by autograd's saved-tensor version check.
-            gscale = z.view(g2.shape).mul_(g2).sum(0)
-        need_bias, need_shift = ctx.needs_input_grad[3], ctx.needs_input_grad[4]
-        if need_bias and need_shift:
-            # both are weighted column sums of g: one (2, N) @ (N, out) product reads g once
-            lhs = torch.cat([torch.ones_like(xsum.view(1, -1)), xsum.view(1, -1)])
-            gbias, gshift = (lhs @ g2).unbind(0)
-        elif need_bias:
+            gscale = (g2 * z.reshape(g2.shape)).sum(0)
+        if ctx.needs_input_grad[3]:
             gbias = g2.sum(0)
-        elif need_shift:
+        if ctx.needs_input_grad[4]:
             gshift = (xsum.reshape(1, -1) @ g2).view(-1)
         return gx, None, gscale, gbias, gshift
 

@@ -20,8 +20,8 @@ import contextlib
 import hashlib
 import json
 import os
-import subprocess
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -297,11 +297,11 @@ class Runner:
     def run_cell(self, phase: str, cell: tuple) -> None:
         (self.vtab_cell if phase == "vtab" else self.fewshot_cell)(*cell)
 
-    def run(self, phase: str, claims: Path | None = None, only: list[tuple] | None = None) -> None:
-        """Run every cell of ``phase`` (or ``only`` these); with ``claims`` (a folder shared by the
-        workers), a worker runs only the cells it claims first (an exclusive file create), so N
-        workers split the list dynamically."""
-        for cell in only if only is not None else self.cells(phase):
+    def run(self, phase: str, claims: Path | None = None) -> None:
+        """Run every cell of ``phase``; with ``claims`` (a folder shared by the workers), a worker
+        runs only the cells it claims first (an exclusive file create), so N workers split the
+        list dynamically."""
+        for cell in self.cells(phase):
             if claims is not None:
                 try:
                     os.close(os.open(claims / "-".join(map(str, cell)), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
