@@ -9,11 +9,12 @@ choice is switched with :meth:`GLoraLinear.set_choice`.
 The forward pass never builds a dense ``(out, in)`` matrix unless A is low-rank: a vector or
 scalar A rescales the output of ``W0 x`` (``(W0 ⊙ a1ᵀ) x = a ⊙ W0 x``), B is applied to the
 activations (``Bd (Bu x)``, or ``b · sum(x)`` for vector/scalar), and C, D, E only touch the
-bias. A vector/scalar A or B goes through :class:`_ScaleShiftLinear`, which has a leaner
-backward than the autograd composition. When A is low-rank the dense weight (and its gradient)
-is needed anyway, and B is folded into it; :class:`_RebuiltWeightLinear` rebuilds that weight in
-the backward pass rather than holding it. The dense form is kept in :meth:`support_tensors` and
-:meth:`merged_weight_bias` for merging and for testing.
+bias. Each layer is one autograd node with a hand-written backward: :class:`_ScaleShiftLinear`
+when A and B are vector, scalar or none (a low-rank B is added on the activations), and
+:class:`_RebuiltWeightLinear` when A is low-rank, which needs the dense weight and its gradient
+anyway, folds B into it and rebuilds it in the backward pass rather than holding it. The dense
+form is kept in :meth:`support_tensors` and :meth:`merged_weight_bias` for merging and for
+testing; the tests check outputs and gradients of every configuration against it.
 """
 
 from __future__ import annotations
@@ -50,55 +51,105 @@ def choice_cost(tensor: str, choice: Choice, out_features: int, in_features: int
     return {"vector": out_features, "scalar": 1}[choice.kind]
 
 
-class _ScaleShiftLinear(torch.autograd.Function):
-    """``y = (x W0ᵀ) ⊙ s + bias + (Σ_j x_j) t``: a vector/scalar A (``s = 1 + A``) and B (``t = B``).
+def _bias_forward(weight, bias, C, D, E):
+    """``b0 + b0 ⊙ D + E + W0 C`` (None when there is no bias at all), computed in the parameters' dtype."""
+    b = bias
+    if D is not None:
+        b = torch.addcmul(b, b, D)
+    if E is not None:
+        b = E.expand(weight.shape[0]) if b is None else b + E
+    if C is not None:
+        wc = (weight.to(C.dtype) @ C).view(-1)
+        b = wc if b is None else b + wc
+    return b
 
-    ``W0 ⊙ A`` with A constant along the input dimension is a row scaling, ``(W0 ⊙ a1ᵀ) x = a ⊙ W0 x``,
-    and such a B adds ``b · Σ_j x_j``; so no dense weight and no weight gradient are needed. The
-    same as composing ``F.linear``/``addcmul``/``sum`` under autograd, with a leaner backward: the
-    input gradient is one matrix product with the row-scaled ``(out, in)`` weight (instead of scaling
-    the ``(N, out)`` output gradient), seeded with the B term, and the gradients of s, bias and t
-    are reductions of the output gradient. ``scale``/``bias``/``shift`` are ``(out,)`` or None
-    (not both of ``scale`` and ``shift``); the frozen ``weight`` gets no gradient.
+
+def _fit(v: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """A per-output gradient ``(out,)`` shaped for its tensor: summed when the tensor is a scalar."""
+    return (v.sum() if shape.numel() == 1 else v).reshape(shape)
+
+
+def _bias_backward(gb, weight, bias, shapes, needs):
+    """Gradients of C, D, E from ``gb``, the gradient of the effective bias (``Σ_n g``)."""
+    gC = (gb.to(weight.dtype) @ weight).reshape(shapes[0]) if needs[0] else None
+    gD = _fit(gb * bias.to(gb.dtype), shapes[1]) if needs[1] else None
+    gE = _fit(gb, shapes[2]) if needs[2] else None
+    return gC, gD, gE
+
+
+def _shape(t: torch.Tensor | None) -> torch.Size | None:
+    return None if t is None else t.shape
+
+
+class _ScaleShiftLinear(torch.autograd.Function):
+    """The whole layer when A and B are vector, scalar or none: one autograd node, no dense weight.
+
+    ``y = (x W0ᵀ) ⊙ s + (Σ_j x_j) t + b`` with ``s = 1 + A``, ``t = B`` and
+    ``b = b0 + b0 ⊙ D + E + W0 C``. A and B constant along the input dimension make
+    ``(W0 ⊙ A + B) x`` a row scaling of ``W0 x`` plus ``B · Σ_j x_j``, so neither a dense weight
+    nor a weight gradient is needed: the step costs two ``(N, in) x (in, out)`` products, the
+    forward one and the input gradient, as a frozen linear layer does. The bias terms (C, D, E)
+    are taken into the same node because on small models the dozen tiny autograd nodes they
+    otherwise make per layer cost more than their arithmetic. A, B are ``(out, 1)``/``(1, 1)``,
+    C is ``(in, 1)``, D, E are ``(out,)``/``(1,)``; any may be None (D is when ``bias`` is).
     """
 
     @staticmethod
-    def forward(ctx, x, weight, scale, bias, shift):
-        z = F.linear(x, weight)  # under autocast this runs (and returns) in the autocast dtype
-        dt = z.dtype
-        if scale is None:
-            y = z if bias is None else z.add_(bias.to(dt))
+    def forward(ctx, x, weight, bias, A, B, C, D, E):
+        out_f = weight.shape[0]
+        scale = None if A is None else 1 + A.reshape(-1)
+        shift = None if B is None else B.reshape(-1)
+        b = _bias_forward(weight, bias, C, D, E)
+        if scale is None and shift is None:
+            z = y = F.linear(x, weight, None if b is None else b.to(x.dtype))
         else:
-            y = z * scale.to(dt) if bias is None else torch.addcmul(bias.to(dt), z, scale.to(dt))
+            z = F.linear(x, weight)  # under autocast this runs (and returns) in the autocast dtype
+            dt = z.dtype
+            if scale is None:
+                y = z if b is None else z.add_(b.to(dt))
+            else:
+                y = z * scale.to(dt) if b is None else torch.addcmul(b.to(dt), z, scale.to(dt))
         xsum = None
         if shift is not None:
-            xsum = x.sum(-1, keepdim=True).to(dt)
-            y.view(-1, y.shape[-1]).addmm_(xsum.view(-1, 1), shift.to(dt).view(1, -1))
+            xsum = x.sum(-1, keepdim=True).to(y.dtype)
+            y.view(-1, out_f).addmm_(xsum.view(-1, 1), shift.to(y.dtype).expand(out_f).view(1, -1))
+        needs = ctx.needs_input_grad
         ctx.x_shape = x.shape
-        ctx.save_for_backward(z if scale is not None and ctx.needs_input_grad[2] else None, weight, scale, shift, xsum)
+        ctx.shapes = [_shape(t) for t in (A, B, C, D, E)]
+        ctx.save_for_backward(
+            weight, scale, shift,
+            z if needs[3] else None,  # z = x W0ᵀ, before scaling: the gradient of A is Σ_n g ⊙ z
+            xsum if needs[4] else None,
+            bias if needs[6] else None,
+        )
         return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g):
-        z, weight, scale, shift, xsum = ctx.saved_tensors
-        dt = g.dtype
+        weight, scale, shift, z, xsum, bias = ctx.saved_tensors
+        needs = ctx.needs_input_grad
         g2 = g.reshape(-1, g.shape[-1])
-        gx = gscale = gbias = gshift = None
-        if ctx.needs_input_grad[0]:
-            w = weight.to(dt) if scale is None else weight.to(dt) * scale.to(dt).unsqueeze(-1)
-            if shift is None:
-                gx = g2 @ w
+        gx = gA = gB = None
+        if needs[0]:
+            # d/dx of s ⊙ (W0 x) + t Σ_j x_j is the (out, in) matrix s ⊙ W0 + t 1ᵀ: one product
+            if scale is None and shift is None:
+                w = weight
+            elif shift is None:
+                w = weight * scale.unsqueeze(-1)
+            elif scale is None:
+                w = weight + shift.unsqueeze(-1)
             else:
-                gx = torch.addmm((g2 @ shift.to(dt).unsqueeze(-1)).expand(-1, w.shape[1]), g2, w)
-            gx = gx.view(ctx.x_shape)
-        if ctx.needs_input_grad[2]:
-            gscale = (g2 * z.reshape(g2.shape)).sum(0)
-        if ctx.needs_input_grad[3]:
-            gbias = g2.sum(0)
-        if ctx.needs_input_grad[4]:
-            gshift = (xsum.reshape(1, -1) @ g2).view(-1)
-        return gx, None, gscale, gbias, gshift
+                w = torch.addcmul(shift.unsqueeze(-1), weight, scale.unsqueeze(-1))
+            gx = (g2 @ w.to(g.dtype)).view(ctx.x_shape)
+        if needs[3]:
+            gA = _fit((g2 * z.reshape(g2.shape)).sum(0), ctx.shapes[0])
+        if needs[4]:
+            gB = _fit((xsum.reshape(1, -1) @ g2).view(-1), ctx.shapes[1])
+        gC = gD = gE = None
+        if any(needs[5:]):
+            gC, gD, gE = _bias_backward(g2.sum(0), weight, bias, ctx.shapes[2:], needs[5:])
+        return gx, None, None, gA, gB, gC, gD, gE
 
 
 def _dense_weight(W0: torch.Tensor, Ad: torch.Tensor, Au: torch.Tensor, Bd: torch.Tensor | None = None, Bu: torch.Tensor | None = None) -> torch.Tensor:
@@ -110,40 +161,43 @@ def _dense_weight(W0: torch.Tensor, Ad: torch.Tensor, Au: torch.Tensor, Bd: torc
 
 
 class _RebuiltWeightLinear(torch.autograd.Function):
-    """``F.linear(x, build(*params), bias)`` that keeps only ``x`` and the small factors for backward.
+    """The whole layer when A is low-rank: ``F.linear(x, _dense_weight(W0, *factors), b)``.
 
     Plain autograd would hold the dense ``(out, in)`` weight (and the dense A) of every such
-    layer from the forward to the backward pass; here the weight is rebuilt in the backward pass
-    instead (a rank-r product and a few elementwise passes over ``(out, in)``, cheap next to the
-    products with the ``(N, in)`` activations). Same operations, same results, less peak memory.
+    layer from the forward to the backward pass; here only ``x`` and the small factors are kept
+    and the weight is rebuilt in the backward pass (a rank-r product and a few elementwise
+    passes over ``(out, in)``, cheap next to the products with the ``(N, in)`` activations).
+    The bias terms C, D, E are handled in the same node as in :class:`_ScaleShiftLinear`.
     """
 
     @staticmethod
-    def forward(ctx, x, bias, build, *params):
-        y = F.linear(x, build(*params), bias)  # under autocast this runs (and returns) in the autocast dtype
-        ctx.build = build
-        ctx.save_for_backward(x.to(y.dtype), *params)  # what F.linear itself would keep of x
+    def forward(ctx, x, weight, bias, C, D, E, *factors):
+        b = _bias_forward(weight, bias, C, D, E)
+        y = F.linear(x, _dense_weight(weight, *factors), b)  # under autocast this runs (and returns) in the autocast dtype
+        ctx.shapes = [_shape(t) for t in (C, D, E)]
+        ctx.save_for_backward(x.to(y.dtype), weight, bias if ctx.needs_input_grad[4] else None, *factors)  # x: what F.linear itself would keep
         return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g):
-        x, *params = ctx.saved_tensors
+        x, weight, bias, *factors = ctx.saved_tensors
         needs = ctx.needs_input_grad
         with torch.enable_grad():
-            leaves = [p.detach().requires_grad_(n) for p, n in zip(params, needs[3:])]
-            weight = ctx.build(*leaves)
-        dt = g.dtype
+            leaves = [p.detach().requires_grad_(n) for p, n in zip(factors, needs[6:])]
+            dense = _dense_weight(weight, *leaves)
         g2 = g.reshape(-1, g.shape[-1])
-        gx = (g2 @ weight.detach().to(dt)).view(x.shape) if needs[0] else None
-        gbias = g2.sum(0) if needs[1] else None
-        gparams: list[torch.Tensor | None] = [None] * len(params)
+        gx = (g2 @ dense.detach().to(g.dtype)).view(x.shape) if needs[0] else None
+        gC = gD = gE = None
+        if any(needs[3:6]):
+            gC, gD, gE = _bias_backward(g2.sum(0), weight, bias, ctx.shapes, needs[3:6])
+        gfactors: list[torch.Tensor | None] = [None] * len(factors)
         wanted = [i for i, leaf in enumerate(leaves) if leaf.requires_grad]
         if wanted:
-            gweight = (g2.t() @ x.reshape(-1, x.shape[-1])).to(weight.dtype)
-            for i, grad in zip(wanted, torch.autograd.grad(weight, [leaves[i] for i in wanted], gweight)):
-                gparams[i] = grad
-        return (gx, gbias, None, *gparams)
+            gweight = (g2.t() @ x.reshape(-1, x.shape[-1])).to(dense.dtype)
+            for i, grad in zip(wanted, torch.autograd.grad(dense, [leaves[i] for i in wanted], gweight)):
+                gfactors[i] = grad
+        return (gx, None, None, gC, gD, gE, *gfactors)
 
 
 class GLoraLinear(nn.Module):
@@ -233,9 +287,9 @@ class GLoraLinear(nn.Module):
         if c.kind == "lora":
             return down[:, : c.rank] @ getattr(self, f"glora_{t}u")[: c.rank, :]
         if c.kind == "vector":
-            return down[:, 0:1]
+            return down if down.shape[1] == 1 else down[:, 0:1]
         if c.kind == "scalar":
-            return down[0:1, 0:1]
+            return down if down.numel() == 1 else down[0:1, 0:1]
         return None
 
     def _vector(self, t: str, c: Choice) -> torch.Tensor | None:
@@ -244,47 +298,34 @@ class GLoraLinear(nn.Module):
         if c.kind == "vector":
             return p
         if c.kind == "scalar":
-            return p[0:1]
+            return p if p.numel() == 1 else p[0:1]
         return None
-
-    def _effective_bias(self, c: LayerChoice) -> torch.Tensor | None:
-        bias = self.bias
-        D, E, C = self._vector("D", c.D), self._vector("E", c.E), self._matrix("C", c.C)
-        if D is not None:
-            bias = torch.addcmul(bias, bias, D)
-        if E is not None:
-            bias = E if bias is None else bias + E
-        if C is not None:
-            wc = (self.weight.to(C.dtype) @ C).squeeze(-1)
-            bias = wc if bias is None else bias + wc
-        return bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         c = self.active
-        bias = self._effective_bias(c)
+        C, D, E = self._matrix("C", c.C), self._vector("D", c.D), self._vector("E", c.E)
         if c.A.kind == "lora":
-            return _RebuiltWeightLinear.apply(x, bias, _dense_weight, *self._dense_factors(c))
+            return _RebuiltWeightLinear.apply(x, self.weight, self.bias, C, D, E, *self._dense_factors(c))
         A = self._matrix("A", c.A)
-        scale = None if A is None else 1 + A.reshape(-1).expand(self.out_features)
+        B = None if c.B.kind == "lora" else self._matrix("B", c.B)
+        if A is None and B is None and C is None and D is None and E is None:
+            out = F.linear(x, self.weight, self.bias)
+        else:
+            out = _ScaleShiftLinear.apply(x, self.weight, self.bias, A, B, C, D, E)
         if c.B.kind == "lora":
-            out = F.linear(x, self.weight, bias) if scale is None else _ScaleShiftLinear.apply(x, self.weight, scale, bias, None)
             r = c.B.rank
-            return out + F.linear(F.linear(x, self.glora_Bu[:r]), self.glora_Bd[:, :r])
-        B = self._matrix("B", c.B)
-        if scale is None and B is None:
-            return F.linear(x, self.weight, bias)
-        shift = None if B is None else B.reshape(-1).expand(self.out_features)
-        return _ScaleShiftLinear.apply(x, self.weight, scale, bias, shift)
+            out = out + F.linear(F.linear(x, self.glora_Bu[:r]), self.glora_Bd[:, :r])
+        return out
 
     def _dense_factors(self, c: LayerChoice) -> list[torch.Tensor]:
-        """Arguments of :func:`_dense_weight` for a low-rank A, the only case that needs the dense weight.
+        """Arguments of :func:`_dense_weight` after ``W0`` for a low-rank A, the only case that needs the dense weight.
 
         Its gradient (one extra ``(out, in)`` matrix product per step) is paid for A anyway, so B
         is folded in too: a low-rank B costs ``Bd @ Bu`` on the weight instead of two products on
         the activations in the forward pass and four in the backward pass.
         """
         r = c.A.rank
-        factors = [self.weight, self.glora_Ad[:, :r], self.glora_Au[:r]]
+        factors = [self.glora_Ad[:, :r], self.glora_Au[:r]]
         if c.B.kind == "lora":
             factors += [self.glora_Bd[:, : c.B.rank], self.glora_Bu[: c.B.rank]]
         elif c.B.kind != "none":
