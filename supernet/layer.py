@@ -143,12 +143,12 @@ class _ScaleShiftLinear(torch.autograd.Function):
                 w = torch.addcmul(shift.unsqueeze(-1), weight, scale.unsqueeze(-1))
             gx = (g2 @ w.to(g.dtype)).view(ctx.x_shape)
         if needs[3]:
-            gA = _fit((g2 * z.reshape(g2.shape)).sum(0), ctx.shapes[0])
+            gA = _fit((g2 * z.reshape(g2.shape)).sum(0, dtype=scale.dtype), ctx.shapes[0])
         if needs[4]:
             gB = _fit((xsum.reshape(1, -1) @ g2).view(-1), ctx.shapes[1])
         gC = gD = gE = None
         if any(needs[5:]):
-            gC, gD, gE = _bias_backward(g2.sum(0), weight, bias, ctx.shapes[2:], needs[5:])
+            gC, gD, gE = _bias_backward(g2.sum(0, dtype=weight.dtype), weight, bias, ctx.shapes[2:], needs[5:])
         return gx, None, None, gA, gB, gC, gD, gE
 
 
@@ -190,7 +190,7 @@ class _RebuiltWeightLinear(torch.autograd.Function):
         gx = (g2 @ dense.detach().to(g.dtype)).view(x.shape) if needs[0] else None
         gC = gD = gE = None
         if any(needs[3:6]):
-            gC, gD, gE = _bias_backward(g2.sum(0), weight, bias, ctx.shapes, needs[3:6])
+            gC, gD, gE = _bias_backward(g2.sum(0, dtype=weight.dtype), weight, bias, ctx.shapes, needs[3:6])
         gfactors: list[torch.Tensor | None] = [None] * len(factors)
         wanted = [i for i, leaf in enumerate(leaves) if leaf.requires_grad]
         if wanted:
