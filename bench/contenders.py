@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from supernet import apply_glora, extract_subnet, glora_layers, merge_glora, sample_subnet, set_subnet, uniform_subnet
+from supernet import apply_glora, extract_subnet, merge_glora, sample_subnet, uniform_subnet
 from supernet.model import find_targets
 from supernet.space import load_space
 
@@ -173,45 +173,24 @@ def forward_fn(model: nn.Module, x: torch.Tensor, amp: bool = False) -> Callable
 
 
 class CandidateScorer:
-    """Scores search candidates the cheap way: merge into a plain model built once, then evaluate.
+    """The search stage's own scorer (:class:`engine.stages.MergedScorer`) on a fresh supernet.
 
-    ``score(cfg)`` = ``set_subnet(cfg)`` on the supernet, copy each layer's
-    ``merged_weight_bias()`` into the matching ``nn.Linear`` of the plain model, run the
-    validation batches and count correct predictions.
+    ``score(cfg)`` merges the candidate into the plain model built once and counts correct
+    predictions over the validation batches; ``evaluate(model)`` runs the same prediction loop
+    on any model (the untouched base model is the peer).
     """
 
     def __init__(self, base: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], amp: bool = False):
+        from engine.distributed import DistInfo
+        from engine.stages import MergedScorer
+
         device = batches[0][0].device
         self.supernet = supernet(base).to(device).eval()
-        self.plain = copy.deepcopy(base).to(device).eval()
-        self.pairs = [(layer, self.plain.get_submodule(name)) for name, layer in glora_layers(self.supernet)]
-        for _, linear in self.pairs:
-            linear.requires_grad_(False)
-        self.batches = batches
-        self.amp = amp
+        self.scorer = MergedScorer(self.supernet, batches, DistInfo(device=device), precision="bf16" if amp else "fp32")
+        self.labels = torch.cat([y for _, y in self.scorer.batches])
 
-    @torch.no_grad()
-    def load(self, config) -> None:
-        set_subnet(self.supernet, config)
-        for layer, linear in self.pairs:
-            W, b = layer.merged_weight_bias()
-            linear.weight.copy_(W)
-            if linear.bias is not None:
-                if b is None:
-                    linear.bias.zero_()
-                else:
-                    linear.bias.copy_(b)
-            elif b is not None:
-                raise ValueError("a merged layer has a bias but the plain model's layer has none")
-
-    @torch.no_grad()
     def evaluate(self, model: nn.Module) -> int:
-        correct = torch.zeros((), dtype=torch.long, device=self.batches[0][0].device)
-        with autocast(self.batches[0][0].device.type, self.amp):
-            for x, y in self.batches:
-                correct += (model(x).argmax(-1) == y).sum()
-        return int(correct)
+        return int((self.scorer.predict(model.eval()) == self.labels).sum())
 
     def score(self, config) -> int:
-        self.load(config)
-        return self.evaluate(self.plain)
+        return int((self.scorer.predictions(config) == self.labels).sum())

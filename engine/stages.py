@@ -244,6 +244,11 @@ class MergedScorer:
         else:
             set_subnet(self.model, config)
             net = self.model.eval()
+        return self.predict(net)
+
+    @torch.no_grad()
+    def predict(self, net: nn.Module) -> torch.Tensor:
+        """Top-1 predictions of ``net`` over the validation batches (the benchmark times a plain model with it too)."""
         preds = []
         for x, _ in self.batches:
             with autocast_for(self.precision, self.info.device):

@@ -364,14 +364,25 @@ class GLoraLinear(nn.Module):
         """
         if dtype is None:
             dtype = torch.float64 if self.weight.dtype == torch.float64 else torch.float32
-        s = self.support_tensors()
-        W0 = self.weight.to(dtype)
-        W = W0 + W0 * s.A.to(dtype) + s.B.to(dtype)
         c = self.active
+        W0 = self.weight.to(dtype)
+        # Only the active terms, each one pass over (out, in): this runs once per search candidate.
+        A = self._matrix("A", c.A)
+        W = W0.clone() if A is None else torch.addcmul(W0, W0, A.to(dtype))
+        if c.B.kind == "lora":
+            W.addmm_(self.glora_Bd[:, : c.B.rank].to(dtype), self.glora_Bu[: c.B.rank].to(dtype))
+        elif c.B.kind != "none":
+            W.add_(self._matrix("B", c.B).to(dtype))
         if self.bias is None and c.C.is_none and c.E.is_none:
             return W, None
-        b0 = self.bias.to(dtype) if self.bias is not None else torch.zeros(self.out_features, dtype=dtype, device=W0.device)
-        b = b0 + b0 * s.D.to(dtype) + s.E.to(dtype) + (W0 @ s.C.to(dtype)).squeeze(-1)
+        b = torch.zeros(self.out_features, dtype=dtype, device=W.device) if self.bias is None else self.bias.to(dtype, copy=True)
+        D, E, C = self._vector("D", c.D), self._vector("E", c.E), self._matrix("C", c.C)
+        if D is not None:
+            b.addcmul_(self.bias.to(dtype), D.to(dtype))
+        if E is not None:
+            b.add_(E.to(dtype))
+        if C is not None:
+            b.addmv_(W0, C.to(dtype).view(-1))
         return W, b
 
     def extra_repr(self) -> str:
