@@ -31,7 +31,7 @@ PEFT_GLORA = {
     "vector": dict(config_A_B="vector", config_C="vector", config_D_E="vector"),
 }
 
-TRAIN_CONTENDERS = ("peft_lora", "supernet", "subnet_lora", "peft_glora_lora", "subnet_vector", "peft_glora_vector")
+TRAIN_CONTENDERS = ("peft_lora", "supernet", "subnet_lora", "peft_glora_lora", "subnet_vector", "peft_glora_vector", "frozen")
 
 
 @dataclass(frozen=True)
@@ -120,6 +120,22 @@ def merged(base: nn.Module, seed: int = 0) -> nn.Module:
     return merge_glora(model).eval()
 
 
+def frozen(base: nn.Module) -> nn.Module:
+    """The base model with every weight frozen that still back-propagates to its first block.
+
+    Only the head and the position embedding train, so a step is the forward pass, the input
+    gradient of every linear layer and nothing else: what any adapter that trains no weight
+    matrix must at least pay (the floor of the vector sub-network), and a reference for how
+    much of a step the frozen model's own work (attention, GELU, LayerNorm) takes.
+    """
+    model = copy.deepcopy(base)
+    probe = "pos_embed" if hasattr(model, "pos_embed") else next(n for n, p in model.named_parameters() if n.endswith("bias"))
+    heads = head_names(base)
+    for name, p in model.named_parameters():
+        p.requires_grad_(name == probe or any(name == h or name.startswith(h + ".") for h in heads))
+    return model
+
+
 def build_train_contender(name: str, base: nn.Module, seed: int = 0) -> Contender:
     if name == "peft_lora":
         return Contender(name, peft_lora(base))
@@ -135,6 +151,8 @@ def build_train_contender(name: str, base: nn.Module, seed: int = 0) -> Contende
         return Contender(name, peft_glora(base, "lora"))
     if name == "peft_glora_vector":
         return Contender(name, peft_glora(base, "vector"))
+    if name == "frozen":
+        return Contender(name, frozen(base))
     raise ValueError(f"unknown training contender {name!r}; known: {', '.join(TRAIN_CONTENDERS)}")
 
 

@@ -28,3 +28,19 @@ def test_quick_bench_machinery_writes_every_key(tmp_path):
     assert all(m["peak_delta_bytes"] > 0 for m in model["memory"].values())
     assert doc["machine"]["cpu_count"] >= 1 and doc["torch"] and doc["timm"]
     assert model["settings"]["batch"] == 8 and model["settings"]["threads"] == 2
+    assert set(model["floor"]) == {"frozen_vs_peft_glora_step_vector"} and model["floor"]["frozen_vs_peft_glora_step_vector"] > 0
+    assert "frozen" in model["median_s"]
+
+
+def test_bench_model_under_bf16_autocast(tmp_path):
+    """The CUDA mode's settings (bf16 autocast) exercised on CPU autocast, so a GPU session only has to run it."""
+    from dataclasses import replace
+
+    from bench.contenders import ModelSpec
+
+    spec = ModelSpec("vit_tiny_patch16_224", dict(TINY), 32, 5)
+    s = replace(bench_run.quick_settings(), amp=True, warmup=1, steps=1, fwd_steps=1, val_images=16, val_batch=8, candidates=1, mem_steps=1)
+    res = bench_run.bench_model(spec, s, log=lambda _: None)
+    assert set(res["ratios"]) == set(bench_run.KEYS)
+    assert all(math.isfinite(v) and v > 0 for v in res["ratios"].values())
+    assert res["settings"]["amp"] is True
