@@ -53,16 +53,25 @@ def _expected_support(layer: GLoraLinear, c: LayerChoice):
     return ab("A"), ab("B"), cvec(), de("D"), de("E")
 
 
-@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
-def test_every_configuration_matches_dense_formula(bias):
-    space = load_space(LARGE_SPACE)
+def _random_layer(bias: bool, seed: int):
+    """A float64 7 -> 5 layer over the largest space with random adapters, its generator, W0 and b0 (zeros without a bias)."""
     torch.manual_seed(0)
     base = nn.Linear(7, 5, bias=bias).double()
-    layer = GLoraLinear(base, space.choices)
-    gen = torch.Generator().manual_seed(1)
+    layer = GLoraLinear(base, load_space(LARGE_SPACE).choices)
+    gen = torch.Generator().manual_seed(seed)
     _randomise(layer, gen)
+    return layer, gen, base.weight, base.bias if bias else torch.zeros(5, dtype=torch.float64)
+
+
+def _dense_output(x, W0, b0, A, B, C, D, E):
+    """SPEC section 1: ``(W0 + W0 ⊙ A + B) x + (b0 + b0 ⊙ D + E + W0 C)``."""
+    return x @ (W0 + W0 * A + B).T + (b0 + b0 * D + E + (W0 @ C).squeeze(-1))
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+def test_every_configuration_matches_dense_formula(bias):
+    layer, gen, W0, b0 = _random_layer(bias, seed=1)
     x = torch.randn(3, 4, 7, generator=gen, dtype=torch.float64)
-    W0, b0 = base.weight, base.bias if bias else torch.zeros(5, dtype=torch.float64)
     combos = list(itertools.product(*(layer.choices[t] for t in TENSORS)))
     assert len(combos) == (900 if bias else 300)
     for combo in combos:
@@ -73,9 +82,7 @@ def test_every_configuration_matches_dense_formula(bias):
         for got, want in zip(s, (A, B, C, D, E)):
             torch.testing.assert_close(got.expand_as(want), want, atol=1e-12, rtol=0)
         # The formula, from support_tensors() and the frozen weights only.
-        W = W0 + W0 * s.A + s.B
-        b = b0 + b0 * s.D + s.E + (W0 @ s.C).squeeze(-1)
-        want = x @ W.T + b
+        want = _dense_output(x, W0, b0, *s)
         got = layer(x)
         assert (got - want).abs().max().item() <= 1e-10, str(c)
         Wm, bm = layer.merged_weight_bias()
@@ -83,7 +90,7 @@ def test_every_configuration_matches_dense_formula(bias):
         assert (merged - want).abs().max().item() <= 1e-10, str(c)
     # non-trivial: some configuration must actually change the output
     layer.set_choice(LayerChoice(*combos[0]))
-    assert (layer(x) - base(x)).abs().max() > 1e-3
+    assert (layer(x) - (x @ W0.T + b0)).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -129,27 +136,19 @@ def test_illegal_choice_on_layer_names_tensor():
         layer.set_choice({"A": "none", "B": "none", "C": "none", "D": "vector", "E": "none"}, "fc")
 
 
-
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
 def test_every_configuration_gradients_match_dense_formula(bias):
     """Input and adapter gradients of the fast paths equal autograd through SPEC's dense formula."""
-    space = load_space(LARGE_SPACE)
-    torch.manual_seed(0)
-    base = nn.Linear(7, 5, bias=bias).double()
-    layer = GLoraLinear(base, space.choices)
-    gen = torch.Generator().manual_seed(2)
-    _randomise(layer, gen)
+    layer, gen, W0, b0 = _random_layer(bias, seed=2)
     params = layer.adapter_parameters()
     x = torch.randn(3, 4, 7, generator=gen, dtype=torch.float64, requires_grad=True)
     weights = torch.randn(3, 4, 5, generator=gen, dtype=torch.float64)  # a loss that weighs every output differently
-    W0, b0 = base.weight, base.bias if bias else torch.zeros(5, dtype=torch.float64)
     checked = 0
     for combo in itertools.product(*(layer.choices[t] for t in TENSORS)):
         c = LayerChoice(*combo)
         layer.set_choice(c)
         got = torch.autograd.grad((layer(x) * weights).sum(), [x, *params], allow_unused=True)
-        A, B, C, D, E = _expected_support(layer, c)
-        want_y = x @ (W0 + W0 * A + B).T + (b0 + b0 * D + E + (W0 @ C).squeeze(-1))
+        want_y = _dense_output(x, W0, b0, *_expected_support(layer, c))
         want = torch.autograd.grad((want_y * weights).sum(), [x, *params], allow_unused=True)
         names = ["x"] + [n for n, p in layer.named_parameters() if n.startswith("glora_")]
         for name, g, w in zip(names, got, want):
