@@ -80,16 +80,19 @@ def head_names(base: nn.Module) -> list[str]:
     return _classifier_names(base)
 
 
+def _train_only(model: nn.Module, heads: list[str], extra: Callable[[str], bool]) -> nn.Module:
+    """Freeze every parameter but the head's and those ``extra(name)`` selects."""
+    for name, p in model.named_parameters():
+        p.requires_grad_(any(name == h or name.startswith(h + ".") for h in heads) or extra(name))
+    return model
+
+
 def _peft(base: nn.Module, config) -> nn.Module:
     """``peft.inject_adapter_in_model`` on a copy; train the adapters and the head, as ours does."""
     import peft
 
     model = peft.inject_adapter_in_model(config, copy.deepcopy(base))
-    heads = head_names(base)
-    for name, p in model.named_parameters():
-        is_head = any(name == h or name.startswith(h + ".") for h in heads)
-        p.requires_grad_(is_head or "lora_" in name)  # lora_A/lora_B, glora_A..glora_E
-    return model
+    return _train_only(model, head_names(base), lambda name: "lora_" in name)  # lora_A/lora_B, glora_A..glora_E
 
 
 def peft_lora(base: nn.Module) -> nn.Module:
@@ -129,11 +132,8 @@ def frozen(base: nn.Module) -> nn.Module:
     much of a step the frozen model's own work (attention, GELU, LayerNorm) takes.
     """
     model = copy.deepcopy(base)
-    probe = "pos_embed" if hasattr(model, "pos_embed") else next(n for n, p in model.named_parameters() if n.endswith("bias"))
-    heads = head_names(base)
-    for name, p in model.named_parameters():
-        p.requires_grad_(name == probe or any(name == h or name.startswith(h + ".") for h in heads))
-    return model
+    probe = "pos_embed" if hasattr(model, "pos_embed") else next(n for n, _ in model.named_parameters() if n.endswith("bias"))
+    return _train_only(model, head_names(base), lambda name: name == probe)
 
 
 def build_train_contender(name: str, base: nn.Module, seed: int = 0) -> Contender:
