@@ -79,7 +79,7 @@ class Settings:
 
 
 def quick_settings() -> Settings:
-    return Settings(warmup=1, steps=2, fwd_warmup=1, fwd_steps=6, val_images=32, val_batch=16, candidates=2, mem_steps=1)
+    return Settings(warmup=1, steps=4, fwd_warmup=2, fwd_steps=12, val_images=32, val_batch=16, candidates=3, mem_steps=1)
 
 
 def full_settings(model: str) -> Settings:
