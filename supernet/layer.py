@@ -374,15 +374,10 @@ class GLoraLinear(nn.Module):
             W.add_(self._matrix("B", c.B).to(dtype))
         if self.bias is None and c.C.is_none and c.E.is_none:
             return W, None
-        b = torch.zeros(self.out_features, dtype=dtype, device=W.device) if self.bias is None else self.bias.to(dtype, copy=True)
-        D, E, C = self._vector("D", c.D), self._vector("E", c.E), self._matrix("C", c.C)
-        if D is not None:
-            b.addcmul_(self.bias.to(dtype), D.to(dtype))
-        if E is not None:
-            b.add_(E.to(dtype))
-        if C is not None:
-            b.addmv_(W0, C.to(dtype).view(-1))
-        return W, b
+        terms = [self._matrix("C", c.C), self._vector("D", c.D), self._vector("E", c.E)]
+        b = _bias_forward(W0, None if self.bias is None else self.bias.to(dtype), *(t if t is None else t.to(dtype) for t in terms))
+        # a fresh, dense tensor: _bias_forward may hand back the frozen bias itself or an expanded E
+        return W, b.clone(memory_format=torch.contiguous_format)
 
     def extra_repr(self) -> str:
         spaces = " ".join(f"{t}=[{','.join(map(str, self.choices[t]))}]" for t in TENSORS)

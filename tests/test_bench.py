@@ -32,7 +32,7 @@ def test_quick_bench_machinery_writes_every_key(tmp_path):
     assert "frozen" in model["median_s"]
 
 
-def test_bench_model_under_bf16_autocast(tmp_path):
+def test_bench_model_under_bf16_autocast():
     """The CUDA mode's settings (bf16 autocast) exercised on CPU autocast, so a GPU session only has to run it."""
     from dataclasses import replace
 
