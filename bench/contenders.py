@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from engine.optim import adamw
 from supernet import apply_glora, extract_subnet, merge_glora, sample_subnet, uniform_subnet
 from supernet.model import find_targets
 from supernet.space import load_space
@@ -161,10 +162,10 @@ def autocast(device: str, amp: bool):
 
 
 def train_step(c: Contender, x: torch.Tensor, y: torch.Tensor, amp: bool = False) -> Callable[[], None]:
-    """One training step: forward + cross-entropy + backward + AdamW over the trainable parameters."""
+    """One training step: forward + cross-entropy + backward + AdamW (``engine.optim.adamw``) over the trainable parameters."""
     model = c.model.to(x.device).train()
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-4)
+    opt = adamw(params, lr=1e-4, weight_decay=1e-4)  # the trainer's optimiser, for every contender
     device = x.device.type
 
     def step() -> None:

@@ -23,6 +23,7 @@ from tqdm import tqdm
 from . import distributed as D
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TrainConfig
+from .optim import adamw
 from .rng import get_rng_state, set_rng_state
 from .tracker import Tracker
 
@@ -130,7 +131,7 @@ class Trainer:
                                           num_workers=num_workers)
         self.steps_per_epoch = math.ceil(len(self.sampler.inner) / cfg.batch_size)
         self.total_steps = self.steps_per_epoch * cfg.epochs
-        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.optimizer = adamw(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.scheduler = CosineLRScheduler(
             self.optimizer,
             t_initial=self.total_steps,

@@ -77,6 +77,20 @@ def _bias_backward(gb, weight, bias, shapes, needs):
     return gC, gD, gE
 
 
+def _channel_sums(g: torch.Tensor, z: torch.Tensor, dtype: torch.dtype, with_sum: bool):
+    """``Σ_n g ⊙ z`` and (if ``with_sum``) ``Σ_n g`` over the rows of two ``(N, out)`` tensors, in ``dtype``.
+
+    Batch norm's backward with mean 0 and inverse std 1 computes exactly these two reductions
+    (its weight and bias gradients) in one read of ``g`` and ``z``; ``(g * z).sum(0)`` writes and
+    re-reads an ``(N, out)`` temporary instead, which on small models is most of what a vector
+    A costs beyond the frozen layer.
+    """
+    zero = torch.zeros(g.shape[1], dtype=dtype, device=g.device)
+    one = torch.ones_like(zero)
+    _, gz, gsum = torch.ops.aten.native_batch_norm_backward(g, z, None, None, None, zero, one, True, 0.0, [False, True, with_sum])
+    return gz, gsum
+
+
 def _shape(t: torch.Tensor | None) -> torch.Size | None:
     return None if t is None else t.shape
 
@@ -141,13 +155,18 @@ class _ScaleShiftLinear(torch.autograd.Function):
             else:
                 w = torch.addcmul(shift.unsqueeze(-1), weight, scale.unsqueeze(-1))
             gx = (g2 @ w.to(g.dtype)).view(ctx.x_shape)
+        with_bias = any(needs[5:])
+        gsum = None
         if needs[3]:
-            gA = _fit((g2 * z.reshape(g2.shape)).sum(0, dtype=scale.dtype), ctx.shapes[0])
+            gz, gsum = _channel_sums(g2, z.reshape(g2.shape), scale.dtype, with_bias)
+            gA = _fit(gz, ctx.shapes[0])
+        elif with_bias:
+            gsum = g2.sum(0, dtype=weight.dtype)
         if needs[4]:
             gB = _fit((xsum.reshape(1, -1) @ g2).view(-1), ctx.shapes[1])
         gC = gD = gE = None
-        if any(needs[5:]):
-            gC, gD, gE = _bias_backward(g2.sum(0, dtype=weight.dtype), weight, bias, ctx.shapes[2:], needs[5:])
+        if with_bias:
+            gC, gD, gE = _bias_backward(gsum, weight, bias, ctx.shapes[2:], needs[5:])
         return gx, None, None, gA, gB, gC, gD, gE
 
 
