@@ -86,8 +86,8 @@ def _channel_sums(g: torch.Tensor, z: torch.Tensor, dtype: torch.dtype, with_sum
     A costs beyond the frozen layer.
     """
     zero = torch.zeros(g.shape[1], dtype=dtype, device=g.device)
-    one = torch.ones_like(zero)
-    _, gz, gsum = torch.ops.aten.native_batch_norm_backward(g, z, None, None, None, zero, one, True, 0.0, [False, True, with_sum])
+    one = torch.ones_like(zero)  # also passed as the weight: the same argument types autocast gives BatchNorm1d
+    _, gz, gsum = torch.ops.aten.native_batch_norm_backward(g, z, one, None, None, zero, one, True, 0.0, [False, True, with_sum])
     return gz, gsum
 
 
