@@ -178,6 +178,35 @@ def _dense_weight(W0: torch.Tensor, Ad: torch.Tensor, Au: torch.Tensor, Bd: torc
     return weight if Bd is None else weight + Bd
 
 
+def _dense_weight_backward(gW: torch.Tensor, W0: torch.Tensor, factors: Sequence[torch.Tensor], needs: Sequence[bool]) -> tuple[torch.Tensor | None, ...]:
+    """Gradients of :func:`_dense_weight`'s factors from ``gW``, the gradient of the dense weight.
+
+    Written out rather than taken with a nested ``autograd.grad``: recording and replaying a
+    small graph per layer per step costs more than the arithmetic when the step is short (on a
+    GPU, or with few tokens).
+    """
+    Ad, Au, *B = factors
+    grads: list[torch.Tensor | None] = [None] * len(factors)
+    if needs[0] or needs[1]:
+        gM = gW * W0.to(gW.dtype)  # the gradient of Ad @ Au
+        grads[0] = gM @ Au.t() if needs[0] else None
+        grads[1] = Ad.t() @ gM if needs[1] else None
+    if len(B) == 2:
+        grads[2] = gW @ B[1].t() if needs[2] else None
+        grads[3] = B[0].t() @ gW if needs[3] else None
+    elif len(B) == 1 and needs[2]:
+        grads[2] = gW.sum_to_size(B[0].shape)  # B broadcast over (out, in): a vector (out, 1) or a scalar (1, 1)
+    return tuple(grads)
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype ``F.linear`` computes in: the autocast dtype where autocast is on for ``x``'s device."""
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return x.dtype
+
+
 class _RebuiltWeightLinear(torch.autograd.Function):
     """The whole layer when A is low-rank: ``F.linear(x, _dense_weight(W0, *factors), b)``.
 
@@ -191,9 +220,11 @@ class _RebuiltWeightLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, C, D, E, *factors):
         b = _bias_forward(weight, bias, C, D, E)
-        y = F.linear(x, _dense_weight(weight, *factors), b)  # under autocast this runs (and returns) in the autocast dtype
+        dt = _compute_dtype(x)
+        x = x.to(dt)  # cast once: F.linear would cast it again under autocast, and x is kept for the backward
+        y = F.linear(x, _dense_weight(weight, *factors).to(dt), None if b is None else b.to(dt))
         ctx.shapes = [_shape(t) for t in (C, D, E)]
-        ctx.save_for_backward(x.to(y.dtype), weight, bias if ctx.needs_input_grad[4] else None, *factors)  # x: what F.linear itself would keep
+        ctx.save_for_backward(x, weight, bias if ctx.needs_input_grad[4] else None, *factors)
         return y
 
     @staticmethod
@@ -201,20 +232,15 @@ class _RebuiltWeightLinear(torch.autograd.Function):
     def backward(ctx, g):
         x, weight, bias, *factors = ctx.saved_tensors
         needs = ctx.needs_input_grad
-        with torch.enable_grad():
-            leaves = [p.detach().requires_grad_(n) for p, n in zip(factors, needs[6:])]
-            dense = _dense_weight(weight, *leaves)
         g2 = g.reshape(-1, g.shape[-1])
-        gx = (g2 @ dense.detach().to(g.dtype)).view(x.shape) if needs[0] else None
+        gx = (g2 @ _dense_weight(weight, *factors).to(g.dtype)).view(x.shape) if needs[0] else None
         gC = gD = gE = None
         if any(needs[3:6]):
             gC, gD, gE = _bias_backward(g2.sum(0, dtype=weight.dtype), weight, bias, ctx.shapes, needs[3:6])
-        gfactors: list[torch.Tensor | None] = [None] * len(factors)
-        wanted = [i for i, leaf in enumerate(leaves) if leaf.requires_grad]
-        if wanted:
-            gweight = (g2.t() @ x.reshape(-1, x.shape[-1])).to(dense.dtype)
-            for i, grad in zip(wanted, torch.autograd.grad(dense, [leaves[i] for i in wanted], gweight)):
-                gfactors[i] = grad
+        gfactors: tuple[torch.Tensor | None, ...] = (None,) * len(factors)
+        if any(needs[6:]):
+            gweight = (g2.t() @ x.reshape(-1, x.shape[-1])).to(factors[0].dtype)
+            gfactors = _dense_weight_backward(gweight, weight, factors, needs[6:])
         return (gx, None, None, gC, gD, gE, *gfactors)
 
 

@@ -188,9 +188,11 @@ def set_subnet(model: nn.Module, config: Subnet | Mapping[str, Any] | str | os.P
 
 def sample_subnet(model: nn.Module, generator: torch.Generator, activate: bool = True) -> Subnet:
     """Draw one configuration (uniform per layer and tensor) from ``generator`` and activate it."""
-    config = sample_config(layer_choices(model), generator)
-    if activate:
-        set_subnet(model, config)
+    layers = _layers_or_raise(model)
+    config = sample_config({name: layer.choices for name, layer in layers.items()}, generator)
+    if activate:  # drawn from each layer's own lists: nothing for set_subnet to check (it runs every step)
+        for name, layer in layers.items():
+            layer.active = config[name]
     return config
 
 

@@ -77,12 +77,14 @@ def sample_config(choices: Mapping[str, Mapping[str, tuple]], generator: torch.G
     Layers are visited in the order given and tensors A..E, so a seeded generator gives the
     same sequence in every process.
     """
+    n_draws = sum(len(per_tensor[t]) > 1 for per_tensor in choices.values() for t in TENSORS)
+    # One call for every draw: a generator call per tensor costs more than the rest of sampling.
+    u = iter(torch.rand(n_draws, generator=generator, dtype=torch.float64).tolist())
     out = {}
     for name, per_tensor in choices.items():
         picked = {}
         for t in TENSORS:
             options = per_tensor[t]
-            idx = int(torch.randint(len(options), (1,), generator=generator)) if len(options) > 1 else 0
-            picked[t] = options[idx]
+            picked[t] = options[min(int(next(u) * len(options)), len(options) - 1)] if len(options) > 1 else options[0]
         out[name] = LayerChoice(**picked)
     return out

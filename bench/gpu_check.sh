@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Every GPU check in one go, for a machine with a CUDA GPU and a python3 that has torch:
+#   bash bench/gpu_check.sh OUTDIR
+# 1. the CUDA tests (tests/test_cuda.py: CUDA against CPU, autocast, the three stages on the GPU),
+# 2. the benchmark in CUDA mode (bench.run --device cuda: vit_base, batch 64, bf16),
+# 3. a profile of four training contenders (bench.profile --device cuda).
+# Wheels in .whl/ (e.g. the timm and peft versions the project pins) are installed first, without
+# dependencies, into a private folder. Each step has its own time limit, so one that hangs
+# leaves the others their time; the exit status is the first failure's.
+set -uo pipefail
+out=${1:-runs/gpu-check}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+if compgen -G ".whl/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/glora-site .whl/*.whl \
+        && export PYTHONPATH=/tmp/glora-site${PYTHONPATH:+:$PYTHONPATH}
+fi
+status=0
+step() {  # step SECONDS LOGFILE COMMAND...
+    local limit=$1 log=$2
+    shift 2
+    echo "== $* (limit ${limit}s)" | tee -a "$log"
+    local t0=$SECONDS
+    timeout "$limit" "$@" 2>&1 | tee -a "$log"
+    local rc=${PIPESTATUS[0]}
+    echo "== rc $rc in $((SECONDS - t0))s" | tee -a "$log"
+    [ "$status" -ne 0 ] || status=$rc
+}
+{
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+    python3 -c "import sys, torch, timm, peft; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'timm', timm.__version__, 'peft', peft.__version__, 'gpu', torch.cuda.get_device_name())"
+} 2>&1 | tee "$out/gpu.txt"
+step "${CUDA_TESTS_S:-150}" "$out/cuda_tests.log" python3 -m pytest -q -m cuda -p no:cacheprovider tests/test_cuda.py
+step "${BENCH_S:-240}" "$out/bench_cuda.log" python3 -m bench.run --device cuda --out "$out/results-cuda.json"
+step "${PROFILE_S:-90}" "$out/profile.log" python3 -m bench.profile --device cuda --steps 3 --out /tmp/glora-profile \
+    --contenders peft_lora supernet subnet_vector peft_glora_vector
+for f in /tmp/glora-profile/profile-*.txt; do [ -e "$f" ] && { echo "### $f"; cat "$f"; }; done > "$out/profiles.txt"
+exit "$status"

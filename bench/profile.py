@@ -1,0 +1,66 @@
+"""Where a training step's time goes, per contender: ``python -m bench.profile [--device cpu|cuda] [--out DIR]``.
+
+Runs a few steps of each training contender of :mod:`bench.run` under ``torch.profiler`` and
+writes one table per contender (``DIR/profile-<contender>.txt``, ops sorted by self time on the
+device that runs them), plus the number of kernel launches per step: on a GPU a step made of
+many small kernels is bound by launches, not arithmetic.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from . import contenders as C
+from .contenders import ModelSpec
+from .run import make_batch
+
+
+def profile_contender(name: str, spec: ModelSpec, device: str, batch: int, amp: bool, steps: int, out: Path) -> str:
+    base = spec.build(0)
+    step = C.train_step(C.build_train_contender(name, base, 0), *make_batch(spec, batch, device, 0), amp)
+    for _ in range(3):
+        step()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    if device == "cuda":
+        torch.cuda.synchronize()
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+    events = prof.key_averages()
+    sort = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
+    launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC")) / steps
+    (out / f"profile-{name}.txt").write_text(events.table(sort_by=sort, row_limit=40, max_name_column_width=70) + "\n")
+    del step, base
+    gc.collect()
+    return f"{name}: {launches:.0f} kernel launches per step" if device == "cuda" else name
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m bench.profile", description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--model", default=None, help="timm model name (default: vit_base_patch16_224 on cuda, vit_tiny_patch16_224 on cpu)")
+    p.add_argument("--contenders", nargs="+", default=list(C.TRAIN_CONTENDERS), choices=C.TRAIN_CONTENDERS)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--out", type=Path, default=Path("runs/profile"))
+    args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("bench.profile: --device cuda was asked for but torch.cuda.is_available() is False")
+    cuda = args.device == "cuda"
+    spec = ModelSpec(args.model or ("vit_base_patch16_224" if cuda else "vit_tiny_patch16_224"))
+    args.out.mkdir(parents=True, exist_ok=True)
+    if not cuda:
+        torch.set_num_threads(2)
+    for name in args.contenders:
+        print(profile_contender(name, spec, args.device, 64 if cuda else 8, cuda, args.steps, args.out), flush=True)
+    print(f"wrote {args.out}/profile-*.txt")
+
+
+if __name__ == "__main__":
+    main()

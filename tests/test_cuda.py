@@ -1,0 +1,148 @@
+"""The CUDA paths against the CPU ones, which the rest of the suite checks against SPEC.
+
+Skipped where torch sees no GPU (CI, the development machine); on a GPU machine run
+``python -m pytest -m cuda``. Covers what differs on CUDA: the fused reductions and mixed-dtype
+kernels of the layer's backward, autocast in bf16 and fp16, merging, the fused optimizer, and
+the three stages end to end on the device.
+"""
+
+import copy
+import itertools
+import json
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file
+
+import models
+from engine import distributed as D
+from engine.config import config_from_dict
+from engine.optim import adamw
+from engine.stages import run_retrain, run_search, run_train
+from runcfg import tiny_config
+from supernet import TENSORS, GLoraLinear, LayerChoice, apply_glora, load_space, merge_glora, sample_subnet
+from test_supernet_layer import _random_layer
+
+from conftest import LARGE_SPACE
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+CUDA = torch.device("cuda", 0)
+
+
+def _configs(layer: GLoraLinear):
+    return [LayerChoice(*c) for c in itertools.product(*(layer.choices[t] for t in TENSORS))]
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+def test_every_configuration_matches_cpu_in_float64(bias):
+    """Output, merged weights and every gradient on CUDA equal the CPU layer's (itself checked against SPEC)."""
+    cpu, gen, _, _ = _random_layer(bias, seed=3)
+    gpu = copy.deepcopy(cpu).to(CUDA)
+    x = torch.randn(3, 4, 7, generator=gen, dtype=torch.float64)
+    weights = torch.randn(3, 4, 5, generator=gen, dtype=torch.float64)
+    for c in _configs(cpu):
+        results = []
+        for layer in (cpu, gpu):
+            layer.set_choice(c)
+            xi = x.to(layer.weight.device).requires_grad_(True)
+            y = layer(xi)
+            grads = torch.autograd.grad((y * weights.to(y.device)).sum(), [xi, *layer.adapter_parameters()], allow_unused=True)
+            Wm, bm = layer.merged_weight_bias()
+            results.append([t if t is None else t.detach().cpu() for t in (y, Wm, bm, *grads)])
+        for i, (a, b) in enumerate(zip(*results)):
+            if a is None or b is None:
+                assert (a is None or not a.any()) and (b is None or not b.any()), f"{c}: output {i}"
+                continue
+            assert (a - b).abs().max().item() <= 1e-10, f"{c}: output {i}"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_autocast_gradients_reach_fp32_parameters(dtype):
+    torch.manual_seed(0)
+    layer = GLoraLinear(nn.Linear(64, 48), load_space(LARGE_SPACE).choices).to(CUDA)
+    with torch.no_grad():
+        for p in layer.adapter_parameters():
+            p.normal_(0, 0.1)
+    x = torch.randn(4, 10, 64, device=CUDA, requires_grad=True)
+    weights = torch.randn(4, 10, 48, device=CUDA).to(dtype).float()  # exact in the low precision
+    for c in _configs(layer):
+        layer.set_choice(c)
+        inputs = [x, *layer.adapter_parameters()]
+        want = torch.autograd.grad((layer(x) * weights).sum(), inputs, allow_unused=True)
+        with torch.autocast("cuda", dtype=dtype):
+            y = layer(x)
+        assert y.dtype == dtype
+        got = torch.autograd.grad((y.float() * weights).sum(), inputs, allow_unused=True)
+        for g, w in zip(got, want):
+            if w is None:
+                assert g is None or not g.any(), str(c)
+                continue
+            assert g.dtype == torch.float32, str(c)
+            assert (g - w).abs().max() <= 2e-2 * w.abs().max(), str(c)
+
+
+@pytest.mark.parametrize("builder", ["vit", "swin", "mlp"])
+def test_model_on_cuda_matches_cpu_and_merges(builder):
+    torch.manual_seed(0)
+    model = models.BUILDERS[builder]().eval()
+    apply_glora(model, LARGE_SPACE, modules_to_save="auto")
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "glora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    sample_subnet(model, g)
+    x = torch.randn(2, 3, 32, 32, generator=g)
+    want = model(x)
+    gpu = copy.deepcopy(model).to(CUDA)
+    got = gpu(x.to(CUDA))
+    assert (got.cpu() - want).abs().max().item() <= 1e-4
+    merged = merge_glora(copy.deepcopy(gpu))
+    assert (merged(x.to(CUDA)) - got).abs().max().item() <= 1e-4
+    assert all(p.device.type == "cuda" for p in merged.parameters())
+
+
+def test_fused_adamw_on_cuda_matches_per_tensor_adamw():
+    g = torch.Generator().manual_seed(0)
+    shapes = [(7, 3), (5,), (1,)]
+    init = [torch.randn(s, generator=g) for s in shapes]
+    ours = [nn.Parameter(t.clone().to(CUDA)) for t in init]
+    ref = [nn.Parameter(t.clone().to(CUDA)) for t in init]
+    opt = adamw(ours, lr=1e-2, weight_decay=1e-2)
+    assert opt.defaults["fused"] is True
+    ref_opt = torch.optim.AdamW(ref, lr=1e-2, weight_decay=1e-2, foreach=False)
+    for _ in range(5):
+        for a, b in zip(ours, ref):
+            a.grad = torch.randn(a.shape, generator=g).to(CUDA)
+            b.grad = a.grad.clone()
+        opt.step(), ref_opt.step()
+    for a, b, t in zip(ours, ref, init):
+        assert (a.detach().cpu() - t).abs().max() > 1e-3
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16", "fp32"])
+def test_pipeline_on_cuda(tmp_path, precision):
+    """train -> search -> retrain with the model on the GPU; the merged export is an ordinary timm state dict."""
+    info = D.setup("cuda")
+    assert info.device.type == "cuda"
+    sections = dict(train={"device": "cuda", "precision": precision}, retrain={"device": "cuda", "precision": precision})
+    cfg = config_from_dict(tiny_config(tmp_path / "run", **sections))
+    assert run_train(cfg, info, "t.yaml") == "done"
+    losses = [json.loads(l)["loss"] for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"train"' in l]
+    assert losses and all(math.isfinite(v) for v in losses)
+    assert run_search(cfg, info, "t.yaml") == "done"
+    assert run_retrain(cfg, info, "t.yaml") == "done"
+    rdir = tmp_path / "run" / "retrain"
+    metrics = json.loads((rdir / "metrics.json").read_text())
+    assert 0 <= metrics["test_top1"] <= 100
+    merged = load_file(rdir / "merged.safetensors")
+    import timm
+
+    base = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=2, num_classes=4)
+    base.load_state_dict(merged, strict=True)
