@@ -2,7 +2,7 @@
 # Every GPU check in one go, for a machine with a CUDA GPU and a python3 that has torch:
 #   bash bench/gpu_check.sh OUTDIR
 # 1. the CUDA tests (tests/test_cuda.py: CUDA against CPU, autocast, the three stages on the GPU),
-# 2. the benchmark in CUDA mode (bench.run --device cuda: vit_base, batch 64, bf16),
+# 2. the benchmark in CUDA mode (bench.run --device cuda: vit_base, batch 64, bf16), then at batch 256,
 # 3. a profile of four training contenders (bench.profile --device cuda).
 # Wheels in .whl/ (e.g. the timm and peft versions the project pins) are installed first, without
 # dependencies, into a private folder. Each step has its own time limit, so one that hangs
@@ -32,6 +32,7 @@ step() {  # step SECONDS LOGFILE COMMAND...
 } 2>&1 | tee "$out/gpu.txt"
 step "${CUDA_TESTS_S:-150}" "$out/cuda_tests.log" python3 -m pytest -q -m cuda -p no:cacheprovider tests/test_cuda.py
 step "${BENCH_S:-240}" "$out/bench_cuda.log" python3 -m bench.run --device cuda --out "$out/results-cuda.json"
+step "${BENCH_S:-240}" "$out/bench_cuda_b256.log" python3 -m bench.run --device cuda --batch 256 --out "$out/results-cuda-b256.json"
 step "${PROFILE_S:-90}" "$out/profile.log" python3 -m bench.profile --device cuda --steps 3 --out /tmp/glora-profile \
     --contenders peft_lora supernet subnet_vector peft_glora_vector
 for f in /tmp/glora-profile/profile-*.txt; do [ -e "$f" ] && { echo "### $f"; cat "$f"; }; done > "$out/profiles.txt"

@@ -341,6 +341,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     p.add_argument("--model-kwargs", type=json.loads, default={}, help="JSON kwargs for timm.create_model, e.g. a tiny test model")
     p.add_argument("--num-classes", type=int, default=100)
     p.add_argument("--threads", type=int, help="CPU threads (default 2)")
+    p.add_argument("--batch", type=int, help="override the training batch size (default 8 on cpu, 64 on cuda)")
     p.add_argument("--warmup", type=int, help="override warm-up rounds")
     p.add_argument("--steps", type=int, help="override measured rounds (all measurements)")
     p.add_argument("--val-images", type=int, help="override validation images per candidate")
@@ -372,6 +373,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
             s = replace(s, steps=args.steps, fwd_steps=args.steps, candidates=args.steps, mem_steps=args.steps)
         if args.threads is not None:
             s = replace(s, threads=args.threads)
+        if args.batch is not None:
+            s = replace(s, batch=args.batch)
         if args.val_images is not None:
             s = replace(s, val_images=args.val_images, val_batch=min(s.val_batch, args.val_images))
         return s

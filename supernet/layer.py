@@ -19,6 +19,7 @@ testing; the tests check outputs and gradients of every configuration against it
 
 from __future__ import annotations
 
+import functools
 from typing import Mapping, NamedTuple, Sequence
 
 import torch
@@ -65,16 +66,8 @@ def _bias_forward(weight, bias, C, D, E):
 
 
 def _fit(v: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    """A per-output gradient ``(out,)`` shaped for its tensor: summed when the tensor is a scalar."""
+    """A per-row gradient ``(rows,)`` shaped for its tensor: summed when the tensor is a scalar."""
     return (v.sum() if shape.numel() == 1 else v).reshape(shape)
-
-
-def _bias_backward(gb, weight, bias, shapes, needs):
-    """Gradients of C, D, E from ``gb``, the gradient of the effective bias (``Σ_n g``)."""
-    gC = (gb.to(weight.dtype) @ weight).reshape(shapes[0]) if needs[0] else None
-    gD = _fit(gb * bias.to(gb.dtype), shapes[1]) if needs[1] else None
-    gE = _fit(gb, shapes[2]) if needs[2] else None
-    return gC, gD, gE
 
 
 def _channel_sums(g: torch.Tensor, z: torch.Tensor, dtype: torch.dtype, with_sum: bool):
@@ -85,118 +78,17 @@ def _channel_sums(g: torch.Tensor, z: torch.Tensor, dtype: torch.dtype, with_sum
     re-reads an ``(N, out)`` temporary instead, which on small models is most of what a vector
     A costs beyond the frozen layer.
     """
-    zero = torch.zeros(g.shape[1], dtype=dtype, device=g.device)
-    one = torch.ones_like(zero)  # also passed as the weight: the same argument types autocast gives BatchNorm1d
+    zero, one = _unit_stats(g.shape[1], dtype, g.device)  # one is also the weight: the argument types autocast gives BatchNorm1d
     _, gz, gsum = torch.ops.aten.native_batch_norm_backward(g, z, one, None, None, zero, one, True, 0.0, [False, True, with_sum])
     return gz, gsum
 
 
-def _shape(t: torch.Tensor | None) -> torch.Size | None:
-    return None if t is None else t.shape
-
-
-class _ScaleShiftLinear(torch.autograd.Function):
-    """The whole layer when A and B are vector, scalar or none: one autograd node, no dense weight.
-
-    ``y = (x W0ᵀ) ⊙ s + (Σ_j x_j) t + b`` with ``s = 1 + A``, ``t = B`` and
-    ``b = b0 + b0 ⊙ D + E + W0 C``. A and B constant along the input dimension make
-    ``(W0 ⊙ A + B) x`` a row scaling of ``W0 x`` plus ``B · Σ_j x_j``, so neither a dense weight
-    nor a weight gradient is needed: the step costs two ``(N, in) x (in, out)`` products, the
-    forward one and the input gradient, as a frozen linear layer does. The bias terms (C, D, E)
-    are taken into the same node because on small models the dozen tiny autograd nodes they
-    otherwise make per layer cost more than their arithmetic. A, B are ``(out, 1)``/``(1, 1)``,
-    C is ``(in, 1)``, D, E are ``(out,)``/``(1,)``; any may be None (D is when ``bias`` is).
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, A, B, C, D, E):
-        scale = None if A is None else 1 + A.reshape(-1)
-        shift = None if B is None else B.reshape(-1)
-        b = _bias_forward(weight, bias, C, D, E)
-        if scale is None and shift is None:
-            z = y = F.linear(x, weight, None if b is None else b.to(x.dtype))
-        else:
-            z = F.linear(x, weight)  # under autocast this runs (and returns) in the autocast dtype
-            dt = z.dtype
-            if scale is None:
-                y = z if b is None else z.add_(b.to(dt))
-            else:
-                y = z * scale.to(dt) if b is None else torch.addcmul(b.to(dt), z, scale.to(dt))
-        xsum = None
-        if shift is not None:
-            xsum = x.sum(-1, keepdim=True).to(y.dtype)
-            y.addcmul_(xsum, shift.to(y.dtype))  # broadcast: 2-3x faster than the same rank-1 update as addmm_
-        needs = ctx.needs_input_grad
-        ctx.x_shape = x.shape
-        ctx.shapes = [_shape(t) for t in (A, B, C, D, E)]
-        ctx.save_for_backward(
-            weight, scale, shift,
-            z if needs[3] else None,  # z = x W0ᵀ, before scaling: the gradient of A is Σ_n g ⊙ z
-            xsum if needs[4] else None,
-            bias if needs[6] else None,
-        )
-        return y
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, g):
-        weight, scale, shift, z, xsum, bias = ctx.saved_tensors
-        needs = ctx.needs_input_grad
-        g2 = g.reshape(-1, g.shape[-1])
-        gx = gA = gB = None
-        if needs[0]:
-            # d/dx of s ⊙ (W0 x) + t Σ_j x_j is the (out, in) matrix s ⊙ W0 + t 1ᵀ: one product
-            if scale is None and shift is None:
-                w = weight
-            elif shift is None:
-                w = weight * scale.unsqueeze(-1)
-            elif scale is None:
-                w = weight + shift.unsqueeze(-1)
-            else:
-                w = torch.addcmul(shift.unsqueeze(-1), weight, scale.unsqueeze(-1))
-            gx = (g2 @ w.to(g.dtype)).view(ctx.x_shape)
-        with_bias = any(needs[5:])
-        gsum = None
-        if needs[3]:
-            gz, gsum = _channel_sums(g2, z.reshape(g2.shape), scale.dtype, with_bias)
-            gA = _fit(gz, ctx.shapes[0])
-        elif with_bias:
-            gsum = g2.sum(0, dtype=weight.dtype)
-        if needs[4]:
-            gB = _fit((xsum.reshape(1, -1) @ g2).view(-1), ctx.shapes[1])
-        gC = gD = gE = None
-        if with_bias:
-            gC, gD, gE = _bias_backward(gsum, weight, bias, ctx.shapes[2:], needs[5:])
-        return gx, None, None, gA, gB, gC, gD, gE
-
-
-def _dense_weight(W0: torch.Tensor, Ad: torch.Tensor, Au: torch.Tensor, Bd: torch.Tensor | None = None, Bu: torch.Tensor | None = None) -> torch.Tensor:
-    """``W0 + W0 ⊙ (Ad @ Au) + B``; B is ``Bd @ Bu`` (low-rank), ``Bd`` broadcast (vector/scalar) or absent."""
-    weight = torch.addcmul(W0, W0, Ad @ Au)
-    if Bu is not None:
-        return torch.addmm(weight, Bd, Bu)
-    return weight if Bd is None else weight + Bd
-
-
-def _dense_weight_backward(gW: torch.Tensor, W0: torch.Tensor, factors: Sequence[torch.Tensor], needs: Sequence[bool]) -> tuple[torch.Tensor | None, ...]:
-    """Gradients of :func:`_dense_weight`'s factors from ``gW``, the gradient of the dense weight.
-
-    Written out rather than taken with a nested ``autograd.grad``: recording and replaying a
-    small graph per layer per step costs more than the arithmetic when the step is short (on a
-    GPU, or with few tokens).
-    """
-    Ad, Au, *B = factors
-    grads: list[torch.Tensor | None] = [None] * len(factors)
-    if needs[0] or needs[1]:
-        gM = gW * W0.to(gW.dtype)  # the gradient of Ad @ Au
-        grads[0] = gM @ Au.t() if needs[0] else None
-        grads[1] = Ad.t() @ gM if needs[1] else None
-    if len(B) == 2:
-        grads[2] = gW @ B[1].t() if needs[2] else None
-        grads[3] = B[0].t() @ gW if needs[3] else None
-    elif len(B) == 1 and needs[2]:
-        grads[2] = gW.sum_to_size(B[0].shape)  # B broadcast over (out, in): a vector (out, 1) or a scalar (1, 1)
-    return tuple(grads)
+@functools.lru_cache(maxsize=256)
+def _unit_stats(n: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A mean of 0 and an inverse std of 1 for :func:`_channel_sums`, made once per size: two fewer
+    kernels per layer and step. The op only reads them."""
+    zero = torch.zeros(n, dtype=dtype, device=device)
+    return zero, torch.ones_like(zero)
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -207,41 +99,258 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
-class _RebuiltWeightLinear(torch.autograd.Function):
-    """The whole layer when A is low-rank: ``F.linear(x, _dense_weight(W0, *factors), b)``.
+def _shape(t: torch.Tensor | None) -> torch.Size | None:
+    return None if t is None else t.shape
 
-    Plain autograd would hold the dense ``(out, in)`` weight (and the dense A) of every such
-    layer from the forward to the backward pass; here only ``x`` and the small factors are kept
-    and the weight is rebuilt in the backward pass (a rank-r product and a few elementwise
-    passes over ``(out, in)``, cheap next to the products with the ``(N, in)`` activations).
-    The bias terms C, D, E are handled in the same node as in :class:`_ScaleShiftLinear`.
+
+# -- the active slices of the shared parameters ----------------------------------------------
+# The autograd functions below take the whole shared parameters and slice them themselves.
+# Slicing outside would add a SliceBackward node per tensor, whose backward allocates a zero
+# tensor of the full size and copies the slice's gradient into it: two kernels per tensor on a
+# GPU, for tensors too small to keep it busy, and a supernet step is mostly such small ops.
+
+def _slices(c: Choice, down: torch.Tensor | None, up: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """A, B or C of choice ``c``: ``(down_r, up_r)`` for lora, ``(column, None)`` for vector/scalar, else ``(None, None)``."""
+    if c.kind == "lora":
+        return down[:, : c.rank], up[: c.rank]
+    if c.kind == "vector":
+        return down[:, :1], None
+    if c.kind == "scalar":
+        return down[:1, :1], None
+    return None, None
+
+
+def _vec(c: Choice, p: torch.Tensor | None) -> torch.Tensor | None:
+    """D or E of choice ``c``: ``(out,)`` for vector, ``(1,)`` for scalar."""
+    return p if c.kind == "vector" else p[:1] if c.kind == "scalar" else None
+
+
+def _full(g: torch.Tensor | None, shape: torch.Size | None, dtype: torch.dtype | None = None) -> torch.Tensor | None:
+    """The gradient ``g`` of a leading slice of a parameter as a gradient of all of it (zero outside the slice), in ``dtype``."""
+    dtype = dtype or (None if g is None else g.dtype)
+    if g is None or g.shape == shape:
+        return g if g is None else g.to(dtype)
+    if all(n == 1 or n == m for n, m in zip(g.shape, shape)):
+        # A column or a scalar (vector, scalar choices): broadcast against a 0/1 mask, one kernel
+        return torch.mul(g, _slice_mask(tuple(shape), tuple(g.shape), dtype, g.device))
+    out = g.new_zeros(shape, dtype=dtype)
+    out[tuple(slice(0, n) for n in g.shape)] = g  # the copy casts too
+    return out
+
+
+@functools.lru_cache(maxsize=1024)
+def _slice_mask(shape: tuple[int, ...], lead: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """1 on the leading ``lead`` slice of a ``shape`` tensor, 0 elsewhere (read only)."""
+    mask = torch.zeros(shape, dtype=dtype, device=device)
+    mask[tuple(slice(0, n) for n in lead)] = 1
+    return mask
+
+
+def _mm_full(a: torch.Tensor, b: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """``a @ b`` as the leading slice of a zero ``shape`` tensor, the product written in place."""
+    if shape == (a.shape[0], b.shape[1]):
+        return a @ b
+    out = a.new_zeros(shape)
+    torch.mm(a, b, out=out[: a.shape[0], : b.shape[1]])
+    return out
+
+
+class _Bias:
+    """C, D, E of one call: ``b = b0 + b0 ⊙ D + E + W0 C`` and the gradients from ``gb = Σ_n g``."""
+
+    def __init__(self, choice: LayerChoice, Cd, Cu, D, E):
+        self.Cd, self.Cu = _slices(choice.C, Cd, Cu)
+        self.D, self.E = _vec(choice.D, D), _vec(choice.E, E)
+        self.C = self.Cd if self.Cu is None or self.Cd is None else self.Cd @ self.Cu  # (in, 1)
+        self.shapes = (_shape(Cd), _shape(Cu), _shape(D), _shape(E), _shape(self.D), _shape(self.E))
+
+    def forward(self, weight, bias):
+        return _bias_forward(weight, bias, self.C, self.D, self.E)
+
+    def backward(self, gb, weight, bias, needs):
+        """Full-size gradients of the parameters ``(Cd, Cu, D, E)``; ``needs`` says which are wanted."""
+        Cd_shape, Cu_shape, D_shape, E_shape, d_shape, e_shape = self.shapes
+        gCd = gCu = gD = gE = None
+        if needs[0] or needs[1]:
+            gC = (gb.to(weight.dtype) @ weight).to(self.Cd.dtype).view(-1, 1)  # (in, 1)
+            if self.Cu is None:
+                gCd = _full(gC, Cd_shape)
+            else:
+                gCd = _mm_full(gC, self.Cu.t(), Cd_shape) if needs[0] else None
+                gCu = _mm_full(self.Cd.t(), gC, Cu_shape) if needs[1] else None
+        if needs[2]:
+            gD = _full(_fit(gb * bias.to(gb.dtype), d_shape), D_shape)
+        if needs[3]:
+            gE = _full(_fit(gb, e_shape), E_shape)
+        return gCd, gCu, gD, gE
+
+
+def _lora_grads(gW: torch.Tensor, down: torch.Tensor, up: torch.Tensor, needs: Sequence[bool], shapes: Sequence[torch.Size]):
+    """Full-size gradients of the shared ``down`` and ``up`` from ``gW``, the gradient of their slices' product."""
+    return (_mm_full(gW, up.t(), shapes[0]) if needs[0] else None), (_mm_full(down.t(), gW, shapes[1]) if needs[1] else None)
+
+
+class _ScaleShiftLinear(torch.autograd.Function):
+    """The whole layer when A is vector, scalar or none: one autograd node, no dense weight.
+
+    ``y = (x W0ᵀ) ⊙ s + (Σ_j x_j) t + b`` with ``s = 1 + A``, ``t = B`` and
+    ``b = b0 + b0 ⊙ D + E + W0 C``. A and B constant along the input dimension make
+    ``(W0 ⊙ A + B) x`` a row scaling of ``W0 x`` plus ``B · Σ_j x_j``, so neither a dense weight
+    nor a weight gradient is needed: the step costs two ``(N, in) x (in, out)`` products, the
+    forward one and the input gradient, as a frozen linear layer does. A low-rank B is added on
+    the activations, ``(x Buᵀ) Bdᵀ``. The bias terms (C, D, E) are taken into the same node
+    because on small models the dozen tiny autograd nodes they otherwise make per layer cost
+    more than their arithmetic.
+
+    The arguments after ``choice`` are the layer's whole shared parameters (None where inactive).
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, C, D, E, *factors):
-        b = _bias_forward(weight, bias, C, D, E)
-        dt = _compute_dtype(x)
-        x = x.to(dt)  # cast once: F.linear would cast it again under autocast, and x is kept for the backward
-        y = F.linear(x, _dense_weight(weight, *factors).to(dt), None if b is None else b.to(dt))
-        ctx.shapes = [_shape(t) for t in (C, D, E)]
-        ctx.save_for_backward(x, weight, bias if ctx.needs_input_grad[4] else None, *factors)
+    def forward(ctx, x, weight, bias, choice, Ad, Au, Bd, Bu, Cd, Cu, D, E):
+        A, _ = _slices(choice.A, Ad, None)
+        Bd_r, Bu_r = _slices(choice.B, Bd, Bu)
+        lora_b = Bu_r is not None
+        scale = None if A is None else 1 + A.reshape(-1)
+        shift = None if Bd_r is None or lora_b else Bd_r.reshape(-1)
+        terms = _Bias(choice, Cd, Cu, D, E)
+        b = terms.forward(weight, bias)
+        if lora_b:
+            x = x.to(_compute_dtype(x))  # kept for Bu's gradient: cast once, and F.linear has nothing left to cast
+        if scale is None and shift is None:
+            z = y = F.linear(x, weight, None if b is None else b.to(x.dtype))
+        else:
+            z = F.linear(x, weight)  # under autocast this runs (and returns) in the autocast dtype
+            # The (out,) vectors stay in the parameters' dtype: an elementwise op with mixed inputs
+            # computes in the wider type and writes z's, one kernel and no cast of each vector.
+            if scale is None:
+                y = z if b is None else z.add_(b)
+            else:
+                y = torch.mul(z, scale, out=torch.empty_like(z)) if b is None else torch.addcmul(b, z, scale, out=torch.empty_like(z))
+        xsum = xb = None
+        if shift is not None:
+            xsum = x.sum(-1, keepdim=True, dtype=y.dtype)
+            y.addcmul_(xsum, shift)  # broadcast: 2-3x faster than the same rank-1 update as addmm_
+        if lora_b:
+            xb = F.linear(x, Bu_r.to(y.dtype))  # (..., r)
+            y.view(-1, y.shape[-1]).addmm_(xb.view(-1, xb.shape[-1]), Bd_r.to(y.dtype).t())
+        needs = ctx.needs_input_grad
+        ctx.x_shape = x.shape
+        ctx.shapes = (_shape(A), _shape(Bd_r), _shape(Ad), _shape(Bd), _shape(Bu))
+        ctx.terms = terms
+        ctx.save_for_backward(
+            weight, scale, shift,
+            z if needs[4] else None,  # z = x W0ᵀ, before scaling: the gradient of A is Σ_n g ⊙ z
+            xsum if needs[6] else None,
+            bias if needs[10] else None,
+            Bd_r, Bu_r,
+            x if needs[7] else None,
+            xb if needs[6] else None,
+        )
         return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g):
-        x, weight, bias, *factors = ctx.saved_tensors
+        weight, scale, shift, z, xsum, bias, Bd_r, Bu_r, x, xb = ctx.saved_tensors
+        a_shape, b_shape, Ad_shape, Bd_shape, Bu_shape = ctx.shapes
         needs = ctx.needs_input_grad
         g2 = g.reshape(-1, g.shape[-1])
-        gx = (g2 @ _dense_weight(weight, *factors).to(g.dtype)).view(x.shape) if needs[0] else None
-        gC = gD = gE = None
-        if any(needs[3:6]):
-            gC, gD, gE = _bias_backward(g2.sum(0, dtype=weight.dtype), weight, bias, ctx.shapes, needs[3:6])
-        gfactors: tuple[torch.Tensor | None, ...] = (None,) * len(factors)
-        if any(needs[6:]):
-            gweight = (g2.t() @ x.reshape(-1, x.shape[-1])).to(factors[0].dtype)
-            gfactors = _dense_weight_backward(gweight, weight, factors, needs[6:])
-        return (gx, None, None, gC, gD, gE, *gfactors)
+        lora_b = Bu_r is not None
+        gx = gAd = gBd = gBu = None
+        gxb = g2 @ Bd_r.to(g.dtype) if lora_b and (needs[0] or needs[7]) else None  # (N, r)
+        if needs[0]:
+            # d/dx of s ⊙ (W0 x) + t Σ_j x_j is the (out, in) matrix s ⊙ W0 + t 1ᵀ: one product
+            w = torch.empty(weight.shape, dtype=g.dtype, device=g.device)  # written in g's dtype by the op itself
+            if scale is None and shift is None:
+                w.copy_(weight)
+            elif shift is None:
+                torch.mul(weight, scale.unsqueeze(-1), out=w)
+            elif scale is None:
+                torch.add(weight, shift.unsqueeze(-1), out=w)
+            else:
+                torch.addcmul(shift.unsqueeze(-1), weight, scale.unsqueeze(-1), out=w)
+            gx2 = g2 @ w
+            if lora_b:
+                gx2.addmm_(gxb, Bu_r.to(g.dtype))
+            gx = gx2.view(ctx.x_shape)
+        with_bias = any(needs[8:])
+        gsum = None
+        if needs[4]:
+            gz, gsum = _channel_sums(g2, z.reshape(g2.shape), scale.dtype, with_bias)
+            gAd = _full(_fit(gz, a_shape), Ad_shape)  # gz is in the parameters' dtype already
+        elif with_bias:
+            gsum = g2.sum(0, dtype=weight.dtype)
+        if needs[6]:
+            if lora_b:
+                gBd = _full(g2.t() @ xb.reshape(-1, xb.shape[-1]), Bd_shape, Bd_r.dtype)
+            else:
+                gBd = _full(_fit((xsum.reshape(1, -1) @ g2).view(-1), b_shape), Bd_shape, shift.dtype)
+        if needs[7]:
+            gBu = _full(gxb.t() @ x.reshape(-1, x.shape[-1]), Bu_shape, Bu_r.dtype)
+        gCd = gCu = gD = gE = None
+        if with_bias:
+            gCd, gCu, gD, gE = ctx.terms.backward(gsum, weight, bias, needs[8:])
+        return gx, None, None, None, gAd, None, gBd, gBu, gCd, gCu, gD, gE
+
+
+def _dense_weight(W0: torch.Tensor, Ad: torch.Tensor, Au: torch.Tensor, Bd: torch.Tensor | None, Bu: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """``W0 + W0 ⊙ (Ad @ Au) + B`` in ``dtype``; B is ``Bd @ Bu`` (low-rank), ``Bd`` broadcast (vector/scalar) or absent.
+
+    Computed in the parameters' dtype; the last op writes ``dtype`` (the autocast dtype) itself,
+    so no separate cast of the ``(out, in)`` result is needed.
+    """
+    base = W0 if Bd is None else torch.addmm(W0, Bd, Bu) if Bu is not None else W0 + Bd
+    return torch.addcmul(base, W0, Ad @ Au, out=torch.empty(W0.shape, dtype=dtype, device=W0.device))
+
+
+class _RebuiltWeightLinear(torch.autograd.Function):
+    """The whole layer when A is low-rank: ``F.linear(x, _dense_weight(W0, Ad, Au, Bd, Bu), b)``.
+
+    Plain autograd would hold the dense ``(out, in)`` weight (and the dense A) of every such
+    layer from the forward to the backward pass; here only ``x`` and the small factors are kept
+    and the weight is rebuilt in the backward pass (a rank-r product and a few elementwise
+    passes over ``(out, in)``, cheap next to the products with the ``(N, in)`` activations).
+    A low-rank A needs the dense weight and its gradient anyway, so B is folded into it: a
+    low-rank B then costs ``Bd @ Bu`` on the weight instead of two products on the activations
+    in the forward pass and four in the backward pass. C, D, E are handled as in
+    :class:`_ScaleShiftLinear`, and the arguments are the same.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, choice, Ad, Au, Bd, Bu, Cd, Cu, D, E):
+        Ad_r, Au_r = _slices(choice.A, Ad, Au)
+        Bd_r, Bu_r = _slices(choice.B, Bd, Bu)
+        terms = _Bias(choice, Cd, Cu, D, E)
+        b = terms.forward(weight, bias)
+        dt = _compute_dtype(x)
+        x = x.to(dt)  # cast once: F.linear would cast it again under autocast, and x is kept for the backward
+        y = F.linear(x, _dense_weight(weight, Ad_r, Au_r, Bd_r, Bu_r, dt), None if b is None else b.to(dt))
+        ctx.terms = terms
+        ctx.shapes = (_shape(Ad), _shape(Au), _shape(Bd), _shape(Bu))
+        ctx.save_for_backward(x, weight, bias if ctx.needs_input_grad[10] else None, Ad_r, Au_r, Bd_r, Bu_r)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        x, weight, bias, Ad_r, Au_r, Bd_r, Bu_r = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        g2 = g.reshape(-1, g.shape[-1])
+        gx = (g2 @ _dense_weight(weight, Ad_r, Au_r, Bd_r, Bu_r, g.dtype)).view(x.shape) if needs[0] else None
+        gCd = gCu = gD = gE = None
+        if any(needs[8:]):
+            gCd, gCu, gD, gE = ctx.terms.backward(g2.sum(0, dtype=weight.dtype), weight, bias, needs[8:])
+        gAd = gAu = gBd = gBu = None
+        if any(needs[4:8]):
+            Ad_shape, Au_shape, Bd_shape, Bu_shape = ctx.shapes
+            gW = (g2.t() @ x.reshape(-1, x.shape[-1])).to(Ad_r.dtype)  # the gradient of the dense weight
+            if needs[4] or needs[5]:
+                gAd, gAu = _lora_grads(gW * weight.to(gW.dtype), Ad_r, Au_r, needs[4:6], (Ad_shape, Au_shape))
+            if Bu_r is not None:
+                gBd, gBu = _lora_grads(gW, Bd_r, Bu_r, needs[6:8], (Bd_shape, Bu_shape))
+            elif needs[6]:
+                gBd = _full(gW.sum_to_size(Bd_r.shape), Bd_shape)  # B broadcast over (out, in): a vector (out, 1) or a scalar (1, 1)
+        return gx, None, None, None, gAd, gAu, gBd, gBu, gCd, gCu, gD, gE
 
 
 class GLoraLinear(nn.Module):
@@ -347,34 +456,23 @@ class GLoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         c = self.active
-        C, D, E = self._matrix("C", c.C), self._vector("D", c.D), self._vector("E", c.E)
-        if c.A.kind == "lora":
-            return _RebuiltWeightLinear.apply(x, self.weight, self.bias, C, D, E, *self._dense_factors(c))
-        A = self._matrix("A", c.A)
-        B = None if c.B.kind == "lora" else self._matrix("B", c.B)
-        if A is None and B is None and C is None and D is None and E is None:
-            out = F.linear(x, self.weight, self.bias)
-        else:
-            out = _ScaleShiftLinear.apply(x, self.weight, self.bias, A, B, C, D, E)
-        if c.B.kind == "lora":
-            r = c.B.rank
-            out = out + F.linear(F.linear(x, self.glora_Bu[:r]), self.glora_Bd[:, :r])
-        return out
+        params = self._active_parameters(c)
+        if all(p is None for p in params):
+            return F.linear(x, self.weight, self.bias)
+        fn = _RebuiltWeightLinear if c.A.kind == "lora" else _ScaleShiftLinear
+        return fn.apply(x, self.weight, self.bias, c, *params)
 
-    def _dense_factors(self, c: LayerChoice) -> list[torch.Tensor]:
-        """Arguments of :func:`_dense_weight` after ``W0`` for a low-rank A, the only case that needs the dense weight.
+    def _active_parameters(self, c: LayerChoice) -> tuple[torch.Tensor | None, ...]:
+        """``(Ad, Au, Bd, Bu, Cd, Cu, D, E)``: the shared parameters the choice uses, None for the others."""
+        def used(p, kind, lora_only=False):
+            return p if kind != "none" and (kind == "lora" or not lora_only) else None
 
-        Its gradient (one extra ``(out, in)`` matrix product per step) is paid for A anyway, so B
-        is folded in too: a low-rank B costs ``Bd @ Bu`` on the weight instead of two products on
-        the activations in the forward pass and four in the backward pass.
-        """
-        r = c.A.rank
-        factors = [self.glora_Ad[:, :r], self.glora_Au[:r]]
-        if c.B.kind == "lora":
-            factors += [self.glora_Bd[:, : c.B.rank], self.glora_Bu[: c.B.rank]]
-        elif c.B.kind != "none":
-            factors.append(self._matrix("B", c.B))
-        return factors
+        return (
+            used(self.glora_Ad, c.A.kind), used(self.glora_Au, c.A.kind, True),
+            used(self.glora_Bd, c.B.kind), used(self.glora_Bu, c.B.kind, True),
+            used(self.glora_Cd, c.C.kind), used(self.glora_Cu, c.C.kind, True),
+            used(self.glora_D, c.D.kind), used(self.glora_E, c.E.kind),
+        )
 
     # -- dense forms ------------------------------------------------------------------------
     def support_tensors(self) -> SupportTensors:
