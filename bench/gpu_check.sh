@@ -3,7 +3,8 @@
 #   bash bench/gpu_check.sh OUTDIR
 # 1. the CUDA tests (tests/test_cuda.py: CUDA against CPU, autocast, the three stages on the GPU),
 # 2. the benchmark in CUDA mode (bench.run --device cuda: vit_base, batch 64, bf16), then at batch 256,
-# 3. a profile of four training contenders (bench.profile --device cuda).
+# 3. a profile of four training contenders (bench.profile --device cuda) and the elementwise
+#    kernels of a vector layer (bench.kernels --device cuda).
 # Wheels in .whl/ (e.g. the timm and peft versions the project pins) are installed first, without
 # dependencies, into a private folder. Each step has its own time limit, so one that hangs
 # leaves the others their time; the exit status is the first failure's.
@@ -35,5 +36,6 @@ step "${BENCH_S:-240}" "$out/bench_cuda.log" python3 -m bench.run --device cuda 
 step "${BENCH_S:-240}" "$out/bench_cuda_b256.log" python3 -m bench.run --device cuda --batch 256 --out "$out/results-cuda-b256.json"
 step "${PROFILE_S:-90}" "$out/profile.log" python3 -m bench.profile --device cuda --steps 3 --out /tmp/glora-profile \
     --contenders peft_lora supernet subnet_vector peft_glora_vector
+step 60 "$out/profile.log" python3 -m bench.kernels --device cuda
 for f in /tmp/glora-profile/profile-*.txt; do [ -e "$f" ] && { echo "### $f"; cat "$f"; }; done > "$out/profiles.txt"
 exit "$status"
