@@ -22,8 +22,8 @@ from engine.config import config_from_dict
 from engine.optim import adamw
 from engine.stages import run_retrain, run_search, run_train
 from runcfg import tiny_config
-from supernet import TENSORS, GLoraLinear, LayerChoice, apply_glora, load_space, merge_glora, sample_subnet
-from test_supernet_layer import _random_layer
+from supernet import TENSORS, GLoraLinear, LayerChoice, apply_glora, merge_glora, sample_subnet
+from test_supernet_layer import _random_layer, check_autocast_gradients
 
 from conftest import LARGE_SPACE
 
@@ -63,27 +63,7 @@ def test_every_configuration_matches_cpu_in_float64(bias):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_autocast_gradients_reach_fp32_parameters(dtype):
-    torch.manual_seed(0)
-    layer = GLoraLinear(nn.Linear(64, 48), load_space(LARGE_SPACE).choices).to(CUDA)
-    with torch.no_grad():
-        for p in layer.adapter_parameters():
-            p.normal_(0, 0.1)
-    x = torch.randn(4, 10, 64, device=CUDA, requires_grad=True)
-    weights = torch.randn(4, 10, 48, device=CUDA).to(dtype).float()  # exact in the low precision
-    for c in _configs(layer):
-        layer.set_choice(c)
-        inputs = [x, *layer.adapter_parameters()]
-        want = torch.autograd.grad((layer(x) * weights).sum(), inputs, allow_unused=True)
-        with torch.autocast("cuda", dtype=dtype):
-            y = layer(x)
-        assert y.dtype == dtype
-        got = torch.autograd.grad((y.float() * weights).sum(), inputs, allow_unused=True)
-        for g, w in zip(got, want):
-            if w is None:
-                assert g is None or not g.any(), str(c)
-                continue
-            assert g.dtype == torch.float32, str(c)
-            assert (g - w).abs().max() <= 2e-2 * w.abs().max(), str(c)
+    check_autocast_gradients("cuda", dtype)
 
 
 @pytest.mark.parametrize("builder", ["vit", "swin", "mlp"])

@@ -160,24 +160,24 @@ def test_every_configuration_gradients_match_dense_formula(bias):
     assert checked == (900 if bias else 300)
 
 
-def test_bf16_autocast_gradients_reach_fp32_parameters():
-    """Under bf16 autocast every configuration trains its fp32 parameters with bf16-level error only."""
+def check_autocast_gradients(device: str, dtype: torch.dtype) -> None:
+    """Under autocast every configuration trains its fp32 parameters with low-precision error only."""
     space = load_space(LARGE_SPACE)
     torch.manual_seed(0)
-    layer = GLoraLinear(nn.Linear(64, 48), space.choices)
+    layer = GLoraLinear(nn.Linear(64, 48), space.choices).to(device)
     with torch.no_grad():
         for p in layer.adapter_parameters():
             p.normal_(0, 0.1)
-    x = torch.randn(4, 10, 64, requires_grad=True)
-    weights = torch.randn(4, 10, 48).bfloat16().float()  # exact in bf16, so the output gradient is not rounded
+    x = torch.randn(4, 10, 64, device=device, requires_grad=True)
+    weights = torch.randn(4, 10, 48, device=device).to(dtype).float()  # exact in dtype, so the output gradient is not rounded
     for combo in itertools.product(*(layer.choices[t] for t in TENSORS)):
         c = LayerChoice(*combo)
         layer.set_choice(c)
         inputs = [x, *layer.adapter_parameters()]
         want = torch.autograd.grad((layer(x) * weights).sum(), inputs, allow_unused=True)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast(device, dtype=dtype):
             y = layer(x)
-        assert y.dtype == torch.bfloat16
+        assert y.dtype == dtype
         got = torch.autograd.grad((y.float() * weights).sum(), inputs, allow_unused=True)
         for g, w in zip(got, want):
             if w is None:
@@ -185,3 +185,8 @@ def test_bf16_autocast_gradients_reach_fp32_parameters():
                 continue
             assert g.dtype == torch.float32, str(c)
             assert (g - w).abs().max() <= 2e-2 * w.abs().max(), str(c)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_autocast_gradients_reach_fp32_parameters(dtype):
+    check_autocast_gradients("cpu", dtype)
