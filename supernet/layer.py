@@ -10,7 +10,7 @@ The forward pass never builds a dense ``(out, in)`` matrix unless A is low-rank:
 scalar A rescales the output of ``W0 x`` (``(W0 ⊙ a1ᵀ) x = a ⊙ W0 x``), B is applied to the
 activations (``Bd (Bu x)``, or ``b · sum(x)`` for vector/scalar), and C, D, E only touch the
 bias. Each layer is one autograd node with a hand-written backward: :class:`_ScaleShiftLinear`
-when A and B are vector, scalar or none (a low-rank B is added on the activations), and
+when A is vector, scalar or none (a low-rank B is then added on the activations in the same node), and
 :class:`_RebuiltWeightLinear` when A is low-rank, which needs the dense weight and its gradient
 anyway, folds B into it and rebuilds it in the backward pass rather than holding it. The dense
 form is kept in :meth:`support_tensors` and :meth:`merged_weight_bias` for merging and for
