@@ -17,7 +17,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from . import contenders as C
 from .contenders import ModelSpec
-from .run import make_batch
+from .run import Settings, cuda_settings, make_batch
 
 
 def profile_contender(name: str, spec: ModelSpec, device: str, batch: int, amp: bool, steps: int, out: Path) -> str:
@@ -58,7 +58,8 @@ def main(argv: list[str] | None = None) -> None:
     if not cuda:
         torch.set_num_threads(2)
     for name in args.contenders:
-        print(profile_contender(name, spec, args.device, 64 if cuda else 8, cuda, args.steps, args.out), flush=True)
+        batch = (cuda_settings() if cuda else Settings()).batch  # bench.run's batch for the device
+        print(profile_contender(name, spec, args.device, batch, cuda, args.steps, args.out), flush=True)
     print(f"wrote {args.out}/profile-*.txt")
 
 

@@ -120,6 +120,11 @@ def _slices(c: Choice, down: torch.Tensor | None, up: torch.Tensor | None) -> tu
     return None, None
 
 
+def _compose(down: torch.Tensor | None, up: torch.Tensor | None) -> torch.Tensor | None:
+    """The tensor :func:`_slices` describes: ``down_r @ up_r`` for lora, else the column (or None)."""
+    return down if up is None else down @ up
+
+
 def _vec(c: Choice, p: torch.Tensor | None) -> torch.Tensor | None:
     """D or E of choice ``c``: ``(out,)`` for vector, ``(1,)`` for scalar."""
     return p if c.kind == "vector" else p[:1] if c.kind == "scalar" else None
@@ -161,7 +166,7 @@ class _Bias:
     def __init__(self, choice: LayerChoice, Cd, Cu, D, E):
         self.Cd, self.Cu = _slices(choice.C, Cd, Cu)
         self.D, self.E = _vec(choice.D, D), _vec(choice.E, E)
-        self.C = self.Cd if self.Cu is None or self.Cd is None else self.Cd @ self.Cu  # (in, 1)
+        self.C = _compose(self.Cd, self.Cu)  # (in, 1)
         self.shapes = (_shape(Cd), _shape(Cu), _shape(D), _shape(E), _shape(self.D), _shape(self.E))
 
     def forward(self, weight, bias):
@@ -438,23 +443,11 @@ class GLoraLinear(nn.Module):
     # -- the support tensors as slices of the shared parameters -----------------------------
     def _matrix(self, t: str, c: Choice) -> torch.Tensor | None:
         """A/B: (out,in) for lora, (out,1) vector, (1,1) scalar; C: (in,1) lora or vector."""
-        down = getattr(self, f"glora_{t}d")
-        if c.kind == "lora":
-            return down[:, : c.rank] @ getattr(self, f"glora_{t}u")[: c.rank, :]
-        if c.kind == "vector":
-            return down if down.shape[1] == 1 else down[:, 0:1]
-        if c.kind == "scalar":
-            return down if down.numel() == 1 else down[0:1, 0:1]
-        return None
+        return _compose(*_slices(c, getattr(self, f"glora_{t}d"), getattr(self, f"glora_{t}u")))
 
     def _vector(self, t: str, c: Choice) -> torch.Tensor | None:
         """D/E: (out,) for vector, (1,) for scalar."""
-        p = getattr(self, f"glora_{t}")
-        if c.kind == "vector":
-            return p
-        if c.kind == "scalar":
-            return p if p.numel() == 1 else p[0:1]
-        return None
+        return _vec(c, getattr(self, f"glora_{t}"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         c = self.active
