@@ -231,10 +231,8 @@ class MergedScorer:
     def load(self, config) -> None:
         set_subnet(self.model, config)
         for name, layer in self.layers.items():
-            W, b = layer.merged_weight_bias()
             target = self.targets[name]
-            target.weight.copy_(W)
-            target.bias.copy_(b) if b is not None else target.bias.zero_()
+            layer.merged_weight_bias(out=(target.weight, target.bias))
 
     @torch.no_grad()
     def predictions(self, config, merged: bool = True) -> torch.Tensor:

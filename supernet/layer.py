@@ -58,7 +58,7 @@ def _bias_forward(weight, bias, C, D, E):
     if D is not None:
         b = torch.addcmul(b, b, D)
     if E is not None:
-        b = E.expand(weight.shape[0]) if b is None else b + E
+        b = E.expand(weight.shape[0]) if b is None else b.add_(E) if D is not None else b + E  # never in place on b0 itself
     if C is not None:
         wc = (weight.to(C.dtype) @ C).view(-1)
         b = wc if b is None else b + wc
@@ -274,8 +274,12 @@ class _ScaleShiftLinear(torch.autograd.Function):
                 torch.mul(weight, scale.unsqueeze(-1), out=w)
             elif scale is None:
                 torch.add(weight, shift.unsqueeze(-1), out=w)
+            elif w.is_cuda:
+                torch.addcmul(shift.unsqueeze(-1), weight, scale.unsqueeze(-1), out=w)  # one kernel: launches are what cost on a GPU
             else:
-                torch.addcmul(shift.unsqueeze(-1), weight, scale.unsqueeze(-1), out=w)
+                # Two passes on a CPU: its addcmul kernel is not vectorised when the added tensor
+                # is the broadcast column, and takes 3x the time of a multiply and an add.
+                torch.mul(weight, scale.unsqueeze(-1), out=w).add_(shift.unsqueeze(-1))
             gx2 = g2 @ w
             if lora_b:
                 gx2.addmm_(gxb, Bu_r.to(g.dtype))
@@ -493,29 +497,57 @@ class GLoraLinear(nn.Module):
         return params[0] if params else self.weight
 
     @torch.no_grad()
-    def merged_weight_bias(self, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def merged_weight_bias(
+        self, dtype: torch.dtype | None = None, out: tuple[torch.Tensor, torch.Tensor | None] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``W = W0 + W0 ⊙ A + B`` and ``b = b0 + b0 ⊙ D + E + W0 C`` for the active choice.
 
         Computed in float32 (float64 if the layer is float64) regardless of the training
         precision; the caller casts back. ``b`` is None when the result has no bias at all.
+
+        ``out=(weight, bias)`` writes the result into those tensors instead (a bias the result
+        lacks is zeroed) and returns them: the search stage merges every candidate into one plain
+        model this way, with no temporaries where ``out`` is in the compute dtype.
         """
         if dtype is None:
             dtype = torch.float64 if self.weight.dtype == torch.float64 else torch.float32
+        if out is not None and any(t is not None and t.dtype != dtype for t in out):
+            W, b = self.merged_weight_bias(dtype)  # another dtype: compute, then cast while copying
+            out[0].copy_(W)
+            if out[1] is not None:
+                out[1].copy_(b) if b is not None else out[1].zero_()
+            return out
         c = self.active
         W0 = self.weight.to(dtype)
         # Only the active terms, each one pass over (out, in): this runs once per search candidate.
         A = self._matrix("A", c.A)
-        W = W0.clone() if A is None else torch.addcmul(W0, W0, A.to(dtype))
+        W_out = None if out is None else out[0]
+        if A is None:
+            W = W0.clone() if W_out is None else W_out.copy_(W0)
+        else:
+            W = torch.addcmul(W0, W0, A.to(dtype), out=W_out)
         if c.B.kind == "lora":
             W.addmm_(self.glora_Bd[:, : c.B.rank].to(dtype), self.glora_Bu[: c.B.rank].to(dtype))
         elif c.B.kind != "none":
             W.add_(self._matrix("B", c.B).to(dtype))
+        b_out = None if out is None else out[1]
         if self.bias is None and c.C.is_none and c.E.is_none:
-            return W, None
-        terms = [self._matrix("C", c.C), self._vector("D", c.D), self._vector("E", c.E)]
-        b = _bias_forward(W0, None if self.bias is None else self.bias.to(dtype), *(t if t is None else t.to(dtype) for t in terms))
-        # a fresh, dense tensor: _bias_forward may hand back the frozen bias itself or an expanded E
-        return W, b.clone(memory_format=torch.contiguous_format)
+            return W, None if b_out is None else b_out.zero_()
+        # the same sum as _bias_forward, written into one buffer in place
+        b = torch.empty(self.out_features, dtype=dtype, device=W0.device) if b_out is None else b_out
+        D, E, C = self._vector("D", c.D), self._vector("E", c.E), self._matrix("C", c.C)
+        if self.bias is None:
+            b.zero_()
+        elif D is None:
+            b.copy_(self.bias)
+        else:
+            b0 = self.bias.to(dtype)
+            torch.addcmul(b0, b0, D.to(dtype), out=b)
+        if E is not None:
+            b.add_(E.to(dtype))
+        if C is not None:
+            b.addmv_(W0, C.to(dtype).view(-1))
+        return W, b
 
     def extra_repr(self) -> str:
         spaces = " ".join(f"{t}=[{','.join(map(str, self.choices[t]))}]" for t in TENSORS)

@@ -88,6 +88,14 @@ def test_every_configuration_matches_dense_formula(bias):
         Wm, bm = layer.merged_weight_bias()
         merged = x @ Wm.T + (bm if bm is not None else 0)
         assert (merged - want).abs().max().item() <= 1e-10, str(c)
+        # out=: the same numbers written into given tensors (NaN-filled, so every element must be
+        # written); a float32 target gets them cast
+        bm_or_0 = torch.zeros(5, dtype=torch.float64) if bm is None else bm
+        for dt in (torch.float64, torch.float32):
+            out = (torch.full((5, 7), float("nan"), dtype=dt), torch.full((5,), float("nan"), dtype=dt))
+            got_out = layer.merged_weight_bias(out=out)
+            assert got_out[0] is out[0] and got_out[1] is out[1]
+            assert torch.equal(out[0], Wm.to(dt)) and torch.equal(out[1], bm_or_0.to(dt)), (str(c), dt)
     # non-trivial: some configuration must actually change the output
     layer.set_choice(LayerChoice(*combos[0]))
     assert (layer(x) - (x @ W0.T + b0)).abs().max() > 1e-3
