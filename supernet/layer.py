@@ -511,6 +511,9 @@ class GLoraLinear(nn.Module):
         """
         if dtype is None:
             dtype = torch.float64 if self.weight.dtype == torch.float64 else torch.float32
+        own = {self.weight.data_ptr()} | ({self.bias.data_ptr()} if self.bias is not None else set())
+        if out is not None and any(t is not None and t.data_ptr() in own for t in out):
+            raise ValueError("merged_weight_bias: out must not be the layer's own frozen weight or bias (they would be overwritten)")
         if out is not None and any(t is not None and t.dtype != dtype for t in out):
             W, b = self.merged_weight_bias(dtype)  # another dtype: compute, then cast while copying
             out[0].copy_(W)

@@ -96,6 +96,8 @@ def test_every_configuration_matches_dense_formula(bias):
             got_out = layer.merged_weight_bias(out=out)
             assert got_out[0] is out[0] and got_out[1] is out[1]
             assert torch.equal(out[0], Wm.to(dt)) and torch.equal(out[1], bm_or_0.to(dt)), (str(c), dt)
+    with pytest.raises(ValueError, match="frozen weight or bias"):
+        layer.merged_weight_bias(out=(layer.weight.detach(), None))
     # non-trivial: some configuration must actually change the output
     layer.set_choice(LayerChoice(*combos[0]))
     assert (layer(x) - (x @ W0.T + b0)).abs().max() > 1e-3
