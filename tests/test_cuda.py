@@ -53,6 +53,10 @@ def test_every_configuration_matches_cpu_in_float64(bias):
             y = layer(xi)
             grads = torch.autograd.grad((y * weights.to(y.device)).sum(), [xi, *layer.adapter_parameters()], allow_unused=True)
             Wm, bm = layer.merged_weight_bias()
+            # the search stage's in-place form, into NaN-filled tensors on the layer's device
+            out = (torch.full_like(Wm, float("nan")), torch.full((Wm.shape[0],), float("nan"), dtype=Wm.dtype, device=Wm.device))
+            Wo, bo = layer.merged_weight_bias(out=out)
+            assert torch.equal(Wo, Wm) and torch.equal(bo, bm if bm is not None else torch.zeros_like(bo)), f"{c}: out="
             results.append([t if t is None else t.detach().cpu() for t in (y, Wm, bm, *grads)])
         for i, (a, b) in enumerate(zip(*results)):
             if a is None or b is None:
