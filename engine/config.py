@@ -101,6 +101,7 @@ class TrainConfig:
     log_every: int = field(default=10, metadata=check(_positive))  # steps
     resume: str = "auto"  # auto | never | a checkpoint path
     device: str = "auto"  # auto | cpu | cuda
+    compile: bool = False  # torch.compile the training step's model (retrain only: the supernet changes shape every step)
     fail_at_step: int | None = None  # testing aid: inject a NaN loss at this step
     stop_at_step: int | None = None  # testing aid: behave as if SIGTERM arrived at this step
 
@@ -309,6 +310,9 @@ def _semantic_checks(cfg: RunConfig, base_dir: Path, problems: list[str]) -> Non
             problems.append(f"{section}.resume: expected auto, never or an existing checkpoint file, got {t.resume!r}")
         if t.device not in ("auto", "cpu", "cuda"):
             problems.append(f"{section}.device: expected one of auto, cpu, cuda, got {t.device!r}")
+    if cfg.train.compile:
+        problems.append("train.compile: not supported for the supernet, whose sub-network changes every step "
+                        "(torch.compile would recompile for each one); use retrain.compile")
     if s.resume not in ("auto", "never"):
         problems.append(f"search.resume: expected auto or never, got {s.resume!r}")
     if cfg.retrain.subnet is not None and cfg.retrain.preset is not None:

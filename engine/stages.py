@@ -66,7 +66,7 @@ STAGE_SECTIONS = {
     "search": ("model", "data", "space", "train", "search"),
     "retrain": ("model", "data", "space", "retrain"),
 }
-_VOLATILE = {"resume", "device", "stop_at_step", "fail_at_step"}  # may change between a run and its resumption
+_VOLATILE = {"resume", "device", "compile", "stop_at_step", "fail_at_step"}  # may change between a run and its resumption
 
 
 def _relevant(cfg_dict: dict, stage: str) -> dict:

@@ -117,6 +117,9 @@ class Trainer:
         self.ckpt_path = self.out_dir / "checkpoints" / "last.pt"
         self.before_step, self.on_eval = before_step, on_eval
         self.fingerprint, self.desc = fingerprint, desc
+        # torch.compile's wrapper shares the parameters; checkpoints, names and evaluation keep
+        # using the module itself, whose parameter names carry no "_orig_mod." prefix.
+        self.step_model = torch.compile(model) if cfg.compile else model
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.param_names = [n for n, p in model.named_parameters() if p.requires_grad]
         self.sampler = ResumableSampler(train_ds, info, cfg.seed)
@@ -240,6 +243,16 @@ class Trainer:
             raise TrainError(f"ranks sampled different sub-networks at step {self.step} (rank {self.info.rank})")
         return flags[0].item() / w, flags[1].item() > 0
 
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.step_model is self.model:
+            return self.model(x)
+        try:
+            return self.step_model(x)
+        except torch._dynamo.exc.TorchDynamoException as e:  # compiled at the first step (and on a new batch shape)
+            reason = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+            raise TrainError(f"{self.desc}.compile: torch.compile failed ({reason}); set {self.desc}.compile: false "
+                             f"to train without it") from e
+
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> float:
         """One optimisation step; returns the loss averaged over ranks."""
         cfg = self.cfg
@@ -248,7 +261,7 @@ class Trainer:
             tag = self.before_step(self.step) or 0
         self.scheduler.step_update(self.step)
         with autocast_for(cfg.precision, self.info.device):
-            logits = self.model(x)
+            logits = self._forward(x)
             loss = self.criterion(logits.float(), y)
         if cfg.fail_at_step is not None and self.step == cfg.fail_at_step:
             loss = loss * float("nan")

@@ -52,6 +52,22 @@ def choice_cost(tensor: str, choice: Choice, out_features: int, in_features: int
     return {"vector": out_features, "scalar": 1}[choice.kind]
 
 
+def _eager_cache(maxsize: int):
+    """``functools.lru_cache`` for small constant tensors, bypassed while ``torch.compile`` traces
+    (``retrain.compile``): the compiler makes and folds the constants itself, and Dynamo warns
+    about tracing through a cache."""
+    def wrap(fn):
+        cached = functools.lru_cache(maxsize=maxsize)(fn)
+
+        @functools.wraps(fn)
+        def call(*args):
+            return fn(*args) if torch.compiler.is_compiling() else cached(*args)
+
+        return call
+
+    return wrap
+
+
 def _bias_forward(weight, bias, C, D, E):
     """``b0 + b0 ⊙ D + E + W0 C`` (None when there is no bias at all), computed in the parameters' dtype."""
     b = bias
@@ -83,7 +99,7 @@ def _channel_sums(g: torch.Tensor, z: torch.Tensor, dtype: torch.dtype, with_sum
     return gz, gsum
 
 
-@functools.lru_cache(maxsize=256)
+@_eager_cache(maxsize=256)
 def _unit_stats(n: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """A mean of 0 and an inverse std of 1 for :func:`_channel_sums`, made once per size: two fewer
     kernels per layer and step. The op only reads them."""
@@ -143,7 +159,7 @@ def _full(g: torch.Tensor | None, shape: torch.Size | None, dtype: torch.dtype |
     return out
 
 
-@functools.lru_cache(maxsize=1024)
+@_eager_cache(maxsize=1024)
 def _slice_mask(shape: tuple[int, ...], lead: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """1 on the leading ``lead`` slice of a ``shape`` tensor, 0 elsewhere (read only)."""
     mask = torch.zeros(shape, dtype=dtype, device=device)

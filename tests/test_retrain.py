@@ -99,3 +99,44 @@ def test_refuses_to_write_when_merge_disagrees(tmp_path, monkeypatch):
         _retrain(tmp_path / "run", preset="lora")
     assert not (tmp_path / "run" / "retrain" / "merged.safetensors").exists()
     assert not (tmp_path / "run" / "retrain" / "metrics.json").exists()
+
+
+def test_compiled_retrain_matches_eager(tmp_path):
+    """retrain.compile: the same training up to rounding, and the same checkpoint and exports."""
+    from engine.checkpoint import load_checkpoint
+
+    runs = {}
+    for name, compiled in (("eager", False), ("compiled", True)):
+        out = tmp_path / name
+        assert _retrain(out, preset="ssf", epochs=2, compile=compiled) == "done"  # vector A and E: _ScaleShiftLinear
+        runs[name] = (
+            load_file(out / "retrain" / "adapter.safetensors"),
+            load_checkpoint(out / "retrain" / "checkpoints" / "last.pt")["model"],
+            json.loads((out / "retrain" / "metrics.json").read_text()),
+        )
+    (ad_e, ck_e, m_e), (ad_c, ck_c, m_c) = runs["eager"], runs["compiled"]
+    assert set(ck_c) == set(ck_e) and set(ad_c) == set(ad_e)  # no "_orig_mod." prefixes
+    moved = 0
+    for k in ad_e:
+        torch.testing.assert_close(ad_c[k], ad_e[k], rtol=0, atol=1e-3)  # Adam turns rounding-level gradient noise near zero into up to lr per step
+        moved += int(ad_e[k].abs().max() > 0)
+    assert moved > 0  # training changed the adapters, so the comparison means something
+    assert m_c["adapter_params"] == m_e["adapter_params"]
+
+
+def test_compile_failure_is_one_clear_error(tmp_path, monkeypatch):
+    import torch._inductor.config as inductor_config
+
+    from engine.trainer import TrainError
+
+    import torch._inductor.utils as inductor_utils
+
+    monkeypatch.setattr(inductor_config.cpp, "cxx", ("no-such-c++-compiler",))
+    fresh_cache = getattr(inductor_utils, "fresh_cache", None) or inductor_utils.fresh_inductor_cache
+    torch._dynamo.reset()
+    out = tmp_path / "run"
+    # a fresh, empty kernel cache: kernels compiled by an earlier test would need no compiler
+    with fresh_cache(), pytest.raises(TrainError, match=r"^retrain\.compile: torch\.compile failed \(.*compiler.*\); set retrain\.compile: false"):
+        _retrain(out, preset="ssf", compile=True)
+    torch._dynamo.reset()
+    assert not (out / "retrain" / "checkpoints" / "last.pt").exists()
