@@ -137,7 +137,16 @@ def frozen(base: nn.Module) -> nn.Module:
     return _train_only(model, head_names(base), lambda name: name == probe)
 
 
-def build_train_contender(name: str, base: nn.Module, seed: int = 0) -> Contender:
+def build_train_contender(name: str, base: nn.Module, seed: int = 0, compile: bool = False) -> Contender:
+    c = _build_train_contender(name, base, seed)
+    if compile:
+        if c.before is not None:
+            raise ValueError(f"{name}: changes its sub-network every step, which torch.compile would recompile for")
+        c.model = torch.compile(c.model)  # shares the parameters; the first step compiles (a warm-up round)
+    return c
+
+
+def _build_train_contender(name: str, base: nn.Module, seed: int = 0) -> Contender:
     if name == "peft_lora":
         return Contender(name, peft_lora(base))
     if name == "supernet":

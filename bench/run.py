@@ -64,6 +64,7 @@ class Settings:
     device: str = "cpu"
     batch: int = 8
     amp: bool = False  # bf16 autocast (cuda)
+    compile: bool = False  # torch.compile every fixed-architecture training contender (not the supernet pair)
     threads: int = 2
     warmup: int = 3
     steps: int = 10
@@ -209,7 +210,8 @@ def bench_model(spec: ModelSpec, s: Settings, log: Callable[[str], None] = print
     floor: dict[str, float] = {}
     for key, (a, b) in TRAIN_PAIRS.items():
         names = (a, b, *FLOORS.get(key, ()))
-        steps = {n: C.train_step(C.build_train_contender(n, base, s.seed), x, y, s.amp) for n in names}
+        compiled = s.compile and key != "supernet_vs_lora_step"  # the supernet would recompile for every sub-network
+        steps = {n: C.train_step(C.build_train_contender(n, base, s.seed, compiled), x, y, s.amp) for n in names}
         times = interleave(steps, s.warmup, s.steps, dev)
         record(times, s.batch)
         ratios[key] = paired_ratio(times[a], times[b])
@@ -289,7 +291,8 @@ def run(specs: list[ModelSpec], settings_for: Callable[[ModelSpec], Settings], o
         s = settings_for(spec)
         if s.device == "cpu":
             torch.set_num_threads(s.threads)
-        log(f"{spec.label} (batch {s.batch}, {'bf16' if s.amp else 'fp32'}, {s.device}, {s.threads if s.device == 'cpu' else '-'} threads)")
+        log(f"{spec.label} (batch {s.batch}, {'bf16' if s.amp else 'fp32'}, {s.device}, {s.threads if s.device == 'cpu' else '-'} threads"
+            f"{', sub-network pairs compiled' if s.compile else ''})")
         res = bench_model(spec, s, log)
         per_model[spec.label] = res
         for k in KEYS:
@@ -345,6 +348,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     p.add_argument("--warmup", type=int, help="override warm-up rounds")
     p.add_argument("--steps", type=int, help="override measured rounds (all measurements)")
     p.add_argument("--val-images", type=int, help="override validation images per candidate")
+    p.add_argument("--compile", action="store_true", help="torch.compile both sides of the sub-network pairs and the frozen model "
+                   "(as retrain.compile does ours); the supernet pair, merged inference and search stay eager")
     p.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
@@ -377,6 +382,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
             s = replace(s, batch=args.batch)
         if args.val_images is not None:
             s = replace(s, val_images=args.val_images, val_batch=min(s.val_batch, args.val_images))
+        if args.compile:
+            s = replace(s, compile=True)
         return s
 
     img_size = int(args.model_kwargs.get("img_size", 224))

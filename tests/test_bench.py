@@ -44,3 +44,24 @@ def test_bench_model_under_bf16_autocast():
     assert set(res["ratios"]) == set(bench_run.KEYS)
     assert all(math.isfinite(v) and v > 0 for v in res["ratios"].values())
     assert res["settings"]["amp"] is True
+
+
+def test_compiled_contenders():
+    """--compile: a fixed sub-network is wrapped by torch.compile and trains; the supernet is refused."""
+    import pytest
+    import torch
+
+    from bench import contenders as C
+    from bench.contenders import ModelSpec
+
+    spec = ModelSpec("vit_tiny_patch16_224", dict(TINY), 32, 5)
+    base = spec.build(0)
+    c = C.build_train_contender("subnet_vector", base, 0, compile=True)
+    assert isinstance(c.model, torch._dynamo.eval_frame.OptimizedModule)
+    x, y = bench_run.make_batch(spec, 2, "cpu", 0)
+    before = [p.detach().clone() for p in c.model.parameters() if p.requires_grad]
+    C.train_step(c, x, y)()
+    after = [p.detach() for p in c.model.parameters() if p.requires_grad]
+    assert any((a - b).abs().max() > 0 for a, b in zip(after, before))
+    with pytest.raises(ValueError, match="recompile"):
+        C.build_train_contender("supernet", base, 0, compile=True)
