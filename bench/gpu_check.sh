@@ -4,7 +4,8 @@
 # 1. the CUDA tests (tests/test_cuda.py: CUDA against CPU, autocast, the three stages on the GPU),
 # 2. the benchmark in CUDA mode (bench.run --device cuda: vit_base, batch 64, bf16), then at batch 256,
 # 3. a profile of four training contenders (bench.profile --device cuda) and the elementwise
-#    kernels of a vector layer (bench.kernels --device cuda).
+#    kernels of a vector layer (bench.kernels --device cuda),
+# 4. with COMPILE_S=<seconds> set, the benchmark again with --compile (sub-network pairs compiled).
 # Wheels in .whl/ (e.g. the timm and peft versions the project pins) are installed first, without
 # dependencies, into a private folder. Each step has its own time limit, so one that hangs
 # leaves the others their time; the exit status is the first failure's.
@@ -37,5 +38,9 @@ step "${BENCH_S:-240}" "$out/bench_cuda_b256.log" python3 -m bench.run --device 
 step "${PROFILE_S:-90}" "$out/profile.log" python3 -m bench.profile --device cuda --steps 3 --out /tmp/glora-profile \
     --contenders peft_lora supernet subnet_vector peft_glora_vector
 step 60 "$out/profile.log" python3 -m bench.kernels --device cuda
+# Optional (COMPILE_S=seconds, default off): the sub-network pairs under torch.compile, batch 64.
+if [ "${COMPILE_S:-0}" -gt 0 ]; then
+    step "$COMPILE_S" "$out/bench_cuda_compile.log" python3 -m bench.run --device cuda --compile --out "$out/results-cuda-compile.json"
+fi
 for f in /tmp/glora-profile/profile-*.txt; do [ -e "$f" ] && { echo "### $f"; cat "$f"; }; done > "$out/profiles.txt"
 exit "$status"
