@@ -74,7 +74,12 @@ def _bias_forward(weight, bias, C, D, E):
     if D is not None:
         b = torch.addcmul(b, b, D)
     if E is not None:
-        b = E.expand(weight.shape[0]) if b is None else b.add_(E) if D is not None else b + E  # never in place on b0 itself
+        if b is None:
+            b = E.expand(weight.shape[0])
+        elif D is not None:
+            b.add_(E)  # addcmul's fresh result
+        else:
+            b = b + E  # b is the frozen bias itself
     if C is not None:
         wc = (weight.to(C.dtype) @ C).view(-1)
         b = wc if b is None else b + wc
