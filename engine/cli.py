@@ -13,6 +13,7 @@ import sys
 from supernet import AdapterError, MergeError, SpaceError
 
 from .checkpoint import CheckpointError
+from .compiling import CompileError
 from .config import ConfigError, load_config
 from .data import DataError
 from .models import ModelError
@@ -51,7 +52,7 @@ def main(stage: str, argv=None, doc: str | None = None) -> int:
         status = runner(cfg, info, args.config, overwrite=args.overwrite)
     except INPUT_ERRORS as err:
         return _fail(str(err) if isinstance(err, ConfigError) else f"{args.config}: {err}", 2)
-    except (TrainError, MergeError) as err:
+    except (TrainError, MergeError, CompileError) as err:
         return _fail(str(err), 1)
     except KeyboardInterrupt:
         return _fail("interrupted", 130)

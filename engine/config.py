@@ -119,6 +119,7 @@ class SearchConfig:
     seed: int = 0
     eval_batch_size: int = field(default=128, metadata=check(_positive))
     resume: str = "auto"  # auto | never
+    compile: bool = False  # torch.compile the merged model that scores the candidates
 
 
 @dataclass

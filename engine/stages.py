@@ -52,6 +52,7 @@ from supernet.layer import choice_cost
 
 from . import distributed as D
 from .checkpoint import CheckpointError, safe_torch_load
+from .compiling import compile_errors
 from .config import ConfigError, RunConfig
 from .data import DataConfig, build_splits
 from .models import build_model, input_size
@@ -215,7 +216,7 @@ class MergedScorer:
     products per layer) plus a plain forward pass over the validation images.
     """
 
-    def __init__(self, model: nn.Module, loader, info: D.DistInfo, precision: str = "fp32"):
+    def __init__(self, model: nn.Module, loader, info: D.DistInfo, precision: str = "fp32", compile: bool = False):
         self.model, self.info, self.precision = model, info, precision
         self.layers = dict(glora_layers(model))
         plain = copy.deepcopy(model)
@@ -224,6 +225,9 @@ class MergedScorer:
             parent, _, attr = name.rpartition(".")
             setattr(plain.get_submodule(parent) if parent else plain, attr, linear)
         self.plain = plain.eval().requires_grad_(False)
+        # Compiled once: each candidate is copied into the same tensors in place, which the
+        # compiled graph reads without recompiling.
+        self.compiled = torch.compile(self.plain) if compile else None
         self.targets = {n: self.plain.get_submodule(n) for n in self.layers}
         self.batches = [(x.to(info.device), y.to(info.device)) for x, y in loader]
 
@@ -238,6 +242,9 @@ class MergedScorer:
     def predictions(self, config, merged: bool = True) -> torch.Tensor:
         if merged:
             self.load(config)
+            if self.compiled is not None:
+                with compile_errors("search.compile"):
+                    return self.predict(self.compiled)
             net = self.plain
         else:
             set_subnet(self.model, config)
@@ -315,7 +322,7 @@ def run_search(cfg: RunConfig, info: D.DistInfo, source: str, overwrite: bool = 
     _write_config(sdir, cfg, info)
     tracker = Tracker(sdir, enabled=info.is_main)
     loader = torch.utils.data.DataLoader(val_ds, batch_size=s.eval_batch_size, num_workers=cfg.data.num_workers)
-    scorer = MergedScorer(model, loader, info, cfg.train.precision)
+    scorer = MergedScorer(model, loader, info, cfg.train.precision, compile=s.compile)
     from tqdm import tqdm
 
     bar = tqdm(total=settings.generations, initial=search.generation, desc="search", disable=not info.is_main, leave=False)

@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from . import distributed as D
 from .checkpoint import load_checkpoint, save_checkpoint
+from .compiling import compile_errors, maybe_compile
 from .config import TrainConfig
 from .optim import adamw
 from .rng import get_rng_state, set_rng_state
@@ -119,7 +120,7 @@ class Trainer:
         self.fingerprint, self.desc = fingerprint, desc
         # torch.compile's wrapper shares the parameters; checkpoints, names and evaluation keep
         # using the module itself, whose parameter names carry no "_orig_mod." prefix.
-        self.step_model = torch.compile(model) if cfg.compile else model
+        self.step_model = maybe_compile(model, cfg.compile)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.param_names = [n for n, p in model.named_parameters() if p.requires_grad]
         self.sampler = ResumableSampler(train_ds, info, cfg.seed)
@@ -246,12 +247,8 @@ class Trainer:
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.step_model is self.model:
             return self.model(x)
-        try:
+        with compile_errors(f"{self.desc}.compile"):
             return self.step_model(x)
-        except torch._dynamo.exc.TorchDynamoException as e:  # compiled at the first step (and on a new batch shape)
-            reason = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
-            raise TrainError(f"{self.desc}.compile: torch.compile failed ({reason}); set {self.desc}.compile: false "
-                             f"to train without it") from e
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> float:
         """One optimisation step; returns the loss averaged over ranks."""

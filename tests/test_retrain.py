@@ -127,7 +127,7 @@ def test_compiled_retrain_matches_eager(tmp_path):
 def test_compile_failure_is_one_clear_error(tmp_path, monkeypatch):
     import torch._inductor.config as inductor_config
 
-    from engine.trainer import TrainError
+    from engine.compiling import CompileError
 
     import torch._inductor.utils as inductor_utils
 
@@ -136,7 +136,7 @@ def test_compile_failure_is_one_clear_error(tmp_path, monkeypatch):
     torch._dynamo.reset()
     out = tmp_path / "run"
     # a fresh, empty kernel cache: kernels compiled by an earlier test would need no compiler
-    with fresh_cache(), pytest.raises(TrainError, match=r"^retrain\.compile: torch\.compile failed \(.*compiler.*\); set retrain\.compile: false"):
+    with fresh_cache(), pytest.raises(CompileError, match=r"^retrain\.compile: torch\.compile failed \(.*compiler.*\); set retrain\.compile: false"):
         _retrain(out, preset="ssf", compile=True)
     torch._dynamo.reset()
     assert not (out / "retrain" / "checkpoints" / "last.pt").exists()

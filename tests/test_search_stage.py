@@ -46,6 +46,36 @@ def test_merged_and_unmerged_scoring_agree(trained):
     assert len(seen) > 1
 
 
+def test_compiled_scorer_follows_each_candidate(trained):
+    """search.compile: one compiled plain model; every candidate copied into it in place is scored
+    with its own weights (logits equal the eager model's up to rounding), and the whole search runs."""
+    from engine.data import DataConfig, build_splits
+
+    cfg = _cfg(trained)
+    _, val, n = build_splits(DataConfig(kind="demo", demo_classes=4, demo_train=48, demo_val=24, demo_test=24), "search", 32)
+    model = load_supernet(cfg, n, INFO)
+    with torch.no_grad():
+        for p in (p for name, p in model.named_parameters() if "glora_" in name):
+            p.add_(torch.randn_like(p) * 0.05)
+    scorer = MergedScorer(model, torch.utils.data.DataLoader(val, batch_size=12), INFO, compile=True)
+    x = scorer.batches[0][0]
+    g = torch.Generator().manual_seed(1)
+    logits = []
+    with torch.no_grad():
+        for _ in range(3):
+            scorer.load(sample_subnet(model, g, activate=False))
+            got, want = scorer.compiled(x), scorer.plain(x)
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+            logits.append(got)
+    assert not torch.allclose(logits[0], logits[1])  # the compiled graph read the new weights
+    out = trained.parent / "compiled"
+    import shutil
+
+    shutil.copytree(trained, out)
+    assert run_search(config_from_dict(tiny_config(out, search={"compile": True})), INFO, "t.yaml") == "done"
+    assert (out / "search" / "result.yaml").is_file()
+
+
 def test_search_outputs_budget_and_no_duplicates(trained, tmp_path):
     budget = 9000
     assert run_search(_cfg(trained, max_params=budget, min_params=2000), INFO, "t.yaml") == "done"
