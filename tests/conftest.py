@@ -1,4 +1,5 @@
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -10,6 +11,11 @@ sys.path.insert(0, str(ROOT))
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 LARGE_SPACE = ROOT / "configs" / "space" / "large.yaml"
+
+# torch.compile on the CPU builds C++ kernels (retrain.compile, search.compile, bench --compile)
+needs_cxx = pytest.mark.skipif(
+    not any(shutil.which(c) for c in ("g++", "c++", "clang++")), reason="torch.compile on the CPU needs a C++ compiler"
+)
 
 
 def tiny_vit(num_classes: int = 5, **kw):

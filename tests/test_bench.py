@@ -4,6 +4,7 @@ import json
 import math
 
 from bench import run as bench_run
+from conftest import needs_cxx
 
 TINY = {"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 32, "num_heads": 2}
 
@@ -46,6 +47,7 @@ def test_bench_model_under_bf16_autocast():
     assert res["settings"]["amp"] is True
 
 
+@needs_cxx
 def test_compiled_contenders():
     """--compile: a fixed sub-network is wrapped by torch.compile and trains; the supernet is refused."""
     import pytest

@@ -12,6 +12,7 @@ from engine.config import config_from_dict
 from engine.stages import run_retrain, run_search, run_train
 from runcfg import tiny_config
 from supernet import MergeError
+from conftest import needs_cxx
 
 INFO = D.DistInfo()
 DIMS = {"qkv": (32, 96), "proj": (32, 32), "fc1": (32, 128), "fc2": (128, 32)}  # (in, out) of the tiny ViT
@@ -101,6 +102,7 @@ def test_refuses_to_write_when_merge_disagrees(tmp_path, monkeypatch):
     assert not (tmp_path / "run" / "retrain" / "metrics.json").exists()
 
 
+@needs_cxx
 def test_compiled_retrain_matches_eager(tmp_path):
     """retrain.compile: the same training up to rounding, and the same checkpoint and exports."""
     from engine.checkpoint import load_checkpoint
@@ -124,19 +126,20 @@ def test_compiled_retrain_matches_eager(tmp_path):
     assert m_c["adapter_params"] == m_e["adapter_params"]
 
 
-def test_compile_failure_is_one_clear_error(tmp_path, monkeypatch):
+def test_compile_failure_is_one_clear_error(tmp_path):
     import torch._inductor.config as inductor_config
+    import torch._inductor.utils as inductor_utils
 
     from engine.compiling import CompileError
 
-    import torch._inductor.utils as inductor_utils
-
-    monkeypatch.setattr(inductor_config.cpp, "cxx", ("no-such-c++-compiler",))
     fresh_cache = getattr(inductor_utils, "fresh_cache", None) or inductor_utils.fresh_inductor_cache
-    torch._dynamo.reset()
     out = tmp_path / "run"
-    # a fresh, empty kernel cache: kernels compiled by an earlier test would need no compiler
-    with fresh_cache(), pytest.raises(CompileError, match=r"^retrain\.compile: torch\.compile failed \(.*compiler.*\); set retrain\.compile: false"):
+    torch._dynamo.reset()
+    # no C++ compiler, and a fresh, empty kernel cache (kernels compiled by an earlier test would
+    # need none); config.patch restores the setting afterwards, for the tests that follow
+    with inductor_config.patch({"cpp.cxx": ("no-such-c++-compiler",)}), fresh_cache(), pytest.raises(
+        CompileError, match=r"^retrain\.compile: torch\.compile failed \(.*compiler.*\); set retrain\.compile: false to run without it$"
+    ):
         _retrain(out, preset="ssf", compile=True)
     torch._dynamo.reset()
     assert not (out / "retrain" / "checkpoints" / "last.pt").exists()

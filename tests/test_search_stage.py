@@ -11,6 +11,7 @@ from engine.config import ConfigError, config_from_dict
 from engine.stages import MergedScorer, load_supernet, run_search, run_train
 from runcfg import tiny_config
 from supernet import count_params, load_subnet, sample_subnet
+from conftest import needs_cxx
 
 INFO = D.DistInfo()
 
@@ -46,6 +47,7 @@ def test_merged_and_unmerged_scoring_agree(trained):
     assert len(seen) > 1
 
 
+@needs_cxx
 def test_compiled_scorer_follows_each_candidate(trained):
     """search.compile: one compiled plain model; every candidate copied into it in place is scored
     with its own weights (logits equal the eager model's up to rounding), and the whole search runs."""
