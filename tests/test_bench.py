@@ -3,8 +3,8 @@
 import json
 import math
 
-from bench import run as bench_run
 from conftest import needs_cxx
+from bench import run as bench_run
 
 TINY = {"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 32, "num_heads": 2}
 

@@ -7,12 +7,12 @@ import timm
 import torch
 from safetensors.torch import load_file
 
+from conftest import needs_cxx
 from engine import distributed as D
 from engine.config import config_from_dict
 from engine.stages import run_retrain, run_search, run_train
 from runcfg import tiny_config
 from supernet import MergeError
-from conftest import needs_cxx
 
 INFO = D.DistInfo()
 DIMS = {"qkv": (32, 96), "proj": (32, 32), "fc1": (32, 128), "fc2": (128, 32)}  # (in, out) of the tiny ViT

@@ -6,12 +6,12 @@ import pytest
 import torch
 import yaml
 
+from conftest import needs_cxx
 from engine import distributed as D
 from engine.config import ConfigError, config_from_dict
 from engine.stages import MergedScorer, load_supernet, run_search, run_train
 from runcfg import tiny_config
 from supernet import count_params, load_subnet, sample_subnet
-from conftest import needs_cxx
 
 INFO = D.DistInfo()
 
