@@ -101,7 +101,7 @@ class TrainConfig:
     log_every: int = field(default=10, metadata=check(_positive))  # steps
     resume: str = "auto"  # auto | never | a checkpoint path
     device: str = "auto"  # auto | cpu | cuda
-    compile: bool = False  # torch.compile the training step's model (retrain only: the supernet changes shape every step)
+    compile: bool = False  # torch.compile the training step (retrain only: the supernet changes sub-network every step)
     fail_at_step: int | None = None  # testing aid: inject a NaN loss at this step
     stop_at_step: int | None = None  # testing aid: behave as if SIGTERM arrived at this step
 
