@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from . import distributed as D
 from .checkpoint import load_checkpoint, save_checkpoint
-from .compiling import compile_errors, maybe_compile
+from .compiling import compile_errors
 from .config import TrainConfig
 from .optim import adamw
 from .rng import get_rng_state, set_rng_state
@@ -120,7 +120,7 @@ class Trainer:
         self.fingerprint, self.desc = fingerprint, desc
         # torch.compile's wrapper shares the parameters; checkpoints, names and evaluation keep
         # using the module itself, whose parameter names carry no "_orig_mod." prefix.
-        self.step_model = maybe_compile(model, cfg.compile)
+        self.compiled = torch.compile(model) if cfg.compile else None
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.param_names = [n for n, p in model.named_parameters() if p.requires_grad]
         self.sampler = ResumableSampler(train_ds, info, cfg.seed)
@@ -245,10 +245,10 @@ class Trainer:
         return flags[0].item() / w, flags[1].item() > 0
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.step_model is self.model:
+        if self.compiled is None:
             return self.model(x)
         with compile_errors(f"{self.desc}.compile"):
-            return self.step_model(x)
+            return self.compiled(x)
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> float:
         """One optimisation step; returns the loss averaged over ranks."""
