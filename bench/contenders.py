@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from engine.optim import adamw
-from supernet import apply_glora, extract_subnet, merge_glora, sample_subnet, uniform_subnet
+from supernet import SubnetSampler, apply_glora, extract_subnet, merge_glora, sample_subnet, uniform_subnet
 from supernet.model import find_targets
 from supernet.space import load_space
 
@@ -151,8 +151,8 @@ def _build_train_contender(name: str, base: nn.Module, seed: int = 0) -> Contend
         return Contender(name, peft_lora(base))
     if name == "supernet":
         model = supernet(base)
-        gen = torch.Generator().manual_seed(seed)
-        return Contender(name, model, before=lambda: sample_subnet(model, gen))
+        gen, sampler = torch.Generator().manual_seed(seed), SubnetSampler(model)  # as the trainer draws
+        return Contender(name, model, before=lambda: sampler(gen))
     if name == "subnet_lora":
         return Contender(name, subnet(base, SUBNET_LORA))
     if name == "subnet_vector":

@@ -30,6 +30,7 @@ from supernet import (
     TENSORS,
     GLoraLinear,
     MergeError,
+    SubnetSampler,
     apply_glora,
     atomic_write,
     atomic_write_text,
@@ -167,8 +168,10 @@ def run_train(cfg: RunConfig, info: D.DistInfo, source: str, overwrite: bool = F
     tracker = Tracker(out, enabled=info.is_main)
     refs = reference_subnets(model, t.seed, t.reference_subnets)
 
+    sampler = SubnetSampler(model)
+
     def before_step(step: int) -> int:
-        config = sample_subnet(model, step_generator(t.seed, step))
+        config = sampler(step_generator(t.seed, step))
         return subnet_tag(config)
 
     trainer = Trainer(model, train_ds, val_ds, t, out, info, tracker, before_step=before_step,

@@ -8,6 +8,7 @@ from .layer import GLoraLinear, SupportTensors, choice_cost
 from .merge import MergeError, merge_glora, merged_linear
 from .model import (
     ParamCount,
+    SubnetSampler,
     apply_glora,
     choice_costs,
     count_params,

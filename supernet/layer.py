@@ -20,6 +20,7 @@ testing; the tests check outputs and gradients of every configuration against it
 from __future__ import annotations
 
 import functools
+import math
 from typing import Mapping, NamedTuple, Sequence
 
 import torch
@@ -70,25 +71,32 @@ def _eager_cache(maxsize: int):
 
 def _bias_forward(weight, bias, C, D, E):
     """``b0 + b0 ⊙ D + E + W0 C`` (None when there is no bias at all), computed in the parameters' dtype."""
-    b = bias
+    b, fresh = bias, False  # fresh: b is this function's own tensor, safe to update in place
     if D is not None:
-        b = torch.addcmul(b, b, D)
+        b, fresh = torch.addcmul(b, b, D), True
     if E is not None:
-        if b is None:
+        if fresh:
+            b.add_(E)
+        elif b is None:
             b = E.expand(weight.shape[0])
-        elif D is not None:
-            b.add_(E)  # addcmul's fresh result
         else:
-            b = b + E  # b is the frozen bias itself
+            b, fresh = b + E, True
     if C is not None:
-        wc = (weight.to(C.dtype) @ C).view(-1)
-        b = wc if b is None else b + wc
+        c = C.view(-1)
+        w = _as(weight, c.dtype)
+        if b is None:
+            b = torch.mv(w, c)
+        elif b.dtype != c.dtype:
+            b = b + torch.mv(w, c)
+        else:
+            b = b.addmv_(w, c) if fresh else torch.addmv(b, w, c)
     return b
 
 
-def _fit(v: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    """A per-row gradient ``(rows,)`` shaped for its tensor: summed when the tensor is a scalar."""
-    return (v.sum() if shape.numel() == 1 else v).reshape(shape)
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t.to(dtype)``, without a dispatcher call when it is one already: the layer's small tensors
+    are cast a dozen times per call, and on a host-bound step each call costs."""
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def _channel_sums(g: torch.Tensor, z: torch.Tensor, dtype: torch.dtype, with_sum: bool):
@@ -120,15 +128,15 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
-def _shape(t: torch.Tensor | None) -> torch.Size | None:
-    return None if t is None else t.shape
-
-
 # -- the active slices of the shared parameters ----------------------------------------------
 # The autograd functions below take the whole shared parameters and slice them themselves.
 # Slicing outside would add a SliceBackward node per tensor, whose backward allocates a zero
 # tensor of the full size and copies the slice's gradient into it: two kernels per tensor on a
 # GPU, for tensors too small to keep it busy, and a supernet step is mostly such small ops.
+
+# The shared parameters of a layer, in the order the autograd functions take them.
+PARAMS = ("glora_Ad", "glora_Au", "glora_Bd", "glora_Bu", "glora_Cd", "glora_Cu", "glora_D", "glora_E")
+
 
 def _slices(c: Choice, down: torch.Tensor | None, up: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """A, B or C of choice ``c``: ``(down_r, up_r)`` for lora, ``(column, None)`` for vector/scalar, else ``(None, None)``."""
@@ -151,16 +159,75 @@ def _vec(c: Choice, p: torch.Tensor | None) -> torch.Tensor | None:
     return p if c.kind == "vector" else p[:1] if c.kind == "scalar" else None
 
 
-def _full(g: torch.Tensor | None, shape: torch.Size | None, dtype: torch.dtype | None = None) -> torch.Tensor | None:
-    """The gradient ``g`` of a leading slice of a parameter as a gradient of all of it (zero outside the slice), in ``dtype``."""
-    dtype = dtype or (None if g is None else g.dtype)
-    if g is None or g.shape == shape:
-        return g if g is None else g.to(dtype)
+class _Plan(NamedTuple):
+    """What one layer computes under one choice, worked out when the choice is set.
+
+    A supernet step is made of many small operations, so on a GPU at moderate batch sizes, and on
+    small models anywhere, it is bound by the host: Python and dispatch, not arithmetic. Working
+    out which parameters a choice uses, which slice of each and what shape each gradient needs
+    once per choice (plans are shared by layers of the same shape) keeps that work off every call.
+
+    ``names`` are the shared parameters behind (Ad, Au, Bd, Bu, Cd, Cu, D, E), None where unused;
+    ``index`` the leading slice of each that the choice uses, None where that is all of it (always
+    so in an extracted sub-network); ``lead`` the shape of that slice and ``shapes`` the full one.
+    """
+
+    fn: type | None  # None: every tensor is none, a plain linear layer
+    names: tuple[str | None, ...]
+    index: tuple[tuple[slice, ...] | None, ...]
+    lead: tuple[tuple[int, ...] | None, ...]
+    shapes: tuple[tuple[int, ...] | None, ...]
+
+
+# Every plan made so far: at most (choices in the space) x (distinct layer shapes) of them, a few
+# thousand for a ViT in the largest space. Unbounded on purpose: an LRU cache smaller than that
+# would evict plans a supernet keeps drawing.
+_PLANS: dict[tuple, _Plan] = {}
+
+
+def _plan_for(choice: LayerChoice, shapes: tuple[tuple[int, ...] | None, ...], out_f: int, in_f: int) -> _Plan:
+    key = (choice, shapes, out_f, in_f)
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = _PLANS[key] = _make_plan(choice, shapes, out_f, in_f)
+    return plan
+
+
+def _make_plan(choice: LayerChoice, shapes: tuple[tuple[int, ...] | None, ...], out_f: int, in_f: int) -> _Plan:
+    lead: list[tuple[int, ...] | None] = []
+    for t in TENSORS:
+        c = choice[t]
+        if t in ("D", "E"):
+            lead.append({"vector": (out_f,), "scalar": (1,)}.get(c.kind))
+            continue
+        rows, cols = (in_f, 1) if t == "C" else (out_f, in_f)
+        if c.kind == "lora":
+            lead += [(rows, c.rank), (c.rank, cols)]
+        else:
+            lead += [{"vector": (rows, 1), "scalar": (1, 1)}.get(c.kind), None]
+    names = tuple(None if n is None else p for p, n in zip(PARAMS, lead))
+    index = tuple(
+        None if n is None or n == s else tuple(slice(0, k) for k in n) for n, s in zip(lead, shapes)
+    )
+    fn = None if all(n is None for n in names) else _RebuiltWeightLinear if choice.A.kind == "lora" else _ScaleShiftLinear
+    return _Plan(fn, names, index, tuple(lead), shapes)
+
+
+def _take(params: Sequence[torch.Tensor | None], plan: _Plan) -> list[torch.Tensor | None]:
+    """The active slices of the shared parameters (None where unused)."""
+    return [p if i is None or p is None else p[i] for p, i in zip(params, plan.index)]
+
+
+def _full(g: torch.Tensor, k: int, plan: _Plan, dtype: torch.dtype) -> torch.Tensor:
+    """The gradient ``g`` of parameter ``k``'s active slice as a gradient of all of it (zero outside the slice), in ``dtype``."""
+    index, shape = plan.index[k], plan.shapes[k]
+    if index is None:
+        return _as(g, dtype)
     if all(n == 1 or n == m for n, m in zip(g.shape, shape)):
         # A column or a scalar (vector, scalar choices): broadcast against a 0/1 mask, one kernel
-        return torch.mul(g, _slice_mask(tuple(shape), tuple(g.shape), dtype, g.device))
+        return torch.mul(g, _slice_mask(shape, tuple(g.shape), dtype, g.device))
     out = g.new_zeros(shape, dtype=dtype)
-    out[tuple(slice(0, n) for n in g.shape)] = g  # the copy casts too
+    out[index] = g  # the copy casts too
     return out
 
 
@@ -172,48 +239,43 @@ def _slice_mask(shape: tuple[int, ...], lead: tuple[int, ...], dtype: torch.dtyp
     return mask
 
 
-def _mm_full(a: torch.Tensor, b: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    """``a @ b`` as the leading slice of a zero ``shape`` tensor, the product written in place."""
-    if shape == (a.shape[0], b.shape[1]):
+def _mm_full(a: torch.Tensor, b: torch.Tensor, k: int, plan: _Plan) -> torch.Tensor:
+    """``a @ b``, the gradient of parameter ``k``'s active slice, as the leading slice of a zero tensor of its full shape."""
+    if plan.index[k] is None:
         return a @ b
-    out = a.new_zeros(shape)
-    torch.mm(a, b, out=out[: a.shape[0], : b.shape[1]])
+    out = a.new_zeros(plan.shapes[k])
+    torch.mm(a, b, out=out[plan.index[k]])
     return out
 
 
-class _Bias:
-    """C, D, E of one call: ``b = b0 + b0 ⊙ D + E + W0 C`` and the gradients from ``gb = Σ_n g``."""
-
-    def __init__(self, choice: LayerChoice, Cd, Cu, D, E):
-        self.Cd, self.Cu = _slices(choice.C, Cd, Cu)
-        self.D, self.E = _vec(choice.D, D), _vec(choice.E, E)
-        self.C = _compose(self.Cd, self.Cu)  # (in, 1)
-        self.shapes = (_shape(Cd), _shape(Cu), _shape(D), _shape(E), _shape(self.D), _shape(self.E))
-
-    def forward(self, weight, bias):
-        return _bias_forward(weight, bias, self.C, self.D, self.E)
-
-    def backward(self, gb, weight, bias, needs):
-        """Full-size gradients of the parameters ``(Cd, Cu, D, E)``; ``needs`` says which are wanted."""
-        Cd_shape, Cu_shape, D_shape, E_shape, d_shape, e_shape = self.shapes
-        gCd = gCu = gD = gE = None
-        if needs[0] or needs[1]:
-            gC = (gb.to(weight.dtype) @ weight).to(self.Cd.dtype).view(-1, 1)  # (in, 1)
-            if self.Cu is None:
-                gCd = _full(gC, Cd_shape)
-            else:
-                gCd = _mm_full(gC, self.Cu.t(), Cd_shape) if needs[0] else None
-                gCu = _mm_full(self.Cd.t(), gC, Cu_shape) if needs[1] else None
-        if needs[2]:
-            gD = _full(_fit(gb * bias.to(gb.dtype), d_shape), D_shape)
-        if needs[3]:
-            gE = _full(_fit(gb, e_shape), E_shape)
-        return gCd, gCu, gD, gE
+def _fit(v: torch.Tensor, k: int, plan: _Plan) -> torch.Tensor:
+    """A per-row gradient ``(rows,)`` shaped for parameter ``k``'s active slice: summed when that is a scalar."""
+    lead = plan.lead[k]
+    return v.sum().reshape(lead) if math.prod(lead) == 1 else v.view(lead)
 
 
-def _lora_grads(gW: torch.Tensor, down: torch.Tensor, up: torch.Tensor, needs: Sequence[bool], shapes: Sequence[torch.Size]):
-    """Full-size gradients of the shared ``down`` and ``up`` from ``gW``, the gradient of their slices' product."""
-    return (_mm_full(gW, up.t(), shapes[0]) if needs[0] else None), (_mm_full(down.t(), gW, shapes[1]) if needs[1] else None)
+def _bias_backward(gb, weight, bias, Cd, Cu, needs, plan):
+    """Full-size gradients of ``(Cd, Cu, D, E)`` from ``gb = Σ_n g`` (in the parameters' dtype); ``needs`` are theirs."""
+    gCd = gCu = gD = gE = None
+    if needs[0] or needs[1]:
+        gC = _as(torch.mv(weight.t(), _as(gb, weight.dtype)), Cd.dtype).view(-1, 1)  # (in, 1)
+        if Cu is None:
+            gCd = _full(gC, 4, plan, Cd.dtype)
+        else:
+            gCd = _mm_full(gC, Cu.t(), 4, plan) if needs[0] else None
+            gCu = _mm_full(Cd.t(), gC, 5, plan) if needs[1] else None
+    if needs[2]:
+        b0 = _as(bias, gb.dtype)
+        gd = torch.dot(gb, b0) if plan.lead[6] == (1,) else gb * b0  # scalar D: one op, not a product and a sum
+        gD = _full(gd.view(plan.lead[6]), 6, plan, gb.dtype)
+    if needs[3]:
+        gE = _full(_fit(gb, 7, plan), 7, plan, gb.dtype)
+    return gCd, gCu, gD, gE
+
+
+def _lora_grads(gW: torch.Tensor, down: torch.Tensor, up: torch.Tensor, needs: Sequence[bool], k: int, plan: _Plan):
+    """Full-size gradients of the shared parameters ``k`` (down) and ``k + 1`` (up) from ``gW``, the gradient of their slices' product."""
+    return (_mm_full(gW, up.t(), k, plan) if needs[0] else None), (_mm_full(down.t(), gW, k + 1, plan) if needs[1] else None)
 
 
 class _ScaleShiftLinear(torch.autograd.Function):
@@ -228,100 +290,99 @@ class _ScaleShiftLinear(torch.autograd.Function):
     because on small models the dozen tiny autograd nodes they otherwise make per layer cost
     more than their arithmetic.
 
-    The arguments after ``choice`` are the layer's whole shared parameters (None where inactive).
+    The arguments after ``plan`` are the layer's whole shared parameters (None where inactive).
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, choice, Ad, Au, Bd, Bu, Cd, Cu, D, E):
-        A, _ = _slices(choice.A, Ad, None)
-        Bd_r, Bu_r = _slices(choice.B, Bd, Bu)
-        lora_b = Bu_r is not None
-        scale = None if A is None else 1 + A.reshape(-1)
-        shift = None if Bd_r is None or lora_b else Bd_r.reshape(-1)
-        terms = _Bias(choice, Cd, Cu, D, E)
-        b = terms.forward(weight, bias)
+    def forward(ctx, x, weight, bias, plan, *params):
+        A, _, Bd, Bu, Cd, Cu, D, E = _take(params, plan)
+        lora_b = Bu is not None
+        scale = None if A is None else 1 + A.view(-1)
+        shift = None if Bd is None or lora_b else Bd.view(-1)
+        b = _bias_forward(weight, bias, _compose(Cd, Cu), D, E)
         if lora_b:
-            x = x.to(_compute_dtype(x))  # kept for Bu's gradient: cast once, and F.linear has nothing left to cast
+            x = _as(x, _compute_dtype(x))  # kept for Bu's gradient: cast once, and F.linear has nothing left to cast
         if scale is None and shift is None:
-            z = y = F.linear(x, weight, None if b is None else b.to(x.dtype))
+            z = y = F.linear(x, weight, None if b is None else _as(b, x.dtype))
         else:
             z = F.linear(x, weight)  # under autocast this runs (and returns) in the autocast dtype
             # The (out,) vectors are cast to z's dtype first: on a GPU an elementwise op over
             # activations with mixed input dtypes falls back to a kernel about 1.7x slower.
             dt = z.dtype
             if scale is None:
-                y = z if b is None else z.add_(b.to(dt))
+                y = z if b is None else z.add_(_as(b, dt))
             else:
-                y = z * scale.to(dt) if b is None else torch.addcmul(b.to(dt), z, scale.to(dt))
+                y = z * _as(scale, dt) if b is None else torch.addcmul(_as(b, dt), z, _as(scale, dt))
         xsum = xb = None
         if shift is not None:
-            xsum = x.sum(-1, keepdim=True).to(y.dtype)
-            y.addcmul_(xsum, shift.to(y.dtype))  # broadcast: 2-3x faster than the same rank-1 update as addmm_ (CPU)
+            xsum = _as(x.sum(-1, keepdim=True), y.dtype)
+            y.addcmul_(xsum, _as(shift, y.dtype))  # broadcast: 2-3x faster than the same rank-1 update as addmm_ (CPU)
         if lora_b:
-            xb = F.linear(x, Bu_r.to(y.dtype))  # (..., r)
-            y.view(-1, y.shape[-1]).addmm_(xb.view(-1, xb.shape[-1]), Bd_r.to(y.dtype).t())
+            xb = F.linear(x, _as(Bu, y.dtype))  # (..., r)
+            y.view(-1, y.shape[-1]).addmm_(xb.view(-1, xb.shape[-1]), _as(Bd, y.dtype).t())
         needs = ctx.needs_input_grad
+        ctx.plan = plan
         ctx.x_shape = x.shape
-        ctx.shapes = (_shape(A), _shape(Bd_r), _shape(Ad), _shape(Bd), _shape(Bu))
-        ctx.terms = terms
         ctx.save_for_backward(
             weight, scale, shift,
             z if needs[4] else None,  # z = x W0ᵀ, before scaling: the gradient of A is Σ_n g ⊙ z
             xsum if needs[6] else None,
             bias if needs[10] else None,
-            Bd_r, Bu_r,
+            Bd, Bu,
             x if needs[7] else None,
             xb if needs[6] else None,
+            Cd, Cu,
         )
         return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g):
-        weight, scale, shift, z, xsum, bias, Bd_r, Bu_r, x, xb = ctx.saved_tensors
-        a_shape, b_shape, Ad_shape, Bd_shape, Bu_shape = ctx.shapes
+        weight, scale, shift, z, xsum, bias, Bd, Bu, x, xb, Cd, Cu = ctx.saved_tensors
+        plan = ctx.plan
         needs = ctx.needs_input_grad
-        g2 = g.reshape(-1, g.shape[-1])
-        lora_b = Bu_r is not None
+        g2 = g.view(-1, g.shape[-1]) if g.is_contiguous() else g.reshape(-1, g.shape[-1])
+        lora_b = Bu is not None
         gx = gAd = gBd = gBu = None
-        gxb = g2 @ Bd_r.to(g.dtype) if lora_b and (needs[0] or needs[7]) else None  # (N, r)
+        gxb = g2 @ _as(Bd, g.dtype) if lora_b and (needs[0] or needs[7]) else None  # (N, r)
         if needs[0]:
             # d/dx of s ⊙ (W0 x) + t Σ_j x_j is the (out, in) matrix s ⊙ W0 + t 1ᵀ: one product
             # weight-sized, so written in g's dtype by the op itself rather than cast after it
-            w = torch.empty(weight.shape, dtype=g.dtype, device=g.device)
             if scale is None and shift is None:
-                w.copy_(weight)
-            elif shift is None:
-                torch.mul(weight, scale.unsqueeze(-1), out=w)
-            elif scale is None:
-                torch.add(weight, shift.unsqueeze(-1), out=w)
-            elif w.is_cuda:
-                torch.addcmul(shift.unsqueeze(-1), weight, scale.unsqueeze(-1), out=w)  # one kernel: launches are what cost on a GPU
+                w = _as(weight, g.dtype)
             else:
-                # Two passes on a CPU: its addcmul kernel is not vectorised when the added tensor
-                # is the broadcast column, and takes 3x the time of a multiply and an add.
-                torch.mul(weight, scale.unsqueeze(-1), out=w).add_(shift.unsqueeze(-1))
+                w = torch.empty(weight.shape, dtype=g.dtype, device=g.device)
+                if shift is None:
+                    torch.mul(weight, scale.unsqueeze(-1), out=w)
+                elif scale is None:
+                    torch.add(weight, shift.unsqueeze(-1), out=w)
+                elif w.is_cuda:
+                    torch.addcmul(shift.unsqueeze(-1), weight, scale.unsqueeze(-1), out=w)  # one kernel: launches are what cost on a GPU
+                else:
+                    # Two passes on a CPU: its addcmul kernel is not vectorised when the added tensor
+                    # is the broadcast column, and takes 3x the time of a multiply and an add.
+                    torch.mul(weight, scale.unsqueeze(-1), out=w).add_(shift.unsqueeze(-1))
             gx2 = g2 @ w
             if lora_b:
-                gx2.addmm_(gxb, Bu_r.to(g.dtype))
+                gx2.addmm_(gxb, _as(Bu, g.dtype))
             gx = gx2.view(ctx.x_shape)
-        with_bias = any(needs[8:])
+        with_bias = needs[8] or needs[9] or needs[10] or needs[11]
         gsum = None
         if needs[4]:
-            gz, gsum = _channel_sums(g2, z.reshape(g2.shape), scale.dtype, with_bias)
-            gAd = _full(_fit(gz, a_shape), Ad_shape)  # gz is in the parameters' dtype already
+            gz, gsum = _channel_sums(g2, z.view(g2.shape), scale.dtype, with_bias)
+            gAd = _full(_fit(gz, 0, plan), 0, plan, scale.dtype)  # gz is in the parameters' dtype already
         elif with_bias:
             gsum = g2.sum(0, dtype=weight.dtype)
         if needs[6]:
             if lora_b:
-                gBd = _full(g2.t() @ xb.reshape(-1, xb.shape[-1]), Bd_shape, Bd_r.dtype)
+                gBd = _full(g2.t() @ xb.view(-1, xb.shape[-1]), 2, plan, Bd.dtype)
             else:
-                gBd = _full(_fit((xsum.reshape(1, -1) @ g2).view(-1), b_shape), Bd_shape, shift.dtype)
+                gBd = _full(_fit((xsum.view(1, -1) @ g2).view(-1), 2, plan), 2, plan, shift.dtype)
         if needs[7]:
-            gBu = _full(gxb.t() @ x.reshape(-1, x.shape[-1]), Bu_shape, Bu_r.dtype)
+            gBu = _full(gxb.t() @ x.reshape(-1, x.shape[-1]), 3, plan, Bu.dtype)
         gCd = gCu = gD = gE = None
         if with_bias:
-            gCd, gCu, gD, gE = ctx.terms.backward(gsum, weight, bias, needs[8:])
+            gCd, gCu, gD, gE = _bias_backward(gsum, weight, bias, Cd, Cu, needs[8:], plan)
         return gx, None, None, None, gAd, None, gBd, gBu, gCd, gCu, gD, gE
 
 
@@ -349,39 +410,36 @@ class _RebuiltWeightLinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, choice, Ad, Au, Bd, Bu, Cd, Cu, D, E):
-        Ad_r, Au_r = _slices(choice.A, Ad, Au)
-        Bd_r, Bu_r = _slices(choice.B, Bd, Bu)
-        terms = _Bias(choice, Cd, Cu, D, E)
-        b = terms.forward(weight, bias)
+    def forward(ctx, x, weight, bias, plan, *params):
+        Ad, Au, Bd, Bu, Cd, Cu, D, E = _take(params, plan)
+        b = _bias_forward(weight, bias, _compose(Cd, Cu), D, E)
         dt = _compute_dtype(x)
-        x = x.to(dt)  # cast once: F.linear would cast it again under autocast, and x is kept for the backward
-        y = F.linear(x, _dense_weight(weight, Ad_r, Au_r, Bd_r, Bu_r, dt), None if b is None else b.to(dt))
-        ctx.terms = terms
-        ctx.shapes = (_shape(Ad), _shape(Au), _shape(Bd), _shape(Bu))
-        ctx.save_for_backward(x, weight, bias if ctx.needs_input_grad[10] else None, Ad_r, Au_r, Bd_r, Bu_r)
+        x = _as(x, dt)  # cast once: F.linear would cast it again under autocast, and x is kept for the backward
+        y = F.linear(x, _dense_weight(weight, Ad, Au, Bd, Bu, dt), None if b is None else _as(b, dt))
+        ctx.plan = plan
+        ctx.save_for_backward(x, weight, bias if ctx.needs_input_grad[10] else None, Ad, Au, Bd, Bu, Cd, Cu)
         return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g):
-        x, weight, bias, Ad_r, Au_r, Bd_r, Bu_r = ctx.saved_tensors
+        x, weight, bias, Ad, Au, Bd, Bu, Cd, Cu = ctx.saved_tensors
+        plan = ctx.plan
         needs = ctx.needs_input_grad
-        g2 = g.reshape(-1, g.shape[-1])
-        gx = (g2 @ _dense_weight(weight, Ad_r, Au_r, Bd_r, Bu_r, g.dtype)).view(x.shape) if needs[0] else None
+        g2 = g.view(-1, g.shape[-1]) if g.is_contiguous() else g.reshape(-1, g.shape[-1])
+        gx = (g2 @ _dense_weight(weight, Ad, Au, Bd, Bu, g.dtype)).view(x.shape) if needs[0] else None
         gCd = gCu = gD = gE = None
-        if any(needs[8:]):
-            gCd, gCu, gD, gE = ctx.terms.backward(g2.sum(0, dtype=weight.dtype), weight, bias, needs[8:])
+        if needs[8] or needs[9] or needs[10] or needs[11]:
+            gCd, gCu, gD, gE = _bias_backward(g2.sum(0, dtype=weight.dtype), weight, bias, Cd, Cu, needs[8:], plan)
         gAd = gAu = gBd = gBu = None
-        if any(needs[4:8]):
-            Ad_shape, Au_shape, Bd_shape, Bu_shape = ctx.shapes
-            gW = (g2.t() @ x.reshape(-1, x.shape[-1])).to(Ad_r.dtype)  # the gradient of the dense weight
+        if needs[4] or needs[5] or needs[6] or needs[7]:
+            gW = _as(g2.t() @ x.view(-1, x.shape[-1]), Ad.dtype)  # the gradient of the dense weight
             if needs[4] or needs[5]:
-                gAd, gAu = _lora_grads(gW * weight.to(gW.dtype), Ad_r, Au_r, needs[4:6], (Ad_shape, Au_shape))
-            if Bu_r is not None:
-                gBd, gBu = _lora_grads(gW, Bd_r, Bu_r, needs[6:8], (Bd_shape, Bu_shape))
+                gAd, gAu = _lora_grads(gW * _as(weight, gW.dtype), Ad, Au, needs[4:6], 0, plan)
+            if Bu is not None:
+                gBd, gBu = _lora_grads(gW, Bd, Bu, needs[6:8], 2, plan)
             elif needs[6]:
-                gBd = _full(gW.sum_to_size(Bd_r.shape), Bd_shape)  # B broadcast over (out, in): a vector (out, 1) or a scalar (1, 1)
+                gBd = _full(gW.sum_to_size(Bd.shape), 2, plan, Bd.dtype)  # B broadcast over (out, in): a vector (out, 1) or a scalar (1, 1)
         return gx, None, None, None, gAd, gAu, gBd, gBu, gCd, gCu, gD, gE
 
 
@@ -400,7 +458,7 @@ class GLoraLinear(nn.Module):
         self.in_features = base.in_features
         self.out_features = base.out_features
         self.weight = base.weight
-        self.bias = base.bias
+        self.register_parameter("bias", base.bias)  # registered even when None: forward reads both from _parameters
         self.weight.requires_grad_(False)
         if self.bias is not None:
             self.bias.requires_grad_(False)
@@ -414,6 +472,7 @@ class GLoraLinear(nn.Module):
                 parsed = (NONE,)
             self.choices[t] = parsed
         self._allocate()
+        self._param_shapes = tuple(None if (q := self._parameters[n]) is None else tuple(q.shape) for n in PARAMS)
         self.active = LayerChoice(**{t: self.choices[t][0] for t in TENSORS})
 
     # -- parameters -------------------------------------------------------------------------
@@ -474,25 +533,22 @@ class GLoraLinear(nn.Module):
         """D/E: (out,) for vector, (1,) for scalar."""
         return _vec(c, getattr(self, f"glora_{t}"))
 
+    @property
+    def active(self) -> LayerChoice:
+        """The active choice; setting it also sets the plan the forward pass follows."""
+        return self._active
+
+    @active.setter
+    def active(self, choice: LayerChoice) -> None:
+        # object.__setattr__: nn.Module's own is slower, and this runs for every layer on every supernet step
+        object.__setattr__(self, "_plan", _plan_for(choice, self._param_shapes, self.out_features, self.in_features))
+        object.__setattr__(self, "_active", choice)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        c = self.active
-        params = self._active_parameters(c)
-        if all(p is None for p in params):
-            return F.linear(x, self.weight, self.bias)
-        fn = _RebuiltWeightLinear if c.A.kind == "lora" else _ScaleShiftLinear
-        return fn.apply(x, self.weight, self.bias, c, *params)
-
-    def _active_parameters(self, c: LayerChoice) -> tuple[torch.Tensor | None, ...]:
-        """``(Ad, Au, Bd, Bu, Cd, Cu, D, E)``: the shared parameters the choice uses, None for the others."""
-        def used(p, kind, lora_only=False):
-            return p if kind != "none" and (kind == "lora" or not lora_only) else None
-
-        return (
-            used(self.glora_Ad, c.A.kind), used(self.glora_Au, c.A.kind, True),
-            used(self.glora_Bd, c.B.kind), used(self.glora_Bu, c.B.kind, True),
-            used(self.glora_Cd, c.C.kind), used(self.glora_Cu, c.C.kind, True),
-            used(self.glora_D, c.D.kind), used(self.glora_E, c.E.kind),
-        )
+        plan, p = self._plan, self._parameters
+        if plan.fn is None:
+            return F.linear(x, p["weight"], p["bias"])
+        return plan.fn.apply(x, p["weight"], p["bias"], plan, *[None if n is None else p[n] for n in plan.names])
 
     # -- dense forms ------------------------------------------------------------------------
     def support_tensors(self) -> SupportTensors:

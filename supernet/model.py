@@ -188,12 +188,27 @@ def set_subnet(model: nn.Module, config: Subnet | Mapping[str, Any] | str | os.P
 
 def sample_subnet(model: nn.Module, generator: torch.Generator, activate: bool = True) -> Subnet:
     """Draw one configuration (uniform per layer and tensor) from ``generator`` and activate it."""
-    layers = _layers_or_raise(model)
-    config = sample_config({name: layer.choices for name, layer in layers.items()}, generator)
-    if activate:  # drawn from each layer's own lists: nothing for set_subnet to check (it runs every step)
-        for name, layer in layers.items():
-            layer.active = config[name]
-    return config
+    return SubnetSampler(model)(generator, activate)
+
+
+class SubnetSampler:
+    """:func:`sample_subnet` for one model, step after step: the supernet's training loop.
+
+    Finds the GLoRA layers once. Walking the module tree costs more than the drawing on a ViT
+    (120 of 290 µs per step on vit_base), and a step that is bound by the host pays it in full.
+    Build a new sampler if the model's layers are replaced (:func:`extract_subnet`).
+    """
+
+    def __init__(self, model: nn.Module):
+        self.layers = _layers_or_raise(model)
+        self.choices = {name: layer.choices for name, layer in self.layers.items()}
+
+    def __call__(self, generator: torch.Generator, activate: bool = True) -> Subnet:
+        config = sample_config(self.choices, generator)
+        if activate:  # drawn from each layer's own lists: nothing for set_subnet to check (it runs every step)
+            for name, layer in self.layers.items():
+                layer.active = config[name]
+        return config
 
 
 def uniform_subnet(model: nn.Module, choice: LayerChoice | Mapping[str, str]) -> Subnet:

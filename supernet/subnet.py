@@ -82,9 +82,10 @@ def sample_config(choices: Mapping[str, Mapping[str, tuple]], generator: torch.G
     u = iter(torch.rand(n_draws, generator=generator, dtype=torch.float64).tolist())
     out = {}
     for name, per_tensor in choices.items():
-        picked = {}
+        picked = []
         for t in TENSORS:
             options = per_tensor[t]
-            picked[t] = options[min(int(next(u) * len(options)), len(options) - 1)] if len(options) > 1 else options[0]
-        out[name] = LayerChoice(**picked)
+            n = len(options)
+            picked.append(options[min(int(next(u) * n), n - 1)] if n > 1 else options[0])
+        out[name] = LayerChoice(*picked)  # A..E, in order
     return out

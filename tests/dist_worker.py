@@ -37,15 +37,15 @@ def main() -> None:
         return
     if stage == "train":
         # record the sub-network every step on every rank
-        original = stages.sample_subnet
+        original = stages.SubnetSampler.__call__
 
-        def recording(model, gen, activate=True):
-            out = original(model, gen, activate)
+        def recording(self, gen, activate=True):
+            out = original(self, gen, activate)
             if activate:
                 tags.append(stages.subnet_tag(out))
             return out
 
-        stages.sample_subnet = recording
+        stages.SubnetSampler.__call__ = recording
         captured = {}
         original_fit = stages.Trainer.fit
 
