@@ -67,3 +67,20 @@ def test_compiled_contenders():
     assert any((a - b).abs().max() > 0 for a, b in zip(after, before))
     with pytest.raises(ValueError, match="recompile"):
         C.build_train_contender("supernet", base, 0, compile=True)
+
+
+def test_host_bound_bench_writes_ratios_and_op_counts(tmp_path):
+    """bench.host end to end on a 2-block model: ratios, floor and operations per step for every contender."""
+    from bench import host
+
+    out = tmp_path / "host.json"
+    doc = host.run(host.HostSettings(depth=2, warmup=1, rounds=2, count_steps=1), out, log=lambda _: None)
+    assert json.loads(out.read_text()) == json.loads(json.dumps(doc))
+    assert set(doc["ratios"]) == set(bench_run.TRAIN_PAIRS)
+    assert all(math.isfinite(v) and v > 0 for v in doc["ratios"].values())
+    assert set(doc["floor"]) == {"frozen_vs_peft_glora_step_vector"}
+    ops = doc["ops_per_step"]
+    assert set(ops) == {"supernet", "peft_lora", "subnet_lora", "peft_glora_lora", "subnet_vector", "peft_glora_vector", "frozen"}
+    # every adapter adds operations to the frozen model's step; views are not counted
+    assert all(ops[n] > ops["frozen"] > 0 for n in ops if n != "frozen")
+    assert "view" not in doc["top_ops"]["subnet_vector"] and "mm" in doc["top_ops"]["frozen"]
