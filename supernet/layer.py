@@ -177,6 +177,7 @@ class _Plan(NamedTuple):
     index: tuple[tuple[slice, ...] | None, ...]
     lead: tuple[tuple[int, ...] | None, ...]
     shapes: tuple[tuple[int, ...] | None, ...]
+    sliced: bool  # some parameter is used in part
 
 
 # Every plan made so far: at most (choices in the space) x (distinct layer shapes) of them, a few
@@ -210,11 +211,13 @@ def _make_plan(choice: LayerChoice, shapes: tuple[tuple[int, ...] | None, ...], 
         None if n is None or n == s else tuple(slice(0, k) for k in n) for n, s in zip(lead, shapes)
     )
     fn = None if all(n is None for n in names) else _RebuiltWeightLinear if choice.A.kind == "lora" else _ScaleShiftLinear
-    return _Plan(fn, names, index, tuple(lead), shapes)
+    return _Plan(fn, names, index, tuple(lead), shapes, any(i is not None for i in index))
 
 
 def _take(params: Sequence[torch.Tensor | None], plan: _Plan) -> list[torch.Tensor | None]:
     """The active slices of the shared parameters (None where unused)."""
+    if not plan.sliced:  # an extracted sub-network: every parameter is used whole
+        return params
     return [p if i is None or p is None else p[i] for p, i in zip(params, plan.index)]
 
 
@@ -251,6 +254,8 @@ def _mm_full(a: torch.Tensor, b: torch.Tensor, k: int, plan: _Plan) -> torch.Ten
 def _fit(v: torch.Tensor, k: int, plan: _Plan) -> torch.Tensor:
     """A per-row gradient ``(rows,)`` shaped for parameter ``k``'s active slice: summed when that is a scalar."""
     lead = plan.lead[k]
+    if v.shape == lead:
+        return v
     return v.sum().reshape(lead) if math.prod(lead) == 1 else v.view(lead)
 
 
