@@ -51,6 +51,7 @@ class HostSettings:
     count_steps: int = 3
     seed: int = 0
     depth: int | None = None  # None: the model's own (12 blocks for vit_base); tests shrink it
+    amp: bool = False  # bf16 autocast, as bench.run --device cuda: adds the casts a GPU step launches
 
     def spec(self) -> ModelSpec:
         kwargs: dict[str, Any] = dict(embed_dim=self.width, num_heads=self.heads, img_size=self.img_size)
@@ -88,7 +89,7 @@ def run(s: HostSettings, out: Path | None, log=print) -> dict[str, Any]:
     base = spec.build(s.seed)
     x, y = make_batch(spec, s.batch, "cpu", s.seed)
     names = [n for pair in TRAIN_PAIRS.values() for n in pair] + [f for fl in FLOORS.values() for f in fl]
-    steps = {n: C.train_step(C.build_train_contender(n, base, s.seed), x, y) for n in names}
+    steps = {n: C.train_step(C.build_train_contender(n, base, s.seed), x, y, s.amp) for n in names}
     times = interleave(steps, s.warmup, s.rounds)
     medians = {n: sorted(t)[len(t) // 2] for n, t in times.items()}
     ratios = {key: paired_ratio(times[a], times[b]) for key, (a, b) in TRAIN_PAIRS.items()}
@@ -128,9 +129,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--rounds", type=int, default=HostSettings.rounds, help="measured rounds (default %(default)s)")
     p.add_argument("--warmup", type=int, default=HostSettings.warmup)
     p.add_argument("--depth", type=int, default=None, help="transformer blocks (default: the model's own)")
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    p.add_argument("--amp", action="store_true", help="bf16 autocast, as on the GPU (default: fp32)")
+    p.add_argument("--out", type=Path, default=None, help="default: bench/results-host.json (results-host-amp.json with --amp)")
     args = p.parse_args(argv)
-    return run(HostSettings(rounds=args.rounds, warmup=args.warmup, depth=args.depth), args.out)
+    out = args.out or (DEFAULT_OUT.with_name("results-host-amp.json") if args.amp else DEFAULT_OUT)
+    return run(HostSettings(rounds=args.rounds, warmup=args.warmup, depth=args.depth, amp=args.amp), out)
 
 
 if __name__ == "__main__":
