@@ -69,34 +69,43 @@ def _eager_cache(maxsize: int):
     return wrap
 
 
-def _bias_forward(weight, bias, C, D, E):
-    """``b0 + b0 ⊙ D + E + W0 C`` (None when there is no bias at all), computed in the parameters' dtype."""
-    b, fresh = bias, False  # fresh: b is this function's own tensor, safe to update in place
-    if D is not None:
-        b, fresh = torch.addcmul(b, b, D), True
-    if E is not None:
-        if fresh:
-            b.add_(E)
-        elif b is None:
-            b = E.expand(weight.shape[0])
-        else:
-            b, fresh = b + E, True
-    if C is not None:
-        c = C.view(-1)
-        w = _as(weight, c.dtype)
-        if b is None:
-            b = torch.mv(w, c)
-        elif b.dtype != c.dtype:
-            b = b + torch.mv(w, c)
-        else:
-            b = b.addmv_(w, c) if fresh else torch.addmv(b, w, c)
-    return b
+def _bias_forward(weight, bias, C, D, E, dtype, pdt):
+    """``b0 + b0 ⊙ D + E + W0 C`` in ``dtype``, or None when there is no bias at all.
+
+    The terms are summed in ``pdt``, the adapters' dtype, and where ``dtype`` differs (autocast)
+    the last operation writes ``dtype`` itself: the bias then costs no separate cast, a kernel
+    fewer per layer and call on a GPU, where a step at moderate batch sizes is bound by launches.
+    """
+    if C is None and D is None and E is None:
+        return None if bias is None else _as(bias, dtype)
+    out = None if dtype == pdt else torch.empty(weight.shape[0], dtype=dtype, device=weight.device)
+    b0 = None if bias is None else _as(bias, pdt)
+    wc = None
+    if C is not None:  # a lora C is composed under autocast, so it may come in dtype: brought back to pdt
+        w, c = _as(weight, pdt), _as(C.view(-1), pdt)
+        wc = torch.mv(w, c) if b0 is None else torch.addmv(b0, w, c)  # W0 C, with b0 folded in where there is one
+    if D is not None:  # D implies a bias: a layer without one only allows D none
+        r = b0 if wc is None else wc  # b0 + W0 C
+        if E is not None:
+            r = r + E if r is b0 else r.add_(E)
+        return torch.addcmul(r, b0, D, out=out)  # + b0 ⊙ D
+    if wc is not None:
+        return _as(wc, dtype) if E is None else torch.add(wc, E, out=out)
+    if b0 is None:
+        return _as(E.expand(weight.shape[0]), dtype)
+    return torch.add(b0, E, out=out)
 
 
 def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``t.to(dtype)``, without a dispatcher call when it is one already: the layer's small tensors
     are cast a dozen times per call, and on a host-bound step each call costs."""
     return t if t.dtype == dtype else t.to(dtype)
+
+
+def _out(like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+    """An ``out=`` buffer shaped like ``like`` in ``dtype`` when that differs from ``like``'s: the
+    operation then writes (and rounds to) ``dtype`` itself instead of being followed by a cast."""
+    return None if like.dtype == dtype else torch.empty(like.shape, dtype=dtype, device=like.device)
 
 
 def _channel_sums(g: torch.Tensor, z: torch.Tensor, dtype: torch.dtype, with_sum: bool):
@@ -121,9 +130,10 @@ def _unit_stats(n: int, dtype: torch.dtype, device: torch.device) -> tuple[torch
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype ``F.linear`` computes in: the autocast dtype where autocast is on for ``x``'s device."""
+    """The dtype ``F.linear`` computes in: the autocast dtype where autocast is on for ``x``'s device
+    (autocast leaves float64 alone)."""
     dev = x.device.type
-    if torch.is_autocast_enabled(dev):
+    if x.dtype != torch.float64 and torch.is_autocast_enabled(dev):
         return torch.get_autocast_dtype(dev)
     return x.dtype
 
@@ -152,6 +162,18 @@ def _slices(c: Choice, down: torch.Tensor | None, up: torch.Tensor | None) -> tu
 def _compose(down: torch.Tensor | None, up: torch.Tensor | None) -> torch.Tensor | None:
     """The tensor :func:`_slices` describes: ``down_r @ up_r`` for lora, else the column (or None)."""
     return down if up is None else down @ up
+
+
+def _mm(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
+    """``a @ b`` (plus ``c``) in ``a``'s dtype, under autocast too.
+
+    Autocast does not touch the ``out=`` forms of the products, so the adapters' small products
+    stay in their own dtype: exact to it, and without the casts of every operand (the frozen
+    weight among them) that autocast would launch, which on a GPU cost more than the products.
+    The ``out=`` forms do not record autograd: for use inside the autograd functions only.
+    """
+    out = torch.empty((a.shape[0], b.shape[1]), dtype=a.dtype, device=a.device)
+    return torch.mm(a, b, out=out) if c is None else torch.addmm(c, a, b, out=out)
 
 
 def _vec(c: Choice, p: torch.Tensor | None) -> torch.Tensor | None:
@@ -302,22 +324,23 @@ class _ScaleShiftLinear(torch.autograd.Function):
     def forward(ctx, x, weight, bias, plan, *params):
         A, _, Bd, Bu, Cd, Cu, D, E = _take(params, plan)
         lora_b = Bu is not None
-        scale = None if A is None else 1 + A.view(-1)
+        dt = _compute_dtype(x)  # what F.linear computes in: the autocast dtype under autocast
+        # The (out,) vectors are made in dt (the scale and the bias written so by their last op): on
+        # a GPU an elementwise op over activations with mixed input dtypes falls back to a kernel
+        # about 1.7x slower.
+        scale = None if A is None else torch.add(A.view(-1), 1, out=_out(A.view(-1), dt))
         shift = None if Bd is None or lora_b else Bd.view(-1)
-        b = _bias_forward(weight, bias, _compose(Cd, Cu), D, E)
+        b = _bias_forward(weight, bias, Cd if Cu is None else _mm(Cd, Cu), D, E, dt, next(p for p in params if p is not None).dtype)
         if lora_b:
-            x = _as(x, _compute_dtype(x))  # kept for Bu's gradient: cast once, and F.linear has nothing left to cast
+            x = _as(x, dt)  # kept for Bu's gradient: cast once, and F.linear has nothing left to cast
         if scale is None and shift is None:
-            z = y = F.linear(x, weight, None if b is None else _as(b, x.dtype))
+            z = y = F.linear(x, weight, b)
         else:
-            z = F.linear(x, weight)  # under autocast this runs (and returns) in the autocast dtype
-            # The (out,) vectors are cast to z's dtype first: on a GPU an elementwise op over
-            # activations with mixed input dtypes falls back to a kernel about 1.7x slower.
-            dt = z.dtype
+            z = F.linear(x, weight)  # under autocast this runs (and returns) in dt
             if scale is None:
-                y = z if b is None else z.add_(_as(b, dt))
+                y = z if b is None else z.add_(b)
             else:
-                y = z * _as(scale, dt) if b is None else torch.addcmul(_as(b, dt), z, _as(scale, dt))
+                y = z * scale if b is None else torch.addcmul(b, z, scale)
         xsum = xb = None
         if shift is not None:
             xsum = _as(x.sum(-1, keepdim=True), y.dtype)
@@ -328,6 +351,7 @@ class _ScaleShiftLinear(torch.autograd.Function):
         needs = ctx.needs_input_grad
         ctx.plan = plan
         ctx.x_shape = x.shape
+        ctx.adt = None if A is None else A.dtype  # the adapters' dtype (scale is in dt)
         ctx.save_for_backward(
             weight, scale, shift,
             z if needs[4] else None,  # z = x W0ᵀ, before scaling: the gradient of A is Σ_n g ⊙ z
@@ -374,8 +398,8 @@ class _ScaleShiftLinear(torch.autograd.Function):
         with_bias = needs[8] or needs[9] or needs[10] or needs[11]
         gsum = None
         if needs[4]:
-            gz, gsum = _channel_sums(g2, z.view(g2.shape), scale.dtype, with_bias)
-            gAd = _full(_fit(gz, 0, plan), 0, plan, scale.dtype)  # gz is in the parameters' dtype already
+            gz, gsum = _channel_sums(g2, z.view(g2.shape), ctx.adt, with_bias)
+            gAd = _full(_fit(gz, 0, plan), 0, plan, ctx.adt)  # gz is in the parameters' dtype already
         elif with_bias:
             gsum = g2.sum(0, dtype=weight.dtype)
         if needs[6]:
@@ -397,8 +421,8 @@ def _dense_weight(W0: torch.Tensor, Ad: torch.Tensor, Au: torch.Tensor, Bd: torc
     Computed in the parameters' dtype; the last op writes ``dtype`` (the autocast dtype) itself,
     so no separate cast of the ``(out, in)`` result is needed.
     """
-    base = W0 if Bd is None else torch.addmm(W0, Bd, Bu) if Bu is not None else W0 + Bd
-    return torch.addcmul(base, W0, Ad @ Au, out=torch.empty(W0.shape, dtype=dtype, device=W0.device))
+    base = W0 if Bd is None else _mm(Bd, Bu, W0) if Bu is not None else W0 + Bd
+    return torch.addcmul(base, W0, _mm(Ad, Au), out=torch.empty(W0.shape, dtype=dtype, device=W0.device))
 
 
 class _RebuiltWeightLinear(torch.autograd.Function):
@@ -417,10 +441,10 @@ class _RebuiltWeightLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, plan, *params):
         Ad, Au, Bd, Bu, Cd, Cu, D, E = _take(params, plan)
-        b = _bias_forward(weight, bias, _compose(Cd, Cu), D, E)
         dt = _compute_dtype(x)
+        b = _bias_forward(weight, bias, Cd if Cu is None else _mm(Cd, Cu), D, E, dt, Ad.dtype)
         x = _as(x, dt)  # cast once: F.linear would cast it again under autocast, and x is kept for the backward
-        y = F.linear(x, _dense_weight(weight, Ad, Au, Bd, Bu, dt), None if b is None else _as(b, dt))
+        y = F.linear(x, _dense_weight(weight, Ad, Au, Bd, Bu, dt), b)
         ctx.plan = plan
         ctx.save_for_backward(x, weight, bias if ctx.needs_input_grad[10] else None, Ad, Au, Bd, Bu, Cd, Cu)
         return y
