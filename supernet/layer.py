@@ -78,7 +78,6 @@ def _bias_forward(weight, bias, C, D, E, dtype, pdt):
     """
     if C is None and D is None and E is None:
         return None if bias is None else _as(bias, dtype)
-    out = None if dtype == pdt else torch.empty(weight.shape[0], dtype=dtype, device=weight.device)
     b0 = None if bias is None else _as(bias, pdt)
     wc = None
     if C is not None:  # a lora C is composed under autocast, so it may come in dtype: brought back to pdt
@@ -88,24 +87,23 @@ def _bias_forward(weight, bias, C, D, E, dtype, pdt):
         r = b0 if wc is None else wc  # b0 + W0 C
         if E is not None:
             r = r + E if r is b0 else r.add_(E)
-        return torch.addcmul(r, b0, D, out=out)  # + b0 ⊙ D
+        return torch.addcmul(r, b0, D, out=_out(b0, dtype))  # + b0 ⊙ D
     if wc is not None:
-        return _as(wc, dtype) if E is None else torch.add(wc, E, out=out)
+        return _as(wc, dtype) if E is None else torch.add(wc, E, out=_out(wc, dtype))
     if b0 is None:
         return _as(E.expand(weight.shape[0]), dtype)
-    return torch.add(b0, E, out=out)
+    return torch.add(b0, E, out=_out(b0, dtype))
+
+
+def _out(like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+    """An ``out=`` buffer like ``like`` in ``dtype``, or None where ``like`` has it already."""
+    return None if like.dtype == dtype else torch.empty_like(like, dtype=dtype)
 
 
 def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``t.to(dtype)``, without a dispatcher call when it is one already: the layer's small tensors
     are cast a dozen times per call, and on a host-bound step each call costs."""
     return t if t.dtype == dtype else t.to(dtype)
-
-
-def _out(like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
-    """An ``out=`` buffer shaped like ``like`` in ``dtype`` when that differs from ``like``'s: the
-    operation then writes (and rounds to) ``dtype`` itself instead of being followed by a cast."""
-    return None if like.dtype == dtype else torch.empty(like.shape, dtype=dtype, device=like.device)
 
 
 def _channel_sums(g: torch.Tensor, z: torch.Tensor, dtype: torch.dtype, with_sum: bool):
@@ -172,6 +170,8 @@ def _mm(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor | None = None) -> torc
     weight among them) that autocast would launch, which on a GPU cost more than the products.
     The ``out=`` forms do not record autograd: for use inside the autograd functions only.
     """
+    if not torch.is_autocast_enabled(a.device.type):  # the plain forms: no buffer to make
+        return a @ b if c is None else torch.addmm(c, a, b)
     out = torch.empty((a.shape[0], b.shape[1]), dtype=a.dtype, device=a.device)
     return torch.mm(a, b, out=out) if c is None else torch.addmm(c, a, b, out=out)
 
@@ -200,6 +200,7 @@ class _Plan(NamedTuple):
     lead: tuple[tuple[int, ...] | None, ...]
     shapes: tuple[tuple[int, ...] | None, ...]
     sliced: bool  # some parameter is used in part
+    first: int  # a parameter that is used (for the adapters' dtype)
 
 
 # Every plan made so far: at most (choices in the space) x (distinct layer shapes) of them, a few
@@ -233,7 +234,8 @@ def _make_plan(choice: LayerChoice, shapes: tuple[tuple[int, ...] | None, ...], 
         None if n is None or n == s else tuple(slice(0, k) for k in n) for n, s in zip(lead, shapes)
     )
     fn = None if all(n is None for n in names) else _RebuiltWeightLinear if choice.A.kind == "lora" else _ScaleShiftLinear
-    return _Plan(fn, names, index, tuple(lead), shapes, any(i is not None for i in index))
+    first = next((k for k, n in enumerate(names) if n is not None), 0)
+    return _Plan(fn, names, index, tuple(lead), shapes, any(i is not None for i in index), first)
 
 
 def _take(params: Sequence[torch.Tensor | None], plan: _Plan) -> list[torch.Tensor | None]:
@@ -328,9 +330,10 @@ class _ScaleShiftLinear(torch.autograd.Function):
         # The (out,) vectors are made in dt (the scale and the bias written so by their last op): on
         # a GPU an elementwise op over activations with mixed input dtypes falls back to a kernel
         # about 1.7x slower.
-        scale = None if A is None else torch.add(A.view(-1), 1, out=_out(A.view(-1), dt))
+        a = None if A is None else A.view(-1)
+        scale = None if a is None else torch.add(a, 1, out=_out(a, dt))
         shift = None if Bd is None or lora_b else Bd.view(-1)
-        b = _bias_forward(weight, bias, Cd if Cu is None else _mm(Cd, Cu), D, E, dt, next(p for p in params if p is not None).dtype)
+        b = _bias_forward(weight, bias, Cd if Cu is None else _mm(Cd, Cu), D, E, dt, params[plan.first].dtype)
         if lora_b:
             x = _as(x, dt)  # kept for Bu's gradient: cast once, and F.linear has nothing left to cast
         if scale is None and shift is None:
@@ -380,7 +383,7 @@ class _ScaleShiftLinear(torch.autograd.Function):
             if scale is None and shift is None:
                 w = _as(weight, g.dtype)
             else:
-                w = torch.empty(weight.shape, dtype=g.dtype, device=g.device)
+                w = torch.empty_like(weight, dtype=g.dtype)
                 if shift is None:
                     torch.mul(weight, scale.unsqueeze(-1), out=w)
                 elif scale is None:
@@ -422,7 +425,7 @@ def _dense_weight(W0: torch.Tensor, Ad: torch.Tensor, Au: torch.Tensor, Bd: torc
     so no separate cast of the ``(out, in)`` result is needed.
     """
     base = W0 if Bd is None else _mm(Bd, Bu, W0) if Bu is not None else W0 + Bd
-    return torch.addcmul(base, W0, _mm(Ad, Au), out=torch.empty(W0.shape, dtype=dtype, device=W0.device))
+    return torch.addcmul(base, W0, _mm(Ad, Au), out=torch.empty_like(W0, dtype=dtype))
 
 
 class _RebuiltWeightLinear(torch.autograd.Function):
