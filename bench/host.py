@@ -30,11 +30,12 @@ from .contenders import ModelSpec
 from .run import FLOORS, ROOT, TARGETS, TRAIN_PAIRS, _met, interleave, machine_info, make_batch, paired_ratio
 
 DEFAULT_OUT = ROOT / "bench" / "results-host.json"
-# Metadata-only operations: no kernel on a GPU (they still cost dispatch, which the timing sees).
+# Views and allocations: no kernel on a GPU (they still cost dispatch, which the timing sees).
 VIEWS = frozenset({
     "view", "_unsafe_view", "reshape", "_reshape_alias", "t", "transpose", "permute", "expand", "as_strided",
-    "slice", "select", "unsqueeze", "squeeze", "unbind", "split", "split_with_sizes", "detach", "alias", "empty",
-    "empty_strided", "_record_function_enter_new", "_record_function_exit",
+    "slice", "select", "unsqueeze", "squeeze", "unbind", "split", "split_with_sizes", "detach", "alias",
+    "empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided",
+    "_record_function_enter_new", "_record_function_exit",
 })
 
 
