@@ -334,8 +334,11 @@ class _ScaleShiftLinear(torch.autograd.Function):
         scale = None if a is None else torch.add(a, 1, out=_out(a, dt))
         shift = None if Bd is None or lora_b else Bd.view(-1)
         b = _bias_forward(weight, bias, Cd if Cu is None else _mm(Cd, Cu), D, E, dt, params[plan.first].dtype)
-        if lora_b:
-            x = _as(x, dt)  # kept for Bu's gradient: cast once, and F.linear has nothing left to cast
+        if lora_b or shift is not None:
+            # Cast once, here, and F.linear has nothing left to cast. B's term then reads the x the
+            # product reads, as autocast's own (W0 + B 1ᵀ) x would, and Σ_j x_j comes out in dt
+            # (no cast of it); a lora B keeps this x for Bu's gradient.
+            x = _as(x, dt)
         if scale is None and shift is None:
             z = y = F.linear(x, weight, b)
         else:
@@ -346,7 +349,7 @@ class _ScaleShiftLinear(torch.autograd.Function):
                 y = z * scale if b is None else torch.addcmul(b, z, scale)
         xsum = xb = None
         if shift is not None:
-            xsum = _as(x.sum(-1, keepdim=True), y.dtype)
+            xsum = x.sum(-1, keepdim=True)
             y.addcmul_(xsum, _as(shift, y.dtype))  # broadcast: 2-3x faster than the same rank-1 update as addmm_ (CPU)
         if lora_b:
             xb = F.linear(x, _as(Bu, y.dtype))  # (..., r)
