@@ -218,24 +218,35 @@ def _plan_for(choice: LayerChoice, shapes: tuple[tuple[int, ...] | None, ...], o
 
 
 def _make_plan(choice: LayerChoice, shapes: tuple[tuple[int, ...] | None, ...], out_f: int, in_f: int) -> _Plan:
-    lead: list[tuple[int, ...] | None] = []
-    for t in TENSORS:
-        c = choice[t]
-        if t in ("D", "E"):
-            lead.append({"vector": (out_f,), "scalar": (1,)}.get(c.kind))
-            continue
-        rows, cols = (in_f, 1) if t == "C" else (out_f, in_f)
-        if c.kind == "lora":
-            lead += [(rows, c.rank), (c.rank, cols)]
-        else:
-            lead += [{"vector": (rows, 1), "scalar": (1, 1)}.get(c.kind), None]
-    names = tuple(None if n is None else p for p, n in zip(PARAMS, lead))
-    index = tuple(
-        None if n is None or n == s else tuple(slice(0, k) for k in n) for n, s in zip(lead, shapes)
-    )
+    parts = [_tensor_plan(t, choice[t], shapes[k], shapes[k + 1] if t in "ABC" else None, out_f, in_f)
+             for t, k in zip(TENSORS, (0, 2, 4, 6, 7))]
+    names = tuple(n for part in parts for n in part[0])
+    index = tuple(i for part in parts for i in part[1])
+    lead = tuple(n for part in parts for n in part[2])
     fn = None if all(n is None for n in names) else _RebuiltWeightLinear if choice.A.kind == "lora" else _ScaleShiftLinear
     first = next((k for k, n in enumerate(names) if n is not None), 0)
-    return _Plan(fn, names, index, tuple(lead), shapes, any(i is not None for i in index), first)
+    return _Plan(fn, names, index, lead, shapes, any(i is not None for i in index), first)
+
+
+@functools.lru_cache(maxsize=4096)
+def _tensor_plan(t: str, c: Choice, shape: tuple[int, ...] | None, up_shape: tuple[int, ...] | None, out_f: int, in_f: int):
+    """One tensor's share of a plan: the names, slices and slice shapes of its one (D, E) or two
+    (A, B, C: down and up) parameters. A supernet draws a new plan for most layers in its first
+    few hundred steps; building plans from these parts keeps each miss to a few microseconds."""
+    if t in ("D", "E"):
+        leads = ({"vector": (out_f,), "scalar": (1,)}.get(c.kind),)
+        shapes: tuple = (shape,)
+    else:
+        rows, cols = (in_f, 1) if t == "C" else (out_f, in_f)
+        if c.kind == "lora":
+            leads = ((rows, c.rank), (c.rank, cols))
+        else:
+            leads = ({"vector": (rows, 1), "scalar": (1, 1)}.get(c.kind), None)
+        shapes = (shape, up_shape)
+    base = "glora_" + t
+    names = tuple(None if n is None else name for n, name in zip(leads, (base + "d", base + "u") if t in "ABC" else (base,)))
+    index = tuple(None if n is None or n == s else tuple(slice(0, k) for k in n) for n, s in zip(leads, shapes))
+    return names, index, leads
 
 
 def _take(params: Sequence[torch.Tensor | None], plan: _Plan) -> list[torch.Tensor | None]:
