@@ -1,6 +1,7 @@
 """The GLoRA layer against SPEC's dense formula, for every configuration of the largest space."""
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -200,3 +201,38 @@ def check_autocast_gradients(device: str, dtype: torch.dtype) -> None:
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_autocast_gradients_reach_fp32_parameters(dtype):
     check_autocast_gradients("cpu", dtype)
+
+
+def test_autocast_casts_no_weight_sized_adapter_tensor():
+    """Under autocast the adapters' own products run in their dtype (the out= forms autocast leaves
+    alone): a layer casts its input, the frozen weight where F.linear does, and small tensors only.
+    Before, autocast cast every operand of ``Ad Au`` and ``W0 + Bd Bu``, the frozen weight among them."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Casts(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.shapes = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket.__name__ == "_to_copy":
+                self.shapes.append(tuple(args[0].shape))
+            return func(*args, **(kwargs or {}))
+
+    space = load_space(LARGE_SPACE)
+    layer = GLoraLinear(nn.Linear(64, 48), space.choices)
+    x = torch.randn(2, 5, 64)
+    for combo in itertools.product(*(layer.choices[t] for t in TENSORS)):
+        c = LayerChoice(*combo)
+        layer.set_choice(c)
+        with Casts() as casts, torch.autocast("cpu", dtype=torch.bfloat16):
+            y = layer(x)
+        assert y.dtype == torch.bfloat16
+        weight_sized = [s for s in casts.shapes if s == (48, 64)]
+        small = [s for s in casts.shapes if s not in ((48, 64), (2, 5, 64))]
+        assert casts.shapes.count((2, 5, 64)) == 1, (str(c), casts.shapes)  # the input, once
+        assert all(math.prod(s) <= 8 * 64 for s in small), (str(c), casts.shapes)  # (out,) or rank-sized (r x in, out x r)
+        # A lora A writes its dense weight in bf16 by the last op and hands F.linear bf16 inputs;
+        # otherwise F.linear casts W0 itself (as it does for a frozen layer)
+        assert len(weight_sized) == (0 if c.A.kind == "lora" else 1), (str(c), casts.shapes)
+        assert len(small) <= 3, (str(c), casts.shapes)

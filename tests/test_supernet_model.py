@@ -12,6 +12,7 @@ from supernet import (
     AdapterError,
     GLoraLinear,
     MergeError,
+    SubnetSampler,
     apply_glora,
     count_params,
     extract_subnet,
@@ -54,6 +55,23 @@ def test_fresh_model_equals_base(builder):
     for _ in range(3):
         sample_subnet(model, g)
         assert torch.equal(model(X), base(X))
+
+
+def test_subnet_sampler_draws_what_sample_subnet_draws():
+    """The training loop's sampler: the same configurations from the same generator state, activated."""
+    _, model = _adapted("vit")
+    sampler = SubnetSampler(model)
+    g1, g2 = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+    seen = set()
+    for _ in range(5):
+        want = sample_subnet(model, g1, activate=False)
+        got = sampler(g2)
+        assert got == want and get_subnet(model) == got
+        seen.add(tuple(got.values()))
+    assert len(seen) == 5  # it draws, rather than repeating one configuration
+    before = get_subnet(model)
+    drawn = sampler(torch.Generator().manual_seed(123), activate=False)
+    assert drawn != before and get_subnet(model) == before  # activate=False leaves the model alone
 
 
 @pytest.mark.parametrize("builder", list(models.BUILDERS))
