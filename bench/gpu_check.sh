@@ -5,7 +5,9 @@
 # 2. the benchmark in CUDA mode (bench.run --device cuda: vit_base, batch 64, bf16), then at batch 256,
 # 3. a profile of four training contenders (bench.profile --device cuda) and the elementwise
 #    kernels of a vector layer (bench.kernels --device cuda),
-# 4. with COMPILE_S=<seconds> set, the benchmark again with --compile (sub-network pairs compiled).
+# 4. with COMPILE_S=<seconds> set, the benchmark again with --compile (sub-network pairs compiled),
+# 5. with HOST_S=<seconds> set, the host-bound CPU proxy (bench.host --amp) on the same code, so the
+#    proxy's ratios can be set beside the GPU's batch-64 ones.
 # Wheels in .whl/ (e.g. the timm and peft versions the project pins) are installed first, without
 # dependencies, into a private folder. Each step has its own time limit, so one that hangs
 # leaves the others their time; the exit status is the first failure's.
@@ -41,6 +43,10 @@ step 60 "$out/profile.log" python3 -m bench.kernels --device cuda
 # Optional (COMPILE_S=seconds, default off): the sub-network pairs under torch.compile, batch 64.
 if [ "${COMPILE_S:-0}" -gt 0 ]; then
     step "$COMPILE_S" "$out/bench_cuda_compile.log" python3 -m bench.run --device cuda --compile --out "$out/results-cuda-compile.json"
+fi
+# Optional (HOST_S=seconds, default off): the host-bound proxy on this machine's CPU, one thread.
+if [ "${HOST_S:-0}" -gt 0 ]; then
+    step "$HOST_S" "$out/bench_host.log" python3 -m bench.host --amp --rounds 20 --out "$out/results-host-amp.json"
 fi
 for f in /tmp/glora-profile/profile-*.txt; do [ -e "$f" ] && { echo "### $f"; cat "$f"; }; done > "$out/profiles.txt"
 exit "$status"
