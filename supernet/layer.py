@@ -80,8 +80,8 @@ def _bias_forward(weight, bias, C, D, E, dtype, pdt):
         return None if bias is None else _as(bias, dtype)
     b0 = None if bias is None else _as(bias, pdt)
     wc = None
-    if C is not None:  # a lora C is composed under autocast, so it may come in dtype: brought back to pdt
-        w, c = _as(weight, pdt), _as(C.view(-1), pdt)
+    if C is not None:  # C is in pdt: a lora C is composed by _mm, which autocast leaves alone
+        w, c = _as(weight, pdt), C.view(-1)
         wc = torch.mv(w, c) if b0 is None else torch.addmv(b0, w, c)  # W0 C, with b0 folded in where there is one
     if D is not None:  # D implies a bias: a layer without one only allows D none
         r = b0 if wc is None else wc  # b0 + W0 C
@@ -203,21 +203,11 @@ class _Plan(NamedTuple):
     first: int  # a parameter that is used (for the adapters' dtype)
 
 
-# Every plan made so far: at most (choices in the space) x (distinct layer shapes) of them, a few
-# thousand for a ViT in the largest space. Unbounded on purpose: an LRU cache smaller than that
-# would evict plans a supernet keeps drawing.
-_PLANS: dict[tuple, _Plan] = {}
-
-
+# Every plan made so far is kept: at most (choices in the space) x (distinct layer shapes) of
+# them, a few thousand for a ViT in the largest space. Unbounded on purpose: an LRU cache smaller
+# than that would evict plans a supernet keeps drawing.
+@functools.cache
 def _plan_for(choice: LayerChoice, shapes: tuple[tuple[int, ...] | None, ...], out_f: int, in_f: int) -> _Plan:
-    key = (choice, shapes, out_f, in_f)
-    plan = _PLANS.get(key)
-    if plan is None:
-        plan = _PLANS[key] = _make_plan(choice, shapes, out_f, in_f)
-    return plan
-
-
-def _make_plan(choice: LayerChoice, shapes: tuple[tuple[int, ...] | None, ...], out_f: int, in_f: int) -> _Plan:
     parts = [_tensor_plan(t, choice[t], shapes[k], shapes[k + 1] if t in "ABC" else None, out_f, in_f)
              for t, k in zip(TENSORS, (0, 2, 4, 6, 7))]
     names = tuple(n for part in parts for n in part[0])

@@ -201,7 +201,7 @@ class SubnetSampler:
 
     def __init__(self, model: nn.Module):
         self.layers = _layers_or_raise(model)
-        self.choices = {name: layer.choices for name, layer in self.layers.items()}
+        self.choices = layer_choices(model)
 
     def __call__(self, generator: torch.Generator, activate: bool = True) -> Subnet:
         config = sample_config(self.choices, generator)
