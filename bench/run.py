@@ -2,7 +2,9 @@
 
 Every ratio compares two contenders built from the same base weights, fed the same inputs and
 timed interleaved step by step (A, B, A, B, ...) on the same thread count. A ratio is the median
-of the per-round ratios ``t_A / t_B``; the raw median times are stored next to it.
+of the per-round ratios ``t_A / t_B``; the raw median times are stored next to it, and so is a
+distribution-free 95% confidence interval of that median (``ci95``, from the order statistics of
+the per-round ratios), so a reading near its target can be told from noise.
 
 Peak memory (``*_peak_mem``) is the extra memory one training step needs above the resting state
 (weights, optimizer state): on CPU each contender runs in a fresh subprocess with glibc's mmap
@@ -88,7 +90,7 @@ def full_settings(model: str) -> Settings:
         return Settings(warmup=2, steps=5, fwd_steps=10, val_images=48, val_batch=24, candidates=3)
     if "small" in model:
         return Settings(val_images=100, mem_steps=3)
-    return Settings(mem_steps=3)
+    return Settings(mem_steps=3, steps=20)  # the vector pair sits near its target here: more rounds narrow its interval
 
 
 def cuda_settings() -> Settings:
@@ -117,6 +119,27 @@ def interleave(fns: dict[str, Callable[[], Any]], warmup: int, steps: int, devic
 
 def paired_ratio(num: list[float], den: list[float]) -> float:
     return statistics.median(a / b for a, b in zip(num, den))
+
+
+def median_ci(values: list[float], level: float = 0.95) -> tuple[float, float]:
+    """A confidence interval for the median of the distribution ``values`` were drawn from.
+
+    Distribution-free: the count of draws below the true median is Binomial(n, 1/2), so the k-th
+    smallest and k-th largest values bracket it with probability ``1 - 2 P(Bin <= k - 1)``; k is
+    the largest that keeps that at ``level`` or more. With too few values for that (n < 6 at 95%)
+    no interval reaches ``level`` and the whole range is returned.
+    """
+    xs = sorted(values)
+    n = len(xs)
+    if n == 0:
+        raise ValueError("median_ci: no values")
+    k, below = 0, 0.0  # k: the widest-apart ranks accepted so far; below = P(Bin(n, 1/2) <= k - 1)
+    while k < (n + 1) // 2:
+        below_next = below + math.comb(n, k) / 2**n
+        if 1 - 2 * below_next < level:
+            break
+        k, below = k + 1, below_next
+    return (xs[0], xs[-1]) if k == 0 else (xs[k - 1], xs[n - k])
 
 
 def make_batch(spec: ModelSpec, batch: int, device: str, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -198,6 +221,7 @@ def bench_model(spec: ModelSpec, s: Settings, log: Callable[[str], None] = print
     base = spec.build(s.seed).to(dev)
     x, y = make_batch(spec, s.batch, dev, s.seed)
     ratios: dict[str, float] = {}
+    ci: dict[str, list[float]] = {}  # 95% interval of each timed ratio's median
     medians: dict[str, float] = {}
     images_per_s: dict[str, float] = {}
 
@@ -215,7 +239,8 @@ def bench_model(spec: ModelSpec, s: Settings, log: Callable[[str], None] = print
         times = interleave(steps, s.warmup, s.steps, dev)
         record(times, s.batch)
         ratios[key] = paired_ratio(times[a], times[b])
-        log(f"  {key}: {ratios[key]:.3f} ({a} {medians[a]:.3f} s, {b} {medians[b]:.3f} s)")
+        ci[key] = list(median_ci([p / q for p, q in zip(times[a], times[b])]))
+        log(f"  {key}: {ratios[key]:.3f} [{ci[key][0]:.3f}, {ci[key][1]:.3f}] ({a} {medians[a]:.3f} s, {b} {medians[b]:.3f} s)")
         for n in names[2:]:
             fkey = f"{n}_vs_{key.split('_vs_', 1)[1]}"  # frozen_vs_peft_glora_step_vector
             floor[fkey] = paired_ratio(times[n], times[b])
@@ -228,6 +253,7 @@ def bench_model(spec: ModelSpec, s: Settings, log: Callable[[str], None] = print
     times = interleave({"merged_forward": C.forward_fn(merged, x, s.amp), "base_forward": C.forward_fn(base, x, s.amp)}, s.fwd_warmup, s.fwd_steps, dev)
     record(times, s.batch)
     ratios["merged_vs_base_forward"] = paired_ratio(times["merged_forward"], times["base_forward"])
+    ci["merged_vs_base_forward"] = list(median_ci([p / q for p, q in zip(times["merged_forward"], times["base_forward"])]))
     log(f"  merged_vs_base_forward: {ratios['merged_vs_base_forward']:.3f}")
     del merged
 
@@ -246,6 +272,7 @@ def bench_model(spec: ModelSpec, s: Settings, log: Callable[[str], None] = print
     times = interleave({"search_candidate": lambda: scorer.score(next(candidates)), "search_forward": lambda: scorer.evaluate(base)}, s.search_warmup, s.candidates, dev)
     record(times, n_val)
     ratios["search_eval_vs_forward"] = paired_ratio(times["search_forward"], times["search_candidate"])
+    ci["search_eval_vs_forward"] = list(median_ci([p / q for p, q in zip(times["search_forward"], times["search_candidate"])]))
     log(f"  search_eval_vs_forward: {ratios['search_eval_vs_forward']:.3f}")
     del scorer, batches
 
@@ -256,7 +283,7 @@ def bench_model(spec: ModelSpec, s: Settings, log: Callable[[str], None] = print
     ratios["supernet_vs_lora_peak_mem"] = mem["supernet"]["peak_delta_bytes"] / mem["peft_lora"]["peak_delta_bytes"]
     log(f"  supernet_vs_lora_peak_mem: {ratios['supernet_vs_lora_peak_mem']:.3f}")
 
-    return dict(ratios=ratios, floor=floor, median_s=medians, images_per_s=images_per_s, memory=mem, settings=asdict(s), spec=spec.to_json())
+    return dict(ratios=ratios, ci95=ci, floor=floor, median_s=medians, images_per_s=images_per_s, memory=mem, settings=asdict(s), spec=spec.to_json())
 
 
 # -- whole run ----------------------------------------------------------------------------------
@@ -301,6 +328,7 @@ def run(specs: list[ModelSpec], settings_for: Callable[[ModelSpec], Settings], o
             results,
             targets={k: dict(op=op, value=v) for k, (op, v) in TARGETS.items()},
             met={k: {m: _met(k, v) for m, v in results[k].items()} for k in KEYS},
+            ci95={k: {m: per_model[m]["ci95"][k] for m in per_model if k in per_model[m]["ci95"]} for k in KEYS},
             models=per_model,
             wall_s=time.perf_counter() - t0,
             **machine_info(),
@@ -313,18 +341,31 @@ def run(specs: list[ModelSpec], settings_for: Callable[[ModelSpec], Settings], o
     return doc
 
 
+def _within_noise(key: str, interval: list[float] | None) -> bool:
+    """Whether the target lies inside the ratio's 95% interval: the verdict could go either way."""
+    return interval is not None and interval[0] <= TARGETS[key][1] <= interval[1]
+
+
 def format_table(doc: dict[str, Any]) -> str:
     models = list(doc["models"])
-    width = max(12, *(len(m) for m in models))
+    width = max(27, *(len(m) for m in models))
+
+    def cell(k: str, m: str) -> str:
+        interval = doc.get("ci95", {}).get(k, {}).get(m)
+        ci = f"[{interval[0]:.3f}, {interval[1]:.3f}]" if interval else ""
+        verdict = ("ok" if doc["met"][k][m] else "MISS") + ("~" if _within_noise(k, interval) else " ")
+        return f"{doc[k][m]:.3f} {ci:>16} {verdict:>5}".rjust(width)
+
     head = f"{'key':42} {'target':>8}  " + "  ".join(f"{m:>{width}}" for m in models)
     lines = [head, "-" * len(head)]
     for k in KEYS:
         op, v = TARGETS[k]
-        cells = "  ".join(f"{doc[k][m]:>{width - 5}.3f} {'ok' if doc['met'][k][m] else 'MISS':>4}" for m in models)
-        lines.append(f"{k:42} {op + format(v, '.2f'):>8}  {cells}")
+        lines.append(f"{k:42} {op + format(v, '.2f'):>8}  " + "  ".join(cell(k, m) for m in models))
     for k in sorted({k for m in models for k in doc["models"][m].get("floor", {})}):
-        cells = "  ".join(f"{doc['models'][m].get('floor', {}).get(k, math.nan):>{width - 5}.3f}     " for m in models)
+        cells = "  ".join(f"{doc['models'][m].get('floor', {}).get(k, math.nan):.3f} {'':>16} {'':>5}".rjust(width) for m in models)
         lines.append(f"{'(floor) ' + k:42} {'':>8}  {cells}")
+    lines.append("[lo, hi]: 95% interval of the median ratio over the measured rounds; ~: the target lies inside it,")
+    lines.append("so more rounds could turn the verdict either way (peak memory is one measurement: no interval)")
     lines.append("")
     lines.append("median seconds per call (images/s):")
     for m in models:

@@ -115,8 +115,11 @@ def _channel_sums(g: torch.Tensor, z: torch.Tensor, dtype: torch.dtype, with_sum
     A costs beyond the frozen layer.
     """
     zero, one = _unit_stats(g.shape[1], dtype, g.device)  # one is also the weight: the argument types autocast gives BatchNorm1d
-    _, gz, gsum = torch.ops.aten.native_batch_norm_backward(g, z, one, None, None, zero, one, True, 0.0, [False, True, with_sum])
+    _, gz, gsum = _BN_BACKWARD(g, z, one, None, None, zero, one, True, 0.0, [False, True, with_sum])
     return gz, gsum
+
+
+_BN_BACKWARD = torch.ops.aten.native_batch_norm_backward.default  # the overload, resolved once
 
 
 @_eager_cache(maxsize=256)
@@ -130,10 +133,10 @@ def _unit_stats(n: int, dtype: torch.dtype, device: torch.device) -> tuple[torch
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype ``F.linear`` computes in: the autocast dtype where autocast is on for ``x``'s device
     (autocast leaves float64 alone)."""
+    if x.dtype == torch.float64 or not torch._C._is_any_autocast_enabled():  # the common fp32 case, without asking for x.device
+        return x.dtype
     dev = x.device.type
-    if x.dtype != torch.float64 and torch.is_autocast_enabled(dev):
-        return torch.get_autocast_dtype(dev)
-    return x.dtype
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
 
 
 # -- the active slices of the shared parameters ----------------------------------------------
@@ -297,7 +300,7 @@ def _bias_backward(gb, weight, bias, Cd, Cu, needs, plan):
     if needs[2]:
         b0 = _as(bias, gb.dtype)
         gd = torch.dot(gb, b0) if plan.lead[6] == (1,) else gb * b0  # scalar D: one op, not a product and a sum
-        gD = _full(gd.view(plan.lead[6]), 6, plan, gb.dtype)
+        gD = _full(gd if gd.shape == plan.lead[6] else gd.view(plan.lead[6]), 6, plan, gb.dtype)
     if needs[3]:
         gE = _full(_fit(gb, 7, plan), 7, plan, gb.dtype)
     return gCd, gCu, gD, gE
@@ -331,8 +334,10 @@ class _ScaleShiftLinear(torch.autograd.Function):
         # The (out,) vectors are made in dt (the scale and the bias written so by their last op): on
         # a GPU an elementwise op over activations with mixed input dtypes falls back to a kernel
         # about 1.7x slower.
-        a = None if A is None else A.view(-1)
-        scale = None if a is None else torch.add(a, 1, out=_out(a, dt))
+        # s = 1 + A and t = B are kept as (out, 1) columns, the shape the backward's s ⊙ W0 + t 1ᵀ
+        # takes them in, and viewed as rows for the activations.
+        scale_col = None if A is None else torch.add(A, 1, out=_out(A, dt))
+        scale = None if A is None else scale_col.view(-1)
         shift = None if Bd is None or lora_b else Bd.view(-1)
         b = _bias_forward(weight, bias, Cd if Cu is None else _mm(Cd, Cu), D, E, dt, params[plan.first].dtype)
         if lora_b or shift is not None:
@@ -360,7 +365,7 @@ class _ScaleShiftLinear(torch.autograd.Function):
         ctx.x_shape = x.shape
         ctx.adt = None if A is None else A.dtype  # the adapters' dtype (scale is in dt)
         ctx.save_for_backward(
-            weight, scale, shift,
+            weight, scale_col,
             z if needs[4] else None,  # z = x W0ᵀ, before scaling: the gradient of A is Σ_n g ⊙ z
             xsum if needs[6] else None,
             bias if needs[10] else None,
@@ -374,34 +379,34 @@ class _ScaleShiftLinear(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g):
-        weight, scale, shift, z, xsum, bias, Bd, Bu, x, xb, Cd, Cu = ctx.saved_tensors
+        weight, scale, z, xsum, bias, Bd, Bu, x, xb, Cd, Cu = ctx.saved_tensors
         plan = ctx.plan
         needs = ctx.needs_input_grad
-        g2 = g.view(-1, g.shape[-1]) if g.is_contiguous() else g.reshape(-1, g.shape[-1])
+        g2 = g if g.dim() == 2 else g.view(-1, g.shape[-1]) if g.is_contiguous() else g.reshape(-1, g.shape[-1])
         lora_b = Bu is not None
+        shift = None if lora_b else Bd  # (out, 1) columns, as scale
         gx = gAd = gBd = gBu = None
         gxb = g2 @ _as(Bd, g.dtype) if lora_b and (needs[0] or needs[7]) else None  # (N, r)
         if needs[0]:
             # d/dx of s ⊙ (W0 x) + t Σ_j x_j is the (out, in) matrix s ⊙ W0 + t 1ᵀ: one product
             # weight-sized, so written in g's dtype by the op itself rather than cast after it
+            out = _out(weight, g.dtype)
             if scale is None and shift is None:
                 w = _as(weight, g.dtype)
+            elif shift is None:
+                w = torch.mul(weight, scale, out=out)
+            elif scale is None:
+                w = torch.add(weight, shift, out=out)
+            elif weight.is_cuda:
+                w = torch.addcmul(shift, weight, scale, out=out)  # one kernel: launches are what cost on a GPU
             else:
-                w = torch.empty_like(weight, dtype=g.dtype)
-                if shift is None:
-                    torch.mul(weight, scale.unsqueeze(-1), out=w)
-                elif scale is None:
-                    torch.add(weight, shift.unsqueeze(-1), out=w)
-                elif w.is_cuda:
-                    torch.addcmul(shift.unsqueeze(-1), weight, scale.unsqueeze(-1), out=w)  # one kernel: launches are what cost on a GPU
-                else:
-                    # Two passes on a CPU: its addcmul kernel is not vectorised when the added tensor
-                    # is the broadcast column, and takes 3x the time of a multiply and an add.
-                    torch.mul(weight, scale.unsqueeze(-1), out=w).add_(shift.unsqueeze(-1))
+                # Two passes on a CPU: its addcmul kernel is not vectorised when the added tensor
+                # is the broadcast column, and takes 3x the time of a multiply and an add.
+                w = torch.mul(weight, scale, out=out).add_(shift)
             gx2 = g2 @ w
             if lora_b:
                 gx2.addmm_(gxb, _as(Bu, g.dtype))
-            gx = gx2.view(ctx.x_shape)
+            gx = gx2 if gx2.shape == ctx.x_shape else gx2.view(ctx.x_shape)
         with_bias = needs[8] or needs[9] or needs[10] or needs[11]
         gsum = None
         if needs[4]:
@@ -413,7 +418,7 @@ class _ScaleShiftLinear(torch.autograd.Function):
             if lora_b:
                 gBd = _full(g2.t() @ xb.view(-1, xb.shape[-1]), 2, plan, Bd.dtype)
             else:
-                gBd = _full(_fit((xsum.view(1, -1) @ g2).view(-1), 2, plan), 2, plan, shift.dtype)
+                gBd = _full(_fit(torch.mm(g2.t(), xsum.view(-1, 1)), 2, plan), 2, plan, Bd.dtype)  # (out, 1)
         if needs[7]:
             gBu = _full(gxb.t() @ x.reshape(-1, x.shape[-1]), 3, plan, Bu.dtype)
         gCd = gCu = gD = gE = None
@@ -429,7 +434,7 @@ def _dense_weight(W0: torch.Tensor, Ad: torch.Tensor, Au: torch.Tensor, Bd: torc
     so no separate cast of the ``(out, in)`` result is needed.
     """
     base = W0 if Bd is None else _mm(Bd, Bu, W0) if Bu is not None else W0 + Bd
-    return torch.addcmul(base, W0, _mm(Ad, Au), out=torch.empty_like(W0, dtype=dtype))
+    return torch.addcmul(base, W0, _mm(Ad, Au), out=_out(W0, dtype))
 
 
 class _RebuiltWeightLinear(torch.autograd.Function):

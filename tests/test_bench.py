@@ -31,6 +31,26 @@ def test_quick_bench_machinery_writes_every_key(tmp_path):
     assert model["settings"]["batch"] == 8 and model["settings"]["threads"] == 2
     assert set(model["floor"]) == {"frozen_vs_peft_glora_step_vector"} and model["floor"]["frozen_vs_peft_glora_step_vector"] > 0
     assert "frozen" in model["median_s"]
+    timed = [k for k in bench_run.KEYS if not k.endswith("_peak_mem")]
+    assert set(doc["ci95"]) == set(bench_run.KEYS) and all(label in doc["ci95"][k] for k in timed)
+    for k in timed:
+        lo, hi = doc["ci95"][k][label]
+        assert lo <= doc[k][label] <= hi, (k, lo, doc[k][label], hi)
+
+
+def test_median_interval_uses_the_binomial_ranks():
+    """Known order-statistic ranks of a 95% interval for the median: (2, 9) of 10, (6, 15) of 20, (14, 27) of 40."""
+    import pytest
+
+    for n, (lo, hi) in {10: (2, 9), 20: (6, 15), 40: (14, 27)}.items():
+        values = [float(v) for v in range(n, 0, -1)]  # unsorted on purpose
+        assert bench_run.median_ci(values) == (lo, hi)
+    assert bench_run.median_ci([3.0, 1.0, 2.0, 5.0, 4.0]) == (1.0, 5.0)  # too few rounds for 95%: the whole range
+    assert bench_run.median_ci(list(range(10)), level=0.5)[0] > 1  # a lower level narrows it
+    with pytest.raises(ValueError):
+        bench_run.median_ci([])
+    assert bench_run._within_noise("subnet_vs_peft_glora_step_vector", [0.49, 0.51])
+    assert not bench_run._within_noise("subnet_vs_peft_glora_step_vector", [0.45, 0.49])
 
 
 def test_bench_model_under_bf16_autocast():
