@@ -9,8 +9,10 @@
 # 5. with HOST_S=<seconds> set, the host-bound CPU proxy (bench.host --amp) on the same code, so the
 #    proxy's ratios can be set beside the GPU's batch-64 ones.
 # Wheels in .whl/ (e.g. the timm and peft versions the project pins) are installed first, without
-# dependencies, into a private folder. Each step has its own time limit, so one that hangs
-# leaves the others their time; the exit status is the first failure's.
+# dependencies, into a private folder. Each step has its own time limit (CUDA_TESTS_S, BENCH_S,
+# B256_S, PROFILE_S, KERNELS_S, COMPILE_S, HOST_S), so one that hangs leaves the others their time,
+# and a limit of 0 skips its step; the exit status is the first failure's. On the H200 each
+# bench.run took 30-45 s, so the defaults are caps, not durations.
 set -uo pipefail
 out=${1:-runs/gpu-check}
 mkdir -p "$out"
@@ -20,9 +22,10 @@ if compgen -G ".whl/*.whl" >/dev/null; then
         && export PYTHONPATH=/tmp/glora-site${PYTHONPATH:+:$PYTHONPATH}
 fi
 status=0
-step() {  # step SECONDS LOGFILE COMMAND...
+step() {  # step SECONDS LOGFILE COMMAND...; SECONDS 0 skips the step (timeout 0 would mean no limit)
     local limit=$1 log=$2
     shift 2
+    if [ "$limit" -le 0 ]; then echo "== skipped (limit 0): $*" | tee -a "$log"; return; fi
     echo "== $* (limit ${limit}s)" | tee -a "$log"
     local t0=$SECONDS
     timeout "$limit" "$@" 2>&1 | tee -a "$log"
@@ -36,10 +39,10 @@ step() {  # step SECONDS LOGFILE COMMAND...
 } 2>&1 | tee "$out/gpu.txt"
 step "${CUDA_TESTS_S:-210}" "$out/cuda_tests.log" python3 -m pytest -q -m cuda -p no:cacheprovider tests/test_cuda.py
 step "${BENCH_S:-240}" "$out/bench_cuda.log" python3 -m bench.run --device cuda --out "$out/results-cuda.json"
-step "${BENCH_S:-240}" "$out/bench_cuda_b256.log" python3 -m bench.run --device cuda --batch 256 --out "$out/results-cuda-b256.json"
+step "${B256_S:-${BENCH_S:-240}}" "$out/bench_cuda_b256.log" python3 -m bench.run --device cuda --batch 256 --out "$out/results-cuda-b256.json"
 step "${PROFILE_S:-90}" "$out/profile.log" python3 -m bench.profile --device cuda --steps 3 --out /tmp/glora-profile \
     --contenders peft_lora supernet subnet_vector peft_glora_vector
-step 60 "$out/profile.log" python3 -m bench.kernels --device cuda
+step "${KERNELS_S:-60}" "$out/profile.log" python3 -m bench.kernels --device cuda
 # Optional (COMPILE_S=seconds, default off): the sub-network pairs under torch.compile, batch 64.
 if [ "${COMPILE_S:-0}" -gt 0 ]; then
     step "$COMPILE_S" "$out/bench_cuda_compile.log" python3 -m bench.run --device cuda --compile --out "$out/results-cuda-compile.json"
