@@ -280,7 +280,7 @@ def _mm_full(a: torch.Tensor, b: torch.Tensor, k: int, plan: _Plan) -> torch.Ten
 
 
 def _fit(v: torch.Tensor, k: int, plan: _Plan) -> torch.Tensor:
-    """A per-row gradient ``(rows,)`` shaped for parameter ``k``'s active slice: summed when that is a scalar."""
+    """A per-row gradient, ``(rows,)`` or ``(rows, 1)``, shaped for parameter ``k``'s active slice: summed when that is a scalar."""
     lead = plan.lead[k]
     if v.shape == lead:
         return v
@@ -390,19 +390,20 @@ class _ScaleShiftLinear(torch.autograd.Function):
         if needs[0]:
             # d/dx of s ⊙ (W0 x) + t Σ_j x_j is the (out, in) matrix s ⊙ W0 + t 1ᵀ: one product
             # weight-sized, so written in g's dtype by the op itself rather than cast after it
-            out = _out(weight, g.dtype)
             if scale is None and shift is None:
                 w = _as(weight, g.dtype)
-            elif shift is None:
-                w = torch.mul(weight, scale, out=out)
-            elif scale is None:
-                w = torch.add(weight, shift, out=out)
-            elif weight.is_cuda:
-                w = torch.addcmul(shift, weight, scale, out=out)  # one kernel: launches are what cost on a GPU
             else:
-                # Two passes on a CPU: its addcmul kernel is not vectorised when the added tensor
-                # is the broadcast column, and takes 3x the time of a multiply and an add.
-                w = torch.mul(weight, scale, out=out).add_(shift)
+                out = _out(weight, g.dtype)  # None in fp32: the op makes its own result
+                if shift is None:
+                    w = torch.mul(weight, scale, out=out)
+                elif scale is None:
+                    w = torch.add(weight, shift, out=out)
+                elif weight.is_cuda:
+                    w = torch.addcmul(shift, weight, scale, out=out)  # one kernel: launches are what cost on a GPU
+                else:
+                    # Two passes on a CPU: its addcmul kernel is not vectorised when the added tensor
+                    # is the broadcast column, and takes 3x the time of a multiply and an add.
+                    w = torch.mul(weight, scale, out=out).add_(shift)
             gx2 = g2 @ w
             if lora_b:
                 gx2.addmm_(gxb, _as(Bu, g.dtype))
