@@ -582,8 +582,16 @@ class GLoraLinear(nn.Module):
 
     @active.setter
     def active(self, choice: LayerChoice) -> None:
+        self._activate(choice, self._plan_of(choice))
+
+    def _plan_of(self, choice: LayerChoice) -> "_Plan":
+        """The plan this layer follows under ``choice`` (already checked against its choices)."""
+        return _plan_for(choice, self._param_shapes, self.out_features, self.in_features)
+
+    def _activate(self, choice: LayerChoice, plan: "_Plan") -> None:
+        """Set ``choice`` with its :meth:`_plan_of` plan, for callers that keep plans (:class:`SubnetSampler`)."""
         # object.__setattr__: nn.Module's own is slower, and this runs for every layer on every supernet step
-        object.__setattr__(self, "_plan", _plan_for(choice, self._param_shapes, self.out_features, self.in_features))
+        object.__setattr__(self, "_plan", plan)
         object.__setattr__(self, "_active", choice)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

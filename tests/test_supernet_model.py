@@ -57,18 +57,23 @@ def test_fresh_model_equals_base(builder):
         assert torch.equal(model(X), base(X))
 
 
-def test_subnet_sampler_draws_what_sample_subnet_draws():
-    """The training loop's sampler: the same configurations from the same generator state, activated."""
-    _, model = _adapted("vit")
+@pytest.mark.parametrize("builder", ["vit", "mlp"])  # mlp: a layer without a bias, whose D has one option and spends no draw
+def test_subnet_sampler_draws_what_sample_subnet_draws(builder):
+    """The training loop's sampler: the same configurations from the same generator state, activated
+    with the plans the layers would work out themselves (it keeps them per drawn configuration)."""
+    _, model = _adapted(builder)
     sampler = SubnetSampler(model)
     g1, g2 = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
     seen = set()
-    for _ in range(5):
+    for _ in range(200):  # enough for repeated draws to come from the sampler's cache
         want = sample_subnet(model, g1, activate=False)
         got = sampler(g2)
         assert got == want and get_subnet(model) == got
+        assert all(layer._plan is layer._plan_of(layer.active) for _, layer in glora_layers(model))
         seen.add(tuple(got.values()))
-    assert len(seen) == 5  # it draws, rather than repeating one configuration
+    assert len(seen) == 200  # it draws, rather than repeating one configuration
+    assert torch.equal(g1.get_state(), g2.get_state())  # and spends exactly as many draws
+    assert sum(len(cache) for *_, cache in sampler._draws) < 200 * len(sampler._draws)  # some came from the cache
     before = get_subnet(model)
     drawn = sampler(torch.Generator().manual_seed(123), activate=False)
     assert drawn != before and get_subnet(model) == before  # activate=False leaves the model alone
