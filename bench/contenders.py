@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from engine.compiling import compile_model, uses_cuda_graphs
 from engine.optim import adamw
 from supernet import SubnetSampler, apply_glora, extract_subnet, merge_glora, sample_subnet, uniform_subnet
 from supernet.model import find_targets
@@ -68,6 +69,7 @@ class Contender:
     name: str
     model: nn.Module
     before: Callable[[], None] | None = None
+    compile_mode: str | None = None  # set when the model is wrapped by torch.compile
 
 
 def target_names(base: nn.Module) -> list[str]:
@@ -137,12 +139,15 @@ def frozen(base: nn.Module) -> nn.Module:
     return _train_only(model, head_names(base), lambda name: name == probe)
 
 
-def build_train_contender(name: str, base: nn.Module, seed: int = 0, compile: bool = False) -> Contender:
+def build_train_contender(name: str, base: nn.Module, seed: int = 0, compile: bool | str = False) -> Contender:
+    """``compile``: False, True (torch.compile's default mode) or a mode of ``engine.compiling.COMPILE_MODES``."""
     c = _build_train_contender(name, base, seed)
     if compile:
         if c.before is not None:
             raise ValueError(f"{name}: changes its sub-network every step, which torch.compile would recompile for")
-        c.model = torch.compile(c.model)  # shares the parameters; the first step compiles (a warm-up round)
+        # shares the parameters; the first step compiles (a warm-up round)
+        c.compile_mode = "default" if compile is True else compile
+        c.model = compile_model(c.model, c.compile_mode)
     return c
 
 
@@ -177,9 +182,14 @@ def train_step(c: Contender, x: torch.Tensor, y: torch.Tensor, amp: bool = False
     opt = adamw(params, lr=1e-4, weight_decay=1e-4)  # the trainer's optimiser, for every contender
     device = x.device.type
 
+    # a contender compiled to replay CUDA graphs marks each step, as the trainer does
+    mark = c.compile_mode is not None and uses_cuda_graphs(c.compile_mode, x.device)
+
     def step() -> None:
         if c.before is not None:
             c.before()
+        if mark:
+            torch.compiler.cudagraph_mark_step_begin()
         with autocast(device, amp):
             loss = F.cross_entropy(model(x), y)
         loss.backward()

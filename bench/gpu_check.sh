@@ -6,11 +6,12 @@
 # 3. a profile of four training contenders (bench.profile --device cuda) and the elementwise
 #    kernels of a vector layer (bench.kernels --device cuda),
 # 4. with COMPILE_S=<seconds> set, the benchmark again with --compile (sub-network pairs compiled),
+#    once per torch.compile mode in COMPILE_MODES (default "default reduce-overhead"),
 # 5. with HOST_S=<seconds> set, the host-bound CPU proxy (bench.host --amp) on the same code, so the
 #    proxy's ratios can be set beside the GPU's batch-64 ones.
 # Wheels in .whl/ (e.g. the timm and peft versions the project pins) are installed first, without
 # dependencies, into a private folder. Each step has its own time limit (CUDA_TESTS_S, BENCH_S,
-# B256_S, PROFILE_S, KERNELS_S, COMPILE_S, HOST_S), so one that hangs leaves the others their time,
+# B256_S, PROFILE_S, KERNELS_S, COMPILE_S per mode, HOST_S), so one that hangs leaves the others their time,
 # and a limit of 0 skips its step; the exit status is the first failure's. On the H200 each
 # bench.run took 30-45 s, so the defaults are caps, not durations.
 set -uo pipefail
@@ -43,9 +44,14 @@ step "${B256_S:-${BENCH_S:-240}}" "$out/bench_cuda_b256.log" python3 -m bench.ru
 step "${PROFILE_S:-90}" "$out/profile.log" python3 -m bench.profile --device cuda --steps 3 --out /tmp/glora-profile \
     --contenders peft_lora supernet subnet_vector peft_glora_vector
 step "${KERNELS_S:-60}" "$out/profile.log" python3 -m bench.kernels --device cuda
-# Optional (COMPILE_S=seconds, default off): the sub-network pairs under torch.compile, batch 64.
+# Optional (COMPILE_S=seconds, default off): the sub-network pairs under torch.compile, batch 64,
+# once per mode in COMPILE_MODES (default: torch.compile's default, then reduce-overhead, which
+# replays CUDA graphs: the launch-bound batch-64 step is what it is for).
 if [ "${COMPILE_S:-0}" -gt 0 ]; then
-    step "$COMPILE_S" "$out/bench_cuda_compile.log" python3 -m bench.run --device cuda --compile --out "$out/results-cuda-compile.json"
+    for mode in ${COMPILE_MODES:-default reduce-overhead}; do
+        step "$COMPILE_S" "$out/bench_cuda_compile.log" python3 -m bench.run --device cuda --compile --compile-mode "$mode" \
+            --out "$out/results-cuda-compile-$mode.json"
+    done
 fi
 # Optional (HOST_S=seconds, default off): the host-bound proxy on this machine's CPU, one thread.
 if [ "${HOST_S:-0}" -gt 0 ]; then

@@ -31,6 +31,8 @@ from typing import Any, Callable
 
 import torch
 
+from engine.compiling import COMPILE_MODES
+
 from . import contenders as C
 from .contenders import ModelSpec
 
@@ -67,6 +69,7 @@ class Settings:
     batch: int = 8
     amp: bool = False  # bf16 autocast (cuda)
     compile: bool = False  # torch.compile every fixed-architecture training contender (not the supernet pair)
+    compile_mode: str = "default"  # torch.compile's mode with compile (engine.compiling.COMPILE_MODES)
     threads: int = 2
     warmup: int = 3
     steps: int = 10
@@ -235,7 +238,8 @@ def bench_model(spec: ModelSpec, s: Settings, log: Callable[[str], None] = print
     for key, (a, b) in TRAIN_PAIRS.items():
         names = (a, b, *FLOORS.get(key, ()))
         compiled = s.compile and key != "supernet_vs_lora_step"  # the supernet would recompile for every sub-network
-        steps = {n: C.train_step(C.build_train_contender(n, base, s.seed, compiled), x, y, s.amp) for n in names}
+        mode = s.compile_mode if compiled else False
+        steps = {n: C.train_step(C.build_train_contender(n, base, s.seed, mode), x, y, s.amp) for n in names}
         times = interleave(steps, s.warmup, s.steps, dev)
         record(times, s.batch)
         ratios[key] = paired_ratio(times[a], times[b])
@@ -319,7 +323,7 @@ def run(specs: list[ModelSpec], settings_for: Callable[[ModelSpec], Settings], o
         if s.device == "cpu":
             torch.set_num_threads(s.threads)
         log(f"{spec.label} (batch {s.batch}, {'bf16' if s.amp else 'fp32'}, {s.device}, {s.threads if s.device == 'cpu' else '-'} threads"
-            f"{', sub-network pairs compiled' if s.compile else ''})")
+            f"{f', sub-network pairs compiled ({s.compile_mode})' if s.compile else ''})")
         res = bench_model(spec, s, log)
         per_model[spec.label] = res
         for k in KEYS:
@@ -391,6 +395,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     p.add_argument("--val-images", type=int, help="override validation images per candidate")
     p.add_argument("--compile", action="store_true", help="torch.compile both sides of the sub-network pairs and the frozen model "
                    "(as retrain.compile does ours); the supernet pair, merged inference and search stay eager")
+    p.add_argument("--compile-mode", choices=COMPILE_MODES, default="default",
+                   help="torch.compile's mode with --compile; reduce-overhead replays CUDA graphs on a GPU")
     p.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
@@ -424,7 +430,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         if args.val_images is not None:
             s = replace(s, val_images=args.val_images, val_batch=min(s.val_batch, args.val_images))
         if args.compile:
-            s = replace(s, compile=True)
+            s = replace(s, compile=True, compile_mode=args.compile_mode)
         return s
 
     img_size = int(args.model_kwargs.get("img_size", 224))

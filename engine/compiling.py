@@ -1,10 +1,32 @@
-"""One-line errors for a failed ``torch.compile`` in the stages that offer it (``retrain.compile``, ``search.compile``)."""
+"""``torch.compile`` for the stages that offer it (``retrain.compile``, ``search.compile``): the
+modes they accept, and one-line errors for a failed compile."""
 
 from __future__ import annotations
 
 from contextlib import contextmanager
 
 import torch
+import torch.nn as nn
+
+# torch.compile's modes, as ``retrain.compile_mode`` and ``search.compile_mode`` take them (timm's
+# --torchcompile-mode). "reduce-overhead" replays CUDA graphs: one launch for a whole step of a
+# fixed sub-network, where a step at moderate batch sizes is bound by kernel launches; on a CPU
+# it compiles as "default".
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def compile_model(model: nn.Module, mode: str = "default") -> nn.Module:
+    """``torch.compile(model)`` in ``mode`` (one of :data:`COMPILE_MODES`); the wrapper shares the parameters."""
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"compile mode {mode!r} is not one of {', '.join(COMPILE_MODES)}")
+    return torch.compile(model, mode=None if mode == "default" else mode)
+
+
+def uses_cuda_graphs(mode: str, device: torch.device) -> bool:
+    """Whether a model compiled in ``mode`` replays CUDA graphs on ``device``: each training step
+    must then be marked (``torch.compiler.cudagraph_mark_step_begin``), since a replay reuses the
+    previous step's output memory."""
+    return device.type == "cuda" and mode in ("reduce-overhead", "max-autotune")
 
 
 class CompileError(RuntimeError):

@@ -28,6 +28,10 @@ import yaml
 
 from supernet import SpaceError, load_space
 
+from .compiling import COMPILE_MODES
+
+CompileMode = Literal[COMPILE_MODES]  # type: ignore[valid-type]  # the tuple's strings, as Literal's arguments
+
 
 class ConfigError(ValueError):
     """A run configuration is invalid; ``problems`` lists every one of them."""
@@ -102,6 +106,7 @@ class TrainConfig:
     resume: str = "auto"  # auto | never | a checkpoint path
     device: str = "auto"  # auto | cpu | cuda
     compile: bool = False  # torch.compile the training step (retrain only: the supernet changes sub-network every step)
+    compile_mode: CompileMode = "default"  # with compile: true; reduce-overhead replays CUDA graphs on a GPU
     fail_at_step: int | None = None  # testing aid: inject a NaN loss at this step
     stop_at_step: int | None = None  # testing aid: behave as if SIGTERM arrived at this step
 
@@ -120,6 +125,7 @@ class SearchConfig:
     eval_batch_size: int = field(default=128, metadata=check(_positive))
     resume: str = "auto"  # auto | never
     compile: bool = False  # torch.compile the merged model that scores the candidates
+    compile_mode: CompileMode = "default"  # with compile: true
 
 
 @dataclass

@@ -53,7 +53,7 @@ from supernet.layer import choice_cost
 
 from . import distributed as D
 from .checkpoint import CheckpointError, safe_torch_load
-from .compiling import compile_errors
+from .compiling import compile_errors, compile_model, uses_cuda_graphs
 from .config import ConfigError, RunConfig
 from .data import DataConfig, build_splits
 from .models import build_model, input_size
@@ -68,7 +68,7 @@ STAGE_SECTIONS = {
     "search": ("model", "data", "space", "train", "search"),
     "retrain": ("model", "data", "space", "retrain"),
 }
-_VOLATILE = {"resume", "device", "compile", "stop_at_step", "fail_at_step"}  # may change between a run and its resumption
+_VOLATILE = {"resume", "device", "compile", "compile_mode", "stop_at_step", "fail_at_step"}  # may change between a run and its resumption
 
 
 def _relevant(cfg_dict: dict, stage: str) -> dict:
@@ -219,7 +219,7 @@ class MergedScorer:
     products per layer) plus a plain forward pass over the validation images.
     """
 
-    def __init__(self, model: nn.Module, loader, info: D.DistInfo, precision: str = "fp32", compile: bool = False):
+    def __init__(self, model: nn.Module, loader, info: D.DistInfo, precision: str = "fp32", compile: bool = False, compile_mode: str = "default"):
         self.model, self.info, self.precision = model, info, precision
         self.layers = dict(glora_layers(model))
         plain = copy.deepcopy(model)
@@ -230,7 +230,8 @@ class MergedScorer:
         self.plain = plain.eval().requires_grad_(False)
         # Compiled once: each candidate is copied into the same tensors in place, which the
         # compiled graph reads without recompiling.
-        self.compiled = torch.compile(self.plain) if compile else None
+        self.compiled = compile_model(self.plain, compile_mode) if compile else None
+        self.mark_steps = self.compiled is not None and uses_cuda_graphs(compile_mode, info.device)
         self.targets = {n: self.plain.get_submodule(n) for n in self.layers}
         self.batches = [(x.to(info.device), y.to(info.device)) for x, y in loader]
 
@@ -247,7 +248,7 @@ class MergedScorer:
             self.load(config)
             if self.compiled is not None:
                 with compile_errors("search.compile"):
-                    return self.predict(self.compiled)
+                    return self.predict(self.compiled, self.mark_steps)
             net = self.plain
         else:
             set_subnet(self.model, config)
@@ -255,10 +256,16 @@ class MergedScorer:
         return self.predict(net)
 
     @torch.no_grad()
-    def predict(self, net: nn.Module) -> torch.Tensor:
-        """Top-1 predictions of ``net`` over the validation batches (the benchmark times a plain model with it too)."""
+    def predict(self, net: nn.Module, mark_steps: bool = False) -> torch.Tensor:
+        """Top-1 predictions of ``net`` over the validation batches (the benchmark times a plain model with it too).
+
+        ``mark_steps``: ``net`` replays CUDA graphs, and each batch's logits are done with (reduced
+        to predictions) before the next batch, whose replay may reuse their memory.
+        """
         preds = []
         for x, _ in self.batches:
+            if mark_steps:
+                torch.compiler.cudagraph_mark_step_begin()
             with autocast_for(self.precision, self.info.device):
                 preds.append(net(x).argmax(dim=1))
         return torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long)
@@ -325,7 +332,7 @@ def run_search(cfg: RunConfig, info: D.DistInfo, source: str, overwrite: bool = 
     _write_config(sdir, cfg, info)
     tracker = Tracker(sdir, enabled=info.is_main)
     loader = torch.utils.data.DataLoader(val_ds, batch_size=s.eval_batch_size, num_workers=cfg.data.num_workers)
-    scorer = MergedScorer(model, loader, info, cfg.train.precision, compile=s.compile)
+    scorer = MergedScorer(model, loader, info, cfg.train.precision, compile=s.compile, compile_mode=s.compile_mode)
     from tqdm import tqdm
 
     bar = tqdm(total=settings.generations, initial=search.generation, desc="search", disable=not info.is_main, leave=False)

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from . import distributed as D
 from .checkpoint import load_checkpoint, save_checkpoint
-from .compiling import compile_errors
+from .compiling import compile_errors, compile_model, uses_cuda_graphs
 from .config import TrainConfig
 from .optim import adamw
 from .rng import get_rng_state, set_rng_state
@@ -120,7 +120,8 @@ class Trainer:
         self.fingerprint, self.desc = fingerprint, desc
         # torch.compile's wrapper shares the parameters; checkpoints, names and evaluation keep
         # using the module itself, whose parameter names carry no "_orig_mod." prefix.
-        self.compiled = torch.compile(model) if cfg.compile else None
+        self.compiled = compile_model(model, cfg.compile_mode) if cfg.compile else None
+        self.mark_steps = self.compiled is not None and uses_cuda_graphs(cfg.compile_mode, info.device)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.param_names = [n for n, p in model.named_parameters() if p.requires_grad]
         self.sampler = ResumableSampler(train_ds, info, cfg.seed)
@@ -247,6 +248,8 @@ class Trainer:
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.compiled is None:
             return self.model(x)
+        if self.mark_steps:  # CUDA graphs: the last step's outputs are done with, their memory may be reused
+            torch.compiler.cudagraph_mark_step_begin()
         with compile_errors(f"{self.desc}.compile"):
             return self.compiled(x)
 

@@ -78,8 +78,9 @@ def test_compiled_contenders():
 
     spec = ModelSpec("vit_tiny_patch16_224", dict(TINY), 32, 5)
     base = spec.build(0)
-    c = C.build_train_contender("subnet_vector", base, 0, compile=True)
-    assert isinstance(c.model, torch._dynamo.eval_frame.OptimizedModule)
+    c = C.build_train_contender("subnet_vector", base, 0, compile="reduce-overhead")  # on a CPU: the default mode
+    assert isinstance(c.model, torch._dynamo.eval_frame.OptimizedModule) and c.compile_mode == "reduce-overhead"
+    assert C.build_train_contender("frozen", base, 0, compile=True).compile_mode == "default"
     x, y = bench_run.make_batch(spec, 2, "cpu", 0)
     before = [p.detach().clone() for p in c.model.parameters() if p.requires_grad]
     C.train_step(c, x, y)()

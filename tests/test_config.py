@@ -59,6 +59,7 @@ def test_every_problem_reported_at_once(tmp_path):
         ("train.precision=fp8", "train.precision: expected one of fp32, bf16, fp16"),
         ("search.top_k=100", "search.top_k: must be <= search.population"),
         ("retrain.preset=lora2", "retrain.preset: expected one of"),
+        ("search.compile_mode=turbo", "search.compile_mode: expected one of default, reduce-overhead, max-autotune, max-autotune-no-cudagraphs"),
     ],
 )
 def test_semantic_errors(tmp_path, override, needle):
@@ -93,3 +94,24 @@ def test_budget_no_configuration_meets(tmp_path):
         load_config(p)
     with pytest.raises(ConfigError, match=r"search\.min_params: .* is above the largest"):
         load_config(p, ["search.max_params=null", "search.min_params=100000000"])
+
+
+def test_compile_mode_reaches_torch_compile(monkeypatch):
+    """retrain/search.compile_mode: "default" is torch.compile's own default (mode=None), the others pass through;
+    CUDA graphs (and so a step marker per step) only on a CUDA device."""
+    import torch
+
+    from engine.compiling import COMPILE_MODES, compile_model, uses_cuda_graphs
+
+    seen = []
+    monkeypatch.setattr(torch, "compile", lambda model, mode=None: seen.append(mode) or model)
+    model = torch.nn.Linear(2, 2)
+    for mode in COMPILE_MODES:
+        assert compile_model(model, mode) is model
+    assert seen == [None, "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
+    with pytest.raises(ValueError, match="not one of default, reduce-overhead"):
+        compile_model(model, "fast")
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert uses_cuda_graphs("reduce-overhead", cuda) and uses_cuda_graphs("max-autotune", cuda)
+    assert not uses_cuda_graphs("reduce-overhead", cpu) and not uses_cuda_graphs("default", cuda)
+    assert not uses_cuda_graphs("max-autotune-no-cudagraphs", cuda)
