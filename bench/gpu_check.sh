@@ -38,7 +38,7 @@ step() {  # step SECONDS LOGFILE COMMAND...; SECONDS 0 skips the step (timeout 0
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
     python3 -c "import sys, torch, timm, peft; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'timm', timm.__version__, 'peft', peft.__version__, 'gpu', torch.cuda.get_device_name())"
 } 2>&1 | tee "$out/gpu.txt"
-step "${CUDA_TESTS_S:-210}" "$out/cuda_tests.log" python3 -m pytest -q -m cuda -p no:cacheprovider tests/test_cuda.py
+step "${CUDA_TESTS_S:-300}" "$out/cuda_tests.log" python3 -m pytest -q -m cuda -p no:cacheprovider tests/test_cuda.py
 step "${BENCH_S:-240}" "$out/bench_cuda.log" python3 -m bench.run --device cuda --out "$out/results-cuda.json"
 step "${B256_S:-${BENCH_S:-240}}" "$out/bench_cuda_b256.log" python3 -m bench.run --device cuda --batch 256 --out "$out/results-cuda-b256.json"
 step "${PROFILE_S:-90}" "$out/profile.log" python3 -m bench.profile --device cuda --steps 3 --out /tmp/glora-profile \

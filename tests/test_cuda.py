@@ -132,14 +132,16 @@ def test_pipeline_on_cuda(tmp_path, precision):
     base.load_state_dict(merged, strict=True)
 
 
-def test_compiled_retrain_on_cuda(tmp_path):
-    """retrain.compile on the GPU (Inductor's Triton kernels): in fp32 it trains like the eager step
-    (relative difference of all adapters; bf16 rounding alone moves them ~20% through Adam, so
-    bf16 is only run), and in bf16 it trains to finite weights."""
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_compiled_retrain_on_cuda(tmp_path, mode):
+    """retrain.compile on the GPU (Inductor's Triton kernels; with reduce-overhead also CUDA graphs,
+    replayed step after step): in fp32 it trains like the eager step (relative difference of all
+    adapters; bf16 rounding alone moves them ~20% through Adam, so bf16 is only run), and in bf16 it
+    trains to finite weights."""
     info = D.setup("cuda")
     adapters = {}
     for name, precision, compiled in (("eager", "fp32", False), ("compiled", "fp32", True), ("bf16", "bf16", True)):
-        retrain = {"device": "cuda", "precision": precision, "preset": "ssf", "epochs": 2, "compile": compiled}
+        retrain = {"device": "cuda", "precision": precision, "preset": "ssf", "epochs": 2, "compile": compiled, "compile_mode": mode}
         cfg = config_from_dict(tiny_config(tmp_path / name, retrain=retrain))
         assert run_retrain(cfg, info, "t.yaml") == "done"
         adapters[name] = load_file(tmp_path / name / "retrain" / "adapter.safetensors")
