@@ -124,6 +124,12 @@ def paired_ratio(num: list[float], den: list[float]) -> float:
     return statistics.median(a / b for a, b in zip(num, den))
 
 
+def paired_ratio_ci(num: list[float], den: list[float]) -> tuple[float, list[float]]:
+    """:func:`paired_ratio` and the :func:`median_ci` interval of the same per-round ratios."""
+    rounds = [a / b for a, b in zip(num, den)]
+    return statistics.median(rounds), list(median_ci(rounds))
+
+
 def median_ci(values: list[float], level: float = 0.95) -> tuple[float, float]:
     """A confidence interval for the median of the distribution ``values`` were drawn from.
 
@@ -242,8 +248,7 @@ def bench_model(spec: ModelSpec, s: Settings, log: Callable[[str], None] = print
         steps = {n: C.train_step(C.build_train_contender(n, base, s.seed, mode), x, y, s.amp) for n in names}
         times = interleave(steps, s.warmup, s.steps, dev)
         record(times, s.batch)
-        ratios[key] = paired_ratio(times[a], times[b])
-        ci[key] = list(median_ci([p / q for p, q in zip(times[a], times[b])]))
+        ratios[key], ci[key] = paired_ratio_ci(times[a], times[b])
         log(f"  {key}: {ratios[key]:.3f} [{ci[key][0]:.3f}, {ci[key][1]:.3f}] ({a} {medians[a]:.3f} s, {b} {medians[b]:.3f} s)")
         for n in names[2:]:
             fkey = f"{n}_vs_{key.split('_vs_', 1)[1]}"  # frozen_vs_peft_glora_step_vector
@@ -256,8 +261,7 @@ def bench_model(spec: ModelSpec, s: Settings, log: Callable[[str], None] = print
     merged = C.merged(base, s.seed)
     times = interleave({"merged_forward": C.forward_fn(merged, x, s.amp), "base_forward": C.forward_fn(base, x, s.amp)}, s.fwd_warmup, s.fwd_steps, dev)
     record(times, s.batch)
-    ratios["merged_vs_base_forward"] = paired_ratio(times["merged_forward"], times["base_forward"])
-    ci["merged_vs_base_forward"] = list(median_ci([p / q for p, q in zip(times["merged_forward"], times["base_forward"])]))
+    ratios["merged_vs_base_forward"], ci["merged_vs_base_forward"] = paired_ratio_ci(times["merged_forward"], times["base_forward"])
     log(f"  merged_vs_base_forward: {ratios['merged_vs_base_forward']:.3f}")
     del merged
 
@@ -275,8 +279,7 @@ def bench_model(spec: ModelSpec, s: Settings, log: Callable[[str], None] = print
     candidates = iter([sample_config(choices, g) for _ in range(s.search_warmup + s.candidates)])
     times = interleave({"search_candidate": lambda: scorer.score(next(candidates)), "search_forward": lambda: scorer.evaluate(base)}, s.search_warmup, s.candidates, dev)
     record(times, n_val)
-    ratios["search_eval_vs_forward"] = paired_ratio(times["search_forward"], times["search_candidate"])
-    ci["search_eval_vs_forward"] = list(median_ci([p / q for p, q in zip(times["search_forward"], times["search_candidate"])]))
+    ratios["search_eval_vs_forward"], ci["search_eval_vs_forward"] = paired_ratio_ci(times["search_forward"], times["search_candidate"])
     log(f"  search_eval_vs_forward: {ratios['search_eval_vs_forward']:.3f}")
     del scorer, batches
 

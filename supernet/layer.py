@@ -106,6 +106,9 @@ def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
+_BN_BACKWARD = torch.ops.aten.native_batch_norm_backward.default  # the overload, resolved once
+
+
 def _channel_sums(g: torch.Tensor, z: torch.Tensor, dtype: torch.dtype, with_sum: bool):
     """``Σ_n g ⊙ z`` and (if ``with_sum``) ``Σ_n g`` over the rows of two ``(N, out)`` tensors, in ``dtype``.
 
@@ -117,9 +120,6 @@ def _channel_sums(g: torch.Tensor, z: torch.Tensor, dtype: torch.dtype, with_sum
     zero, one = _unit_stats(g.shape[1], dtype, g.device)  # one is also the weight: the argument types autocast gives BatchNorm1d
     _, gz, gsum = _BN_BACKWARD(g, z, one, None, None, zero, one, True, 0.0, [False, True, with_sum])
     return gz, gsum
-
-
-_BN_BACKWARD = torch.ops.aten.native_batch_norm_backward.default  # the overload, resolved once
 
 
 @_eager_cache(maxsize=256)

@@ -189,7 +189,7 @@ def set_subnet(model: nn.Module, config: Subnet | Mapping[str, Any] | str | os.P
 def sample_subnet(model: nn.Module, generator: torch.Generator, activate: bool = True) -> Subnet:
     """Draw one configuration (uniform per layer and tensor) from ``generator`` and activate it."""
     layers = _layers_or_raise(model)
-    config = sample_config({name: dict(layer.choices) for name, layer in layers.items()}, generator)
+    config = sample_config({name: layer.choices for name, layer in layers.items()}, generator)
     if activate:
         for name, layer in layers.items():
             layer.active = config[name]
@@ -219,6 +219,7 @@ class SubnetSampler:
         # sample_config spends a uniform only where a tensor has more than one option
         self._drawn = torch.tensor([k for k, n in enumerate(counts) if n > 1], dtype=torch.long)
         self._counts = torch.tensor([n for n in counts if n > 1], dtype=torch.float64)
+        self._last = self._counts.long() - 1
         self._slots = len(counts)
 
     def __call__(self, generator: torch.Generator, activate: bool = True) -> Subnet:
@@ -226,14 +227,14 @@ class SubnetSampler:
         # turned into indices the same way, min(int(u * n), n - 1), but in one vectorised pass.
         u = torch.rand(len(self._counts), generator=generator, dtype=torch.float64)
         picked = torch.zeros(self._slots, dtype=torch.long)
-        picked[self._drawn] = torch.minimum((u * self._counts).long(), self._counts.long() - 1)
+        picked[self._drawn] = torch.minimum((u * self._counts).long(), self._last)
         flat = picked.tolist()
         config = {}
         for i, (name, layer, lists, cache) in enumerate(self._draws):
             key = tuple(flat[_N_TENSORS * i : _N_TENSORS * (i + 1)])
             hit = cache.get(key)
             if hit is None:
-                choice = LayerChoice(*(o[i] for o, i in zip(lists, key)))
+                choice = LayerChoice(*(options[j] for options, j in zip(lists, key)))
                 hit = cache[key] = (choice, layer._plan_of(choice))
             config[name] = hit[0]
             if activate:  # drawn from the layer's own lists: nothing for set_subnet to check
