@@ -1,19 +1,21 @@
 #!/usr/bin/env bash
 # Every GPU check in one go, for a machine with a CUDA GPU and a python3 that has torch:
 #   bash bench/gpu_check.sh OUTDIR
-# 1. the CUDA tests (tests/test_cuda.py: CUDA against CPU, autocast, the three stages on the GPU),
-# 2. the benchmark in CUDA mode (bench.run --device cuda: vit_base, batch 64, bf16), then at batch 256,
-# 3. a profile of four training contenders (bench.profile --device cuda) and the elementwise
-#    kernels of a vector layer (bench.kernels --device cuda),
-# 4. with COMPILE_S=<seconds> set, the benchmark again with --compile (sub-network pairs compiled),
-#    once per torch.compile mode in COMPILE_MODES (default "default reduce-overhead"),
+# 1. the benchmark in CUDA mode (bench.run --device cuda: vit_base, batch 64, bf16),
+# 2. with COMPILE_S=<seconds> set, the sub-network pairs again under torch.compile
+#    (bench.run --compile --only COMPILE_KEYS), once per mode in COMPILE_MODES (default
+#    "default reduce-overhead"), with TORCH_LOGS=perf_hints so a skipped CUDA graph says why,
+# 3. the CUDA tests (tests/test_cuda.py: CUDA against CPU, autocast, the three stages on the GPU),
+# 4. the benchmark at batch 256, then a profile of four training contenders (bench.profile) and the
+#    elementwise kernels of a vector layer (bench.kernels),
 # 5. with HOST_S=<seconds> set, the host-bound CPU proxy (bench.host --amp) on the same code, so the
 #    proxy's ratios can be set beside the GPU's batch-64 ones.
+# Timings come first, so a loan that ends early still brings back the numbers it was lent for.
 # Wheels in .whl/ (e.g. the timm and peft versions the project pins) are installed first, without
-# dependencies, into a private folder. Each step has its own time limit (CUDA_TESTS_S, BENCH_S,
-# B256_S, PROFILE_S, KERNELS_S, COMPILE_S per mode, HOST_S), so one that hangs leaves the others their time,
-# and a limit of 0 skips its step; the exit status is the first failure's. On the H200 each
-# bench.run took 30-45 s, so the defaults are caps, not durations.
+# dependencies, into a private folder. Each step has its own time limit (BENCH_S, COMPILE_S per
+# mode, CUDA_TESTS_S, B256_S, PROFILE_S, KERNELS_S, HOST_S), so one that hangs leaves the others
+# their time, and a limit of 0 skips its step; the exit status is the first failure's. On the H200
+# each eager bench.run took 30-45 s, so the defaults are caps, not durations.
 set -uo pipefail
 out=${1:-runs/gpu-check}
 mkdir -p "$out"
@@ -38,21 +40,20 @@ step() {  # step SECONDS LOGFILE COMMAND...; SECONDS 0 skips the step (timeout 0
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
     python3 -c "import sys, torch, timm, peft; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'timm', timm.__version__, 'peft', peft.__version__, 'gpu', torch.cuda.get_device_name())"
 } 2>&1 | tee "$out/gpu.txt"
-step "${CUDA_TESTS_S:-300}" "$out/cuda_tests.log" python3 -m pytest -q -m cuda -p no:cacheprovider tests/test_cuda.py
 step "${BENCH_S:-240}" "$out/bench_cuda.log" python3 -m bench.run --device cuda --out "$out/results-cuda.json"
+# Only the sub-network pairs change under --compile (the supernet pair, merged inference, search
+# and memory stay eager), so only they are timed again; each mode compiles five models.
+if [ "${COMPILE_S:-0}" -gt 0 ]; then
+    for mode in ${COMPILE_MODES:-default reduce-overhead}; do
+        step "$COMPILE_S" "$out/bench_cuda_compile.log" env TORCH_LOGS=perf_hints python3 -m bench.run --device cuda --compile --compile-mode "$mode" \
+            --only ${COMPILE_KEYS:-subnet_vs_peft_glora_step_lora subnet_vs_peft_glora_step_vector} --out "$out/results-cuda-compile-$mode.json"
+    done
+fi
+step "${CUDA_TESTS_S:-300}" "$out/cuda_tests.log" python3 -m pytest -q -m cuda -p no:cacheprovider tests/test_cuda.py
 step "${B256_S:-${BENCH_S:-240}}" "$out/bench_cuda_b256.log" python3 -m bench.run --device cuda --batch 256 --out "$out/results-cuda-b256.json"
 step "${PROFILE_S:-90}" "$out/profile.log" python3 -m bench.profile --device cuda --steps 3 --out /tmp/glora-profile \
     --contenders peft_lora supernet subnet_vector peft_glora_vector
 step "${KERNELS_S:-60}" "$out/profile.log" python3 -m bench.kernels --device cuda
-# Optional (COMPILE_S=seconds, default off): the sub-network pairs under torch.compile, batch 64,
-# once per mode in COMPILE_MODES (default: torch.compile's default, then reduce-overhead, which
-# replays CUDA graphs: the launch-bound batch-64 step is what it is for).
-if [ "${COMPILE_S:-0}" -gt 0 ]; then
-    for mode in ${COMPILE_MODES:-default reduce-overhead}; do
-        step "$COMPILE_S" "$out/bench_cuda_compile.log" python3 -m bench.run --device cuda --compile --compile-mode "$mode" \
-            --out "$out/results-cuda-compile-$mode.json"
-    done
-fi
 # Optional (HOST_S=seconds, default off): the host-bound proxy on this machine's CPU, one thread.
 if [ "${HOST_S:-0}" -gt 0 ]; then
     step "$HOST_S" "$out/bench_host.log" python3 -m bench.host --amp --rounds 20 --out "$out/results-host-amp.json"

@@ -82,6 +82,7 @@ class Settings:
     mem_warmup: int = 1
     mem_steps: int = 2
     seed: int = 0
+    keys: tuple[str, ...] = KEYS  # what to measure (--only): a short GPU loan can time just the pairs it needs
 
 
 def quick_settings() -> Settings:
@@ -242,6 +243,8 @@ def bench_model(spec: ModelSpec, s: Settings, log: Callable[[str], None] = print
     # training steps
     floor: dict[str, float] = {}
     for key, (a, b) in TRAIN_PAIRS.items():
+        if key not in s.keys:
+            continue
         names = (a, b, *FLOORS.get(key, ()))
         compiled = s.compile and key != "supernet_vs_lora_step"  # the supernet would recompile for every sub-network
         mode = s.compile_mode if compiled else False
@@ -257,15 +260,27 @@ def bench_model(spec: ModelSpec, s: Settings, log: Callable[[str], None] = print
         del steps, times
         gc.collect()
 
-    # inference of the merged model
+    if "merged_vs_base_forward" in s.keys:
+        _bench_merged(base, x, s, ratios, ci, record, log)
+    if "search_eval_vs_forward" in s.keys:
+        _bench_search(spec, base, s, ratios, ci, record, log)
+    mem = _bench_memory(spec, s, ratios, log) if "supernet_vs_lora_peak_mem" in s.keys else {}
+    return dict(ratios=ratios, ci95=ci, floor=floor, median_s=medians, images_per_s=images_per_s, memory=mem, settings=asdict(s), spec=spec.to_json())
+
+
+def _bench_merged(base, x, s: Settings, ratios, ci, record, log) -> None:
+    """Inference of the merged model against the untouched one."""
+    dev = s.device
     merged = C.merged(base, s.seed)
     times = interleave({"merged_forward": C.forward_fn(merged, x, s.amp), "base_forward": C.forward_fn(base, x, s.amp)}, s.fwd_warmup, s.fwd_steps, dev)
     record(times, s.batch)
     ratios["merged_vs_base_forward"], ci["merged_vs_base_forward"] = paired_ratio_ci(times["merged_forward"], times["base_forward"])
     log(f"  merged_vs_base_forward: {ratios['merged_vs_base_forward']:.3f}")
-    del merged
 
-    # search: candidates scored per second x images per candidate vs plain forward images per second
+
+def _bench_search(spec: ModelSpec, base, s: Settings, ratios, ci, record, log) -> None:
+    """Candidates scored per second x images per candidate against plain forward images per second."""
+    dev = s.device
     g = torch.Generator().manual_seed(s.seed + 1)
     n_val = s.val_images
     vx = torch.randn(n_val, 3, spec.img_size, spec.img_size, generator=g)
@@ -281,16 +296,16 @@ def bench_model(spec: ModelSpec, s: Settings, log: Callable[[str], None] = print
     record(times, n_val)
     ratios["search_eval_vs_forward"], ci["search_eval_vs_forward"] = paired_ratio_ci(times["search_forward"], times["search_candidate"])
     log(f"  search_eval_vs_forward: {ratios['search_eval_vs_forward']:.3f}")
-    del scorer, batches
 
-    # peak memory of one training step
+
+def _bench_memory(spec: ModelSpec, s: Settings, ratios, log) -> dict[str, Any]:
+    """Peak memory of one training step, the supernet's against PEFT LoRA's."""
     mem = {name: peak_memory(spec, name, s) for name in ("supernet", "peft_lora")}
     if min(m["peak_delta_bytes"] for m in mem.values()) <= 0:
         raise RuntimeError(f"peak memory measurement found no growth during a step: {mem}")
     ratios["supernet_vs_lora_peak_mem"] = mem["supernet"]["peak_delta_bytes"] / mem["peft_lora"]["peak_delta_bytes"]
     log(f"  supernet_vs_lora_peak_mem: {ratios['supernet_vs_lora_peak_mem']:.3f}")
-
-    return dict(ratios=ratios, ci95=ci, floor=floor, median_s=medians, images_per_s=images_per_s, memory=mem, settings=asdict(s), spec=spec.to_json())
+    return mem
 
 
 # -- whole run ----------------------------------------------------------------------------------
@@ -329,8 +344,8 @@ def run(specs: list[ModelSpec], settings_for: Callable[[ModelSpec], Settings], o
             f"{f', sub-network pairs compiled ({s.compile_mode})' if s.compile else ''})")
         res = bench_model(spec, s, log)
         per_model[spec.label] = res
-        for k in KEYS:
-            results[k][spec.label] = res["ratios"][k]
+        for k, v in res["ratios"].items():
+            results[k][spec.label] = v
         doc = dict(
             results,
             targets={k: dict(op=op, value=v) for k, (op, v) in TARGETS.items()},
@@ -361,11 +376,15 @@ def format_table(doc: dict[str, Any]) -> str:
         interval = doc.get("ci95", {}).get(k, {}).get(m)
         ci = f"[{interval[0]:.3f}, {interval[1]:.3f}]" if interval else ""
         verdict = ("ok" if doc["met"][k][m] else "MISS") + ("~" if _within_noise(k, interval) else " ")
+        if m not in doc[k]:
+            return "-".rjust(width)
         return f"{doc[k][m]:.3f} {ci:>16} {verdict:>5}".rjust(width)
 
     head = f"{'key':42} {'target':>8}  " + "  ".join(f"{m:>{width}}" for m in models)
     lines = [head, "-" * len(head)]
     for k in KEYS:
+        if not any(m in doc[k] for m in models):
+            continue  # not measured (--only)
         op, v = TARGETS[k]
         lines.append(f"{k:42} {op + format(v, '.2f'):>8}  " + "  ".join(cell(k, m) for m in models))
     for k in sorted({k for m in models for k in doc["models"][m].get("floor", {})}):
@@ -379,7 +398,8 @@ def format_table(doc: dict[str, Any]) -> str:
         med, ips = doc["models"][m]["median_s"], doc["models"][m]["images_per_s"]
         lines.append(f"  {m}: " + ", ".join(f"{n} {med[n]:.3f} ({ips[n]:.1f})" for n in med))
         mem = doc["models"][m]["memory"]
-        lines.append(f"  {m} peak step memory (MiB above rest): " + ", ".join(f"{n} {v['peak_delta_bytes'] / 2**20:.0f}" for n, v in mem.items()))
+        if mem:
+            lines.append(f"  {m} peak step memory (MiB above rest): " + ", ".join(f"{n} {v['peak_delta_bytes'] / 2**20:.0f}" for n, v in mem.items()))
     return "\n".join(lines)
 
 
@@ -400,6 +420,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
                    "(as retrain.compile does ours); the supernet pair, merged inference and search stay eager")
     p.add_argument("--compile-mode", choices=COMPILE_MODES, default="default",
                    help="torch.compile's mode with --compile; reduce-overhead replays CUDA graphs on a GPU")
+    p.add_argument("--only", nargs="+", choices=KEYS, metavar="KEY",
+                   help="measure only these keys (default all); a training pair's floor comes with it")
     p.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
@@ -434,6 +456,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
             s = replace(s, val_images=args.val_images, val_batch=min(s.val_batch, args.val_images))
         if args.compile:
             s = replace(s, compile=True, compile_mode=args.compile_mode)
+        if args.only:
+            s = replace(s, keys=tuple(k for k in KEYS if k in args.only))
         return s
 
     img_size = int(args.model_kwargs.get("img_size", 224))

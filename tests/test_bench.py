@@ -38,6 +38,21 @@ def test_quick_bench_machinery_writes_every_key(tmp_path):
         assert lo <= doc[k][label] <= hi, (k, lo, doc[k][label], hi)
 
 
+def test_only_measures_the_keys_asked_for(tmp_path, capsys):
+    """--only: a short GPU loan times just the pairs it needs; the table and results name only those."""
+    out = tmp_path / "only.json"
+    key = "subnet_vs_peft_glora_step_vector"
+    argv = ["--quick", "--out", str(out), "--models", "vit_tiny_patch16_224", "--model-kwargs", json.dumps(TINY), "--warmup", "1", "--steps", "1", "--num-classes", "5", "--only", key]
+    bench_run.main(argv)
+    doc = json.loads(out.read_text())
+    label = next(iter(doc["models"]))
+    assert [k for k in bench_run.KEYS if doc[k]] == [key] and doc["met"][key][label] in (True, False)
+    assert set(doc["models"][label]["median_s"]) == {"subnet_vector", "peft_glora_vector", "frozen"}
+    assert doc["models"][label]["memory"] == {} and set(doc["models"][label]["floor"]) == {"frozen_vs_peft_glora_step_vector"}
+    table = capsys.readouterr().out
+    assert key in table and "supernet_vs_lora_step" not in table and "peak step memory" not in table
+
+
 def test_median_interval_uses_the_binomial_ranks():
     """Known order-statistic ranks of a 95% interval for the median: (2, 9) of 10, (6, 15) of 20, (14, 27) of 40."""
     import pytest
