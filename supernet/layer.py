@@ -82,7 +82,7 @@ def _bias_forward(weight, bias, C, D, E, dtype, pdt):
     wc = None
     if C is not None:  # C is in pdt: a lora C is composed by _mm, which autocast leaves alone
         w, c = _as(weight, pdt), C.view(-1)
-        wc = torch.mv(w, c) if b0 is None else torch.addmv(b0, w, c)  # W0 C, with b0 folded in where there is one
+        wc = _mv(w, c, b0)  # W0 C, with b0 folded in where there is one
     if D is not None:  # D implies a bias: a layer without one only allows D none
         r = b0 if wc is None else wc  # b0 + W0 C
         if E is not None:
@@ -163,6 +163,19 @@ def _slices(c: Choice, down: torch.Tensor | None, up: torch.Tensor | None) -> tu
 def _compose(down: torch.Tensor | None, up: torch.Tensor | None) -> torch.Tensor | None:
     """The tensor :func:`_slices` describes: ``down_r @ up_r`` for lora, else the column (or None)."""
     return down if up is None else down @ up
+
+
+def _mv(a: torch.Tensor, v: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
+    """``a @ v`` (plus ``c``) in ``a``'s dtype, under autocast too, as :func:`_mm`.
+
+    A GPU's autocast runs ``mv`` and ``addmv`` in its low-precision dtype (a CPU's leaves them
+    alone); the bias ``W0 C`` would then come out in bf16, and adding an fp32 E to it would
+    promote the whole bias, and the layer's output, back to fp32.
+    """
+    if not torch.is_autocast_enabled(a.device.type):
+        return torch.mv(a, v) if c is None else torch.addmv(c, a, v)
+    out = torch.empty(a.shape[0], dtype=a.dtype, device=a.device)
+    return torch.mv(a, v, out=out) if c is None else torch.addmv(c, a, v, out=out)
 
 
 def _mm(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
@@ -356,7 +369,12 @@ class _ScaleShiftLinear(torch.autograd.Function):
         xsum = xb = None
         if shift is not None:
             xsum = x.sum(-1, keepdim=True)
-            y.addcmul_(xsum, _as(shift, y.dtype))  # broadcast: 2-3x faster than the same rank-1 update as addmm_ (CPU)
+            if torch.compiler.is_compiling():
+                # Out of place while compiled: torch 2.11's compiled graph returns zero for every
+                # gradient of this node when the update is in place (2.14's does not).
+                y = torch.addcmul(y, xsum, _as(shift, y.dtype))
+            else:
+                y.addcmul_(xsum, _as(shift, y.dtype))  # broadcast: 2-3x faster than the same rank-1 update as addmm_ (CPU)
         if lora_b:
             xb = F.linear(x, _as(Bu, y.dtype))  # (..., r)
             y.view(-1, y.shape[-1]).addmm_(xb.view(-1, xb.shape[-1]), _as(Bd, y.dtype).t())

@@ -10,7 +10,7 @@ import torch.nn as nn
 from supernet import TENSORS, GLoraLinear, LayerChoice, load_space
 from supernet.layer import choice_cost
 
-from conftest import LARGE_SPACE
+from conftest import LARGE_SPACE, needs_cxx
 
 
 def _randomise(layer: nn.Module, gen: torch.Generator) -> None:
@@ -236,3 +236,48 @@ def test_autocast_casts_no_weight_sized_adapter_tensor():
         # otherwise F.linear casts W0 itself (as it does for a frozen layer)
         assert len(weight_sized) == (0 if c.A.kind == "lora" else 1), (str(c), casts.shapes)
         assert len(small) <= 3, (str(c), casts.shapes)
+
+
+def _configuration_stack(sliced: bool) -> nn.Sequential:
+    """16 layers in a row, one per (A, B) pair of kinds, C/D/E cycling through theirs and every
+    fourth layer without a bias: each configuration's forward and hand-written backward in one
+    model, so one compile covers them all. ``sliced``: every layer holds the whole space and uses
+    a leading slice (a supernet); else each holds just its choice (an extracted sub-network)."""
+    space = {"A": ["none", "vector", "scalar", "lora4", "lora6"], "B": ["none", "vector", "scalar", "lora4", "lora6"],
+             "C": ["none", "vector", "lora4", "lora6"], "D": ["none", "vector", "scalar"], "E": ["none", "vector", "scalar"]}
+    layers = []
+    for i, (a, b) in enumerate(itertools.product(["none", "vector", "scalar", "lora4"], repeat=2)):
+        bias = i % 4 != 3
+        pick = dict(A=a, B=b, C=["none", "vector", "lora4"][i % 3], D="none" if not bias else ["vector", "scalar", "none"][i % 3], E=["scalar", "none", "vector"][i % 3])
+        layer = GLoraLinear(nn.Linear(24, 24, bias=bias), space if sliced else {t: [c] for t, c in pick.items()})
+        layer.set_choice(pick)
+        layers.append(layer)
+    return nn.Sequential(*layers)
+
+
+@needs_cxx
+@pytest.mark.parametrize("sliced", [False, True], ids=["subnet", "supernet"])
+def test_compiled_layers_match_eager(sliced):
+    """retrain.compile and search.compile run these autograd functions under torch.compile: every
+    kind of A and B, with C, D, E, gives the eager outputs and gradients. Written after torch
+    2.11 compiled B's in-place vector update into a graph whose gradients were all zero."""
+    torch.manual_seed(0)
+    model = _configuration_stack(sliced)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.1)
+    x = torch.randn(2, 5, 24)
+    w = torch.randn(2, 5, 24)
+    results = []
+    for run in (model, torch.compile(model)):
+        model.zero_grad(set_to_none=True)
+        xi = x.clone().requires_grad_()
+        y = run(xi)
+        (y * w).sum().backward()
+        results.append({"y": y.detach(), "x": xi.grad, **{n: p.grad for n, p in model.named_parameters() if p.grad is not None}})
+    eager, compiled = results
+    assert set(eager) == set(compiled) and len(eager) > 40
+    for k, v in eager.items():
+        assert v.norm() > 0, k
+        torch.testing.assert_close(compiled[k], v, rtol=1e-4, atol=1e-5 * v.abs().max().item(), msg=lambda m, k=k: f"{k}: {m}")
