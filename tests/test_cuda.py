@@ -23,7 +23,7 @@ from engine.optim import adamw
 from engine.stages import run_retrain, run_search, run_train
 from runcfg import tiny_config
 from supernet import TENSORS, GLoraLinear, LayerChoice, apply_glora, merge_glora, sample_subnet
-from test_supernet_layer import _random_layer, check_autocast_gradients
+from test_supernet_layer import _random_layer, check_autocast_gradients, check_compiled_layers
 
 from conftest import LARGE_SPACE
 
@@ -130,6 +130,12 @@ def test_pipeline_on_cuda(tmp_path, precision):
 
     base = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=2, num_classes=4)
     base.load_state_dict(merged, strict=True)
+
+
+@pytest.mark.parametrize("sliced", [False, True], ids=["subnet", "supernet"])
+def test_compiled_layers_match_eager_on_cuda(sliced):
+    """Every kind of A and B, with C, D, E, compiled by Inductor's Triton backend: eager outputs and gradients."""
+    check_compiled_layers("cuda", sliced)
 
 
 @pytest.mark.parametrize("mode", ["default", "reduce-overhead"])

@@ -261,14 +261,18 @@ def test_compiled_layers_match_eager(sliced):
     """retrain.compile and search.compile run these autograd functions under torch.compile: every
     kind of A and B, with C, D, E, gives the eager outputs and gradients. Written after torch
     2.11 compiled B's in-place vector update into a graph whose gradients were all zero."""
+    check_compiled_layers("cpu", sliced)
+
+
+def check_compiled_layers(device: str, sliced: bool) -> None:
     torch.manual_seed(0)
-    model = _configuration_stack(sliced)
+    model = _configuration_stack(sliced).to(device)
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:
                 p.normal_(0, 0.1)
-    x = torch.randn(2, 5, 24)
-    w = torch.randn(2, 5, 24)
+    x = torch.randn(2, 5, 24, device=device)
+    w = torch.randn(2, 5, 24, device=device)
     results = []
     for run in (model, torch.compile(model)):
         model.zero_grad(set_to_none=True)
