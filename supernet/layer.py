@@ -368,7 +368,9 @@ class _ScaleShiftLinear(torch.autograd.Function):
                 y = z * scale if b is None else torch.addcmul(b, z, scale)
         xsum = xb = None
         if shift is not None:
-            xsum = x.sum(-1, keepdim=True)
+            # dtype=dt: a GPU's autocast would otherwise sum in fp32 (a CPU's does not), and the
+            # update and B's gradient would then mix fp32 with dt
+            xsum = x.sum(-1, keepdim=True, dtype=dt)
             if torch.compiler.is_compiling():
                 # Out of place while compiled: torch 2.11's compiled graph returns zero for every
                 # gradient of this node when the update is in place (2.14's does not).

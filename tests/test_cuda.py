@@ -143,12 +143,15 @@ def test_compiled_retrain_on_cuda(tmp_path, mode):
     """retrain.compile on the GPU (Inductor's Triton kernels; with reduce-overhead also CUDA graphs,
     replayed step after step): in fp32 it trains like the eager step (relative difference of all
     adapters; bf16 rounding alone moves them ~20% through Adam, so bf16 is only run), and in bf16 it
-    trains to finite weights."""
+    trains to finite weights. Drop-path is off: with 0.1 the two fp32 runs' adapters differed by
+    79% on the H200, most likely because Inductor draws a GPU's random numbers with its own
+    generator, so the compiled run drops other samples than the eager one (on a CPU the compiled
+    drop masks equal eager's, and the CPU test keeps drop-path)."""
     info = D.setup("cuda")
     adapters = {}
     for name, precision, compiled in (("eager", "fp32", False), ("compiled", "fp32", True), ("bf16", "bf16", True)):
         retrain = {"device": "cuda", "precision": precision, "preset": "ssf", "epochs": 2, "compile": compiled, "compile_mode": mode}
-        cfg = config_from_dict(tiny_config(tmp_path / name, retrain=retrain))
+        cfg = config_from_dict(tiny_config(tmp_path / name, retrain=retrain, model={"drop_path_rate": 0.0}))
         assert run_retrain(cfg, info, "t.yaml") == "done"
         adapters[name] = load_file(tmp_path / name / "retrain" / "adapter.safetensors")
     flat = {n: torch.cat([v.flatten().float() for _, v in sorted(a.items())]) for n, a in adapters.items()}

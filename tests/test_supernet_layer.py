@@ -1,5 +1,6 @@
 """The GLoRA layer against SPEC's dense formula, for every configuration of the largest space."""
 
+import contextlib
 import itertools
 import math
 
@@ -171,7 +172,42 @@ def test_every_configuration_gradients_match_dense_formula(bias):
     assert checked == (900 if bias else 300)
 
 
-def check_autocast_gradients(device: str, dtype: torch.dtype) -> None:
+class GpuAutocastRules:
+    """The rules a GPU's autocast has and a CPU's lacks, applied below CPU autocast (a dispatch
+    mode sees each op after autocast has had it), so the CPU tests meet the dtypes a GPU would:
+    ``mv``, ``addmv`` and ``addr`` run in the low-precision dtype, and ``sum`` without a dtype
+    sums in fp32. Both once broke the GPU's autocast path and passed every CPU test. Enter it
+    inside ``torch.autocast`` (below autocast, autocast reads as off, so the rules apply to every
+    op the mode sees: the out= forms are other overloads, which autocast leaves alone too)."""
+
+    def __init__(self, dtype: torch.dtype):
+        self.dtype = dtype
+
+    def __enter__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        aten = torch.ops.aten
+        low = {aten.mv.default, aten.addmv.default, aten.addr.default}
+        sums = {aten.sum.default, aten.sum.dim_IntList}
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                kwargs = dict(kwargs or {})
+                if func in low:
+                    args = tuple(a.to(rules.dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
+                elif func in sums and kwargs.get("dtype") is None and args[0].dtype in (torch.bfloat16, torch.float16):
+                    kwargs["dtype"] = torch.float32
+                return func(*args, **kwargs)
+
+        rules = self
+        self.mode = Mode()
+        return self.mode.__enter__()
+
+    def __exit__(self, *exc):
+        return self.mode.__exit__(*exc)
+
+
+def check_autocast_gradients(device: str, dtype: torch.dtype, gpu_rules: bool = False) -> None:
     """Under autocast every configuration trains its fp32 parameters with low-precision error only."""
     space = load_space(LARGE_SPACE)
     torch.manual_seed(0)
@@ -186,9 +222,9 @@ def check_autocast_gradients(device: str, dtype: torch.dtype) -> None:
         layer.set_choice(c)
         inputs = [x, *layer.adapter_parameters()]
         want = torch.autograd.grad((layer(x) * weights).sum(), inputs, allow_unused=True)
-        with torch.autocast(device, dtype=dtype):
+        with torch.autocast(device, dtype=dtype), GpuAutocastRules(dtype) if gpu_rules else contextlib.nullcontext():
             y = layer(x)
-        assert y.dtype == dtype
+        assert y.dtype == dtype, str(c)
         got = torch.autograd.grad((y.float() * weights).sum(), inputs, allow_unused=True)
         for g, w in zip(got, want):
             if w is None:
@@ -201,6 +237,11 @@ def check_autocast_gradients(device: str, dtype: torch.dtype) -> None:
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_autocast_gradients_reach_fp32_parameters(dtype):
     check_autocast_gradients("cpu", dtype)
+
+
+def test_autocast_under_a_gpus_rules():
+    """The same with a GPU's extra autocast rules emulated on the CPU (see GpuAutocastRules)."""
+    check_autocast_gradients("cpu", torch.bfloat16, gpu_rules=True)
 
 
 def test_autocast_casts_no_weight_sized_adapter_tensor():
