@@ -171,6 +171,43 @@ def _build_train_contender(name: str, base: nn.Module, seed: int = 0) -> Contend
     raise ValueError(f"unknown training contender {name!r}; known: {', '.join(TRAIN_CONTENDERS)}")
 
 
+# Largest relative difference (norm of the difference over the norm, all trainable gradients
+# together) allowed between a compiled contender's first step and the eager one's. bf16 rounding
+# in a different order stays far below it; a graph that computes something else does not (torch
+# 2.11 once compiled a vector B into zero gradients, and a zero-gradient step times fast).
+COMPILED_GRAD_TOL = 0.05
+
+
+def gradient_difference(eager: nn.Module, compiled: nn.Module, x: torch.Tensor, y: torch.Tensor, amp: bool = False, cuda_graphs: bool = False) -> float:
+    """Relative difference of one training step's gradients, ``compiled`` against ``eager``, over
+    the trainable parameters of ``eager`` (which ``compiled`` shares when it wraps it)."""
+    params = [p for p in eager.parameters() if p.requires_grad]
+    device = x.device.type
+    flat = []
+    for model in (eager, compiled):
+        if cuda_graphs and model is compiled:
+            torch.compiler.cudagraph_mark_step_begin()
+        with autocast(device, amp):
+            loss = F.cross_entropy(model(x), y)
+        grads = torch.autograd.grad(loss, params, allow_unused=True)  # unused: no gradient reaches it, a zero
+        flat.append(torch.cat([(torch.zeros_like(p) if g is None else g).float().flatten() for g, p in zip(grads, params)]))
+    return ((flat[1] - flat[0]).norm() / flat[0].norm().clamp_min(1e-30)).item()
+
+
+def check_compiled(c: Contender, x: torch.Tensor, y: torch.Tensor, amp: bool = False) -> float:
+    """A compiled contender's first step against its eager model's: raises rather than let a
+    compiled graph that computes something else be timed. Returns the relative difference."""
+    eager = getattr(c.model, "_orig_mod", None)
+    if c.compile_mode is None or eager is None:
+        raise ValueError(f"{c.name}: not compiled")
+    c.model.to(x.device).train()
+    diff = gradient_difference(eager, c.model, x, y, amp, uses_cuda_graphs(c.compile_mode, x.device))
+    if not diff <= COMPILED_GRAD_TOL:
+        raise RuntimeError(f"{c.name}: compiled ({c.compile_mode}) gradients differ from eager by {diff:.3g} "
+                           f"(relative; at most {COMPILED_GRAD_TOL} expected): the compiled step is wrong, so it is not timed")
+    return diff
+
+
 def autocast(device: str, amp: bool):
     return torch.autocast(device_type=device, dtype=torch.bfloat16) if amp else contextlib.nullcontext()
 

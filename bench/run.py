@@ -242,13 +242,20 @@ def bench_model(spec: ModelSpec, s: Settings, log: Callable[[str], None] = print
 
     # training steps
     floor: dict[str, float] = {}
+    checked: dict[str, float] = {}  # compiled contenders: relative gradient difference from eager
     for key, (a, b) in TRAIN_PAIRS.items():
         if key not in s.keys:
             continue
         names = (a, b, *FLOORS.get(key, ()))
         compiled = s.compile and key != "supernet_vs_lora_step"  # the supernet would recompile for every sub-network
         mode = s.compile_mode if compiled else False
-        steps = {n: C.train_step(C.build_train_contender(n, base, s.seed, mode), x, y, s.amp) for n in names}
+        built = {n: C.build_train_contender(n, base, s.seed, mode) for n in names}
+        for n, c in built.items():
+            if c.compile_mode is not None:  # a compiled graph that computes something else is not timed
+                checked[n] = C.check_compiled(c, x, y, s.amp)
+                log(f"    {n}: compiled gradients within {checked[n]:.1e} of eager (relative)")
+        steps = {n: C.train_step(c, x, y, s.amp) for n, c in built.items()}
+        del built
         times = interleave(steps, s.warmup, s.steps, dev)
         record(times, s.batch)
         ratios[key], ci[key] = paired_ratio_ci(times[a], times[b])
@@ -265,7 +272,8 @@ def bench_model(spec: ModelSpec, s: Settings, log: Callable[[str], None] = print
     if "search_eval_vs_forward" in s.keys:
         _bench_search(spec, base, s, ratios, ci, record, log)
     mem = _bench_memory(spec, s, ratios, log) if "supernet_vs_lora_peak_mem" in s.keys else {}
-    return dict(ratios=ratios, ci95=ci, floor=floor, median_s=medians, images_per_s=images_per_s, memory=mem, settings=asdict(s), spec=spec.to_json())
+    return dict(ratios=ratios, ci95=ci, floor=floor, median_s=medians, images_per_s=images_per_s, memory=mem,
+                compiled_grad_rel_diff=checked, settings=asdict(s), spec=spec.to_json())
 
 
 def _bench_merged(base, x, s: Settings, ratios, ci, record, log) -> None:

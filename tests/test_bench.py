@@ -105,6 +105,36 @@ def test_compiled_contenders():
         C.build_train_contender("supernet", base, 0, compile=True)
 
 
+@needs_cxx
+def test_compiled_contender_is_checked_against_eager():
+    """bench.run times a compiled contender only after one step's gradients matched the eager
+    model's; a compiled model that computes something else is refused with the difference."""
+    import copy
+
+    import pytest
+    import torch
+
+    from bench import contenders as C
+    from bench.contenders import ModelSpec
+
+    spec = ModelSpec("vit_tiny_patch16_224", dict(TINY), 32, 5)
+    base = spec.build(0)
+    x, y = bench_run.make_batch(spec, 2, "cpu", 0)
+    c = C.build_train_contender("subnet_vector", base, 0, compile=True)
+    assert C.check_compiled(c, x, y) < 1e-4
+    # a "compiled" model whose adapters differ from the eager model it claims to wrap
+    wrong = copy.deepcopy(c.model._orig_mod)
+    with torch.no_grad():
+        for p in wrong.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p))
+    assert C.gradient_difference(c.model._orig_mod, wrong, x, y) > C.COMPILED_GRAD_TOL
+    bad = C.Contender("subnet_vector", torch.compile(wrong), compile_mode="default")
+    bad.model._orig_mod = c.model._orig_mod  # claims to wrap the eager model, computes with other weights
+    with pytest.raises(RuntimeError, match="differ from eager"):
+        C.check_compiled(bad, x, y)
+
+
 def test_host_bound_bench_writes_ratios_and_op_counts(tmp_path):
     """bench.host end to end on a 2-block model: ratios, floor and operations per step for every contender."""
     from bench import host

@@ -173,10 +173,11 @@ def test_every_configuration_gradients_match_dense_formula(bias):
 
 
 class GpuAutocastRules:
-    """The rules a GPU's autocast has and a CPU's lacks, applied below CPU autocast (a dispatch
-    mode sees each op after autocast has had it), so the CPU tests meet the dtypes a GPU would:
-    ``mv``, ``addmv`` and ``addr`` run in the low-precision dtype, and ``sum`` without a dtype
-    sums in fp32. Both once broke the GPU's autocast path and passed every CPU test. Enter it
+    """The rules of a GPU's autocast that a CPU's lacks and that touch this layer's ops, applied
+    below CPU autocast (a dispatch mode sees each op after autocast has had it), so the CPU tests
+    meet the dtypes a GPU would: ``mv``, ``addmv`` and ``addr`` run in the low-precision dtype,
+    and ``sum`` without a dtype sums in fp32. Both once broke the GPU's autocast path (H200,
+    torch 2.11) while every CPU test passed. Enter it
     inside ``torch.autocast`` (below autocast, autocast reads as off, so the rules apply to every
     op the mode sees: the out= forms are other overloads, which autocast leaves alone too)."""
 
