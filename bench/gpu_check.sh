@@ -5,6 +5,7 @@
 # 2. with COMPILE_S=<seconds> set, the sub-network pairs again under torch.compile
 #    (bench.run --compile --only COMPILE_KEYS), once per mode in COMPILE_MODES (default
 #    "default reduce-overhead"), with TORCH_LOGS=perf_hints so a skipped CUDA graph says why,
+#    then a profile of the compiled vector pair and frozen model in the last of those modes,
 # 3. the CUDA tests (tests/test_cuda.py: CUDA against CPU, autocast, the three stages on the GPU),
 # 4. the benchmark at batch 256, then a profile of four training contenders (bench.profile) and the
 #    elementwise kernels of a vector layer (bench.kernels),
@@ -48,6 +49,9 @@ if [ "${COMPILE_S:-0}" -gt 0 ]; then
         step "$COMPILE_S" "$out/bench_cuda_compile.log" env TORCH_LOGS=perf_hints python3 -m bench.run --device cuda --compile --compile-mode "$mode" \
             --only ${COMPILE_KEYS:-subnet_vs_peft_glora_step_lora subnet_vs_peft_glora_step_vector} --out "$out/results-cuda-compile-$mode.json"
     done
+    # where the compiled vector step's kernel time goes (CUDA graphs leave no launch cost to see)
+    step "${PROFILE_S:-90}" "$out/profile.log" python3 -m bench.profile --device cuda --steps 3 --out /tmp/glora-profile \
+        --compile-mode "${COMPILE_MODES##* }" --contenders subnet_vector peft_glora_vector frozen
 fi
 step "${CUDA_TESTS_S:-300}" "$out/cuda_tests.log" python3 -m pytest -q -m cuda -p no:cacheprovider tests/test_cuda.py
 step "${B256_S:-${BENCH_S:-240}}" "$out/bench_cuda_b256.log" python3 -m bench.run --device cuda --batch 256 --out "$out/results-cuda-b256.json"

@@ -150,3 +150,22 @@ def test_host_bound_bench_writes_ratios_and_op_counts(tmp_path):
     # every adapter adds operations to the frozen model's step; views are not counted
     assert all(ops[n] > ops["frozen"] > 0 for n in ops if n != "frozen")
     assert "view" not in doc["top_ops"]["subnet_vector"] and "mm" in doc["top_ops"]["frozen"]
+
+
+@needs_cxx
+def test_profile_eager_and_compiled(tmp_path):
+    """bench.profile writes a table per contender, compiled ones under their own name after the
+    gradient check; --compile-mode refuses the supernet."""
+    import pytest
+
+    from bench import profile
+    from bench.contenders import ModelSpec
+
+    spec = ModelSpec("vit_tiny_patch16_224", dict(TINY), 32, 5)
+    for mode in (None, "default"):
+        assert profile.profile_contender("subnet_vector", spec, "cpu", 2, False, 1, tmp_path, mode) == "subnet_vector"
+    tables = {p.name: p.read_text() for p in tmp_path.glob("profile-*.txt")}
+    assert set(tables) == {"profile-subnet_vector.txt", "profile-subnet_vector-compiled-default.txt"}
+    assert all("Self CPU" in t for t in tables.values())
+    with pytest.raises(SystemExit):
+        profile.main(["--compile-mode", "default", "--contenders", "supernet", "--out", str(tmp_path)])
