@@ -158,3 +158,36 @@ def test_compiled_retrain_on_cuda(tmp_path, mode):
     assert set(adapters["eager"]) == set(adapters["compiled"]) == set(adapters["bf16"])
     assert torch.isfinite(flat["bf16"]).all()
     assert ((flat["compiled"] - flat["eager"]).norm() / flat["eager"].norm()).item() < 1e-2
+
+
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_compiled_scorer_on_cuda(mode):
+    """search.compile on the GPU: each candidate merged in place into the one compiled plain model
+    is scored with its own weights; with reduce-overhead the compiled graph is a CUDA graph, replayed
+    for every batch and candidate, and its logits must still follow the weights."""
+    from engine.stages import MergedScorer
+    from conftest import tiny_vit
+
+    info = D.setup("cuda")
+    torch.manual_seed(0)
+    model = apply_glora(tiny_vit(num_classes=4), LARGE_SPACE, modules_to_save="auto").cuda()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "glora_" in name:
+                p.normal_(0, 0.05)
+    images = torch.utils.data.TensorDataset(torch.randn(24, 3, 32, 32), torch.randint(4, (24,)))
+    scorer = MergedScorer(model, torch.utils.data.DataLoader(images, batch_size=12), info, compile=True, compile_mode=mode)
+    assert scorer.mark_steps == (mode == "reduce-overhead")
+    g = torch.Generator().manual_seed(1)
+    logits = []
+    with torch.no_grad():
+        for _ in range(4):
+            cfg = sample_subnet(model, g, activate=False)
+            scorer.load(cfg)
+            for x, _ in scorer.batches:
+                torch.compiler.cudagraph_mark_step_begin()
+                got = scorer.compiled(x).clone()  # a replay may reuse this memory
+                torch.testing.assert_close(got, scorer.plain(x), rtol=1e-4, atol=1e-4)
+            logits.append(got)
+            assert torch.equal(scorer.predictions(cfg), scorer.predictions(cfg, merged=False))
+    assert not torch.allclose(logits[0], logits[1])  # the graph read the new weights
