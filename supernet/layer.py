@@ -429,17 +429,32 @@ class _ScaleShiftLinear(torch.autograd.Function):
                 gx2.addmm_(gxb, _as(Bu, g.dtype))
             gx = gx2 if gx2.shape == ctx.x_shape else gx2.view(ctx.x_shape)
         with_bias = needs[8] or needs[9] or needs[10] or needs[11]
-        gsum = None
+        gsum = gz = gt = None
+        vector_b = needs[6] and not lora_b
+        if torch.compiler.is_compiling():
+            # Compiled, the column sums over g (A's Σ g ⊙ z, the bias's Σ g, a vector B's
+            # Σ g Σ_j x_j) are written as plain reductions, which Inductor fuses into one read of
+            # g; eager, batch norm's backward and a matrix-vector product are fewer, faster kernels.
+            if needs[4]:
+                gz = (g2 * z.view(g2.shape)).sum(0, dtype=ctx.adt)
+            if with_bias:
+                gsum = g2.sum(0, dtype=weight.dtype)
+            if vector_b:
+                gt = (g2 * xsum.view(-1, 1)).sum(0, dtype=Bd.dtype).view(-1, 1)
+        else:
+            if needs[4]:
+                gz, gsum = _channel_sums(g2, z.view(g2.shape), ctx.adt, with_bias)  # in the parameters' dtype already
+            elif with_bias:
+                gsum = g2.sum(0, dtype=weight.dtype)
+            if vector_b:
+                gt = torch.mm(g2.t(), xsum.view(-1, 1))  # (out, 1)
         if needs[4]:
-            gz, gsum = _channel_sums(g2, z.view(g2.shape), ctx.adt, with_bias)
-            gAd = _full(_fit(gz, 0, plan), 0, plan, ctx.adt)  # gz is in the parameters' dtype already
-        elif with_bias:
-            gsum = g2.sum(0, dtype=weight.dtype)
+            gAd = _full(_fit(gz, 0, plan), 0, plan, ctx.adt)
         if needs[6]:
             if lora_b:
                 gBd = _full(g2.t() @ xb.view(-1, xb.shape[-1]), 2, plan, Bd.dtype)
             else:
-                gBd = _full(_fit(torch.mm(g2.t(), xsum.view(-1, 1)), 2, plan), 2, plan, Bd.dtype)  # (out, 1)
+                gBd = _full(_fit(gt, 2, plan), 2, plan, Bd.dtype)
         if needs[7]:
             gBu = _full(gxb.t() @ x.reshape(-1, x.shape[-1]), 3, plan, Bu.dtype)
         gCd = gCu = gD = gE = None
