@@ -12,6 +12,10 @@
 # 5. with HOST_S=<seconds> set, the host-bound CPU proxy (bench.host --amp) on the same code, so the
 #    proxy's ratios can be set beside the GPU's batch-64 ones.
 # Timings come first, so a loan that ends early still brings back the numbers it was lent for.
+# On the H200 (torch 2.11) the eager bench.run takes 30-45 s, the CUDA tests about 90 s, and each
+# compile mode about 215 s (5 models), so one call that fits a 10-minute command limit is
+#   COMPILE_S=240 COMPILE_MODES=reduce-overhead bash bench/gpu_check.sh /tmp/g; tar czf OUT/gpu.tgz -C /tmp g
+# (more than 8 files come back only as an archive).
 # Wheels in .whl/ (e.g. the timm and peft versions the project pins) are installed first, without
 # dependencies, into a private folder. Each step has its own time limit (BENCH_S, COMPILE_S per
 # mode, CUDA_TESTS_S, B256_S, PROFILE_S, KERNELS_S, HOST_S), so one that hangs leaves the others
