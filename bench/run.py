@@ -381,11 +381,11 @@ def format_table(doc: dict[str, Any]) -> str:
     width = max(27, *(len(m) for m in models))
 
     def cell(k: str, m: str) -> str:
+        if m not in doc[k]:  # this model was not measured on k
+            return "-".rjust(width)
         interval = doc.get("ci95", {}).get(k, {}).get(m)
         ci = f"[{interval[0]:.3f}, {interval[1]:.3f}]" if interval else ""
         verdict = ("ok" if doc["met"][k][m] else "MISS") + ("~" if _within_noise(k, interval) else " ")
-        if m not in doc[k]:
-            return "-".rjust(width)
         return f"{doc[k][m]:.3f} {ci:>16} {verdict:>5}".rjust(width)
 
     head = f"{'key':42} {'target':>8}  " + "  ".join(f"{m:>{width}}" for m in models)

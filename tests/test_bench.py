@@ -51,6 +51,10 @@ def test_only_measures_the_keys_asked_for(tmp_path, capsys):
     assert doc["models"][label]["memory"] == {} and set(doc["models"][label]["floor"]) == {"frozen_vs_peft_glora_step_vector"}
     table = capsys.readouterr().out
     assert key in table and "supernet_vs_lora_step" not in table and "peak step memory" not in table
+    # a second model that was not measured on the key gets a "-" cell, not an error
+    doc["models"]["other"] = doc["models"][label]
+    row = next(line for line in bench_run.format_table(doc).splitlines() if line.startswith(key))
+    assert row.rstrip().endswith("-") and ("MISS" in row or "ok" in row)
 
 
 def test_median_interval_uses_the_binomial_ranks():

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn as nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from supernet import TENSORS, GLoraLinear, LayerChoice, load_space
 from supernet.layer import choice_cost
@@ -172,40 +173,29 @@ def test_every_configuration_gradients_match_dense_formula(bias):
     assert checked == (900 if bias else 300)
 
 
-class GpuAutocastRules:
+class GpuAutocastRules(TorchDispatchMode):
     """The rules of a GPU's autocast that a CPU's lacks and that touch this layer's ops, applied
     below CPU autocast (a dispatch mode sees each op after autocast has had it), so the CPU tests
     meet the dtypes a GPU would: ``mv``, ``addmv`` and ``addr`` run in the low-precision dtype,
     and ``sum`` without a dtype sums in fp32. Both once broke the GPU's autocast path (H200,
-    torch 2.11) while every CPU test passed. Enter it
-    inside ``torch.autocast`` (below autocast, autocast reads as off, so the rules apply to every
-    op the mode sees: the out= forms are other overloads, which autocast leaves alone too)."""
+    torch 2.11) while every CPU test passed. Enter it inside ``torch.autocast`` (below autocast,
+    autocast reads as off, so the rules apply to every op the mode sees: the out= forms are other
+    overloads, which autocast leaves alone too)."""
+
+    LOW = {torch.ops.aten.mv.default, torch.ops.aten.addmv.default, torch.ops.aten.addr.default}
+    SUMS = {torch.ops.aten.sum.default, torch.ops.aten.sum.dim_IntList}
 
     def __init__(self, dtype: torch.dtype):
+        super().__init__()
         self.dtype = dtype
 
-    def __enter__(self):
-        from torch.utils._python_dispatch import TorchDispatchMode
-
-        aten = torch.ops.aten
-        low = {aten.mv.default, aten.addmv.default, aten.addr.default}
-        sums = {aten.sum.default, aten.sum.dim_IntList}
-
-        class Mode(TorchDispatchMode):
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                kwargs = dict(kwargs or {})
-                if func in low:
-                    args = tuple(a.to(rules.dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
-                elif func in sums and kwargs.get("dtype") is None and args[0].dtype in (torch.bfloat16, torch.float16):
-                    kwargs["dtype"] = torch.float32
-                return func(*args, **kwargs)
-
-        rules = self
-        self.mode = Mode()
-        return self.mode.__enter__()
-
-    def __exit__(self, *exc):
-        return self.mode.__exit__(*exc)
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func in self.LOW:
+            args = tuple(a.to(self.dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
+        elif func in self.SUMS and kwargs.get("dtype") is None and args[0].dtype in (torch.bfloat16, torch.float16):
+            kwargs["dtype"] = torch.float32
+        return func(*args, **kwargs)
 
 
 def check_autocast_gradients(device: str, dtype: torch.dtype, gpu_rules: bool = False) -> None:
@@ -249,8 +239,6 @@ def test_autocast_casts_no_weight_sized_adapter_tensor():
     """Under autocast the adapters' own products run in their dtype (the out= forms autocast leaves
     alone): a layer casts its input, the frozen weight where F.linear does, and small tensors only.
     Before, autocast cast every operand of ``Ad Au`` and ``W0 + Bd Bu``, the frozen weight among them."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     class Casts(TorchDispatchMode):
         def __init__(self):
             super().__init__()
