@@ -10,9 +10,9 @@ import torch
 
 from . import distributed as D
 from .cli import INPUT_ERRORS, _fail
-from .config import load_config
+from .config import ConfigError, load_config
 from .data import build_splits
-from .models import ModelError, build_model, load_state_file
+from .models import ModelError, build_model, load_state_file, state_dict_mismatch
 from .stages import _data_config, probe_input_size
 from .trainer import ShardSampler, evaluate
 
@@ -32,15 +32,15 @@ def main(doc: str | None = None, argv=None) -> int:
         cfg.model.pretrained, cfg.model.checkpoint = False, None
         model = build_model(cfg.model, num_classes)
         state = load_state_file(args.checkpoint)
-        try:
-            model.load_state_dict(state, strict=True)
-        except RuntimeError as err:
-            raise ModelError(f"{args.checkpoint}: does not fit {cfg.model.name} ({str(err).splitlines()[0][:200]}...)") from None
+        problems = state_dict_mismatch(model.state_dict(), state)
+        if problems:  # e.g. a supernet or adapter file instead of merged.safetensors
+            raise ModelError(f"{args.checkpoint}: does not fit {cfg.model.name}: {problems}")
+        model.load_state_dict(state, strict=True)
         model.to(info.device)
         loader = torch.utils.data.DataLoader(ds, batch_size=cfg.retrain.eval_batch_size, sampler=ShardSampler(len(ds), info))
         result = evaluate(model, loader, info, cfg.retrain.precision, topk=(1, 5) if num_classes > 5 else (1,))
-    except INPUT_ERRORS as err:
-        return _fail(f"{args.checkpoint}: {err}", 2)
+    except INPUT_ERRORS as err:  # as the stage CLIs: the config first, unless the error is the config's own
+        return _fail(str(err) if isinstance(err, ConfigError) else f"{args.config}: {err}", 2)
     finally:
         D.cleanup()
     if info.is_main:

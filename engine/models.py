@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Mapping
 
 import timm
 import torch
@@ -59,21 +60,25 @@ def load_backbone_weights(model: nn.Module, path: str | Path) -> None:
         return
     state = load_state_file(path)
     heads = _head_prefixes(model)
-    own = model.state_dict()
+    own = {k: v for k, v in model.state_dict().items() if not any(k.startswith(p) for p in heads)}
     state = {k: v for k, v in state.items() if not any(k.startswith(p) for p in heads)}
-    unexpected = [k for k in state if k not in own]
-    missing = [k for k in own if k not in state and not any(k.startswith(p) for p in heads)]
-    wrong = [f"{k} {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in state.items() if k in own and v.shape != own[k].shape]
-    if unexpected or missing or wrong:
-        parts = []
-        if missing:
-            parts.append(f"missing {', '.join(missing[:3])}" + (" ..." if len(missing) > 3 else ""))
-        if unexpected:
-            parts.append(f"unexpected {', '.join(unexpected[:3])}" + (" ..." if len(unexpected) > 3 else ""))
-        if wrong:
-            parts.append(f"shape mismatch {', '.join(wrong[:3])}")
-        raise ModelError(f"{path}: does not fit {type(model).__name__}: " + "; ".join(parts))
+    problems = state_dict_mismatch(own, state)
+    if problems:
+        raise ModelError(f"{path}: does not fit {type(model).__name__}: {problems}")
     model.load_state_dict(state, strict=False)
+
+
+def state_dict_mismatch(own: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]) -> str:
+    """How ``state`` fails to fit a model whose state dict is ``own`` (the first few missing,
+    unexpected and wrongly shaped keys of each kind), or "" when it fits."""
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong = [f"{k} {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in state.items() if k in own and v.shape != own[k].shape]
+    parts = []
+    for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", wrong)):
+        if keys:
+            parts.append(f"{label} {', '.join(keys[:3])}" + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else ""))
+    return "; ".join(parts)
 
 
 def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:

@@ -109,3 +109,29 @@ def test_truncated_safetensors_and_mismatch(tmp_path):
     other = ModelConfig(name="vit_tiny_patch16_224", kwargs={**KW, "embed_dim": 64}, checkpoint=str(path))
     with pytest.raises(ModelError, match=r"w.safetensors: does not fit .*shape mismatch"):
         build_model(other, 3)
+
+
+def test_evaluate_names_what_does_not_fit(tmp_path, capsys):
+    """evaluate.py given the wrong file (an adapter file, not merged.safetensors): one error line that
+    names the checkpoint and the keys that are missing and unexpected, exit status 2; a merged
+    state dict of the same model evaluates."""
+    import yaml
+
+    from engine.evaluate import main
+    from runcfg import tiny_config
+
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(yaml.safe_dump(tiny_config(tmp_path / "out", data={"demo_test": 8})))
+    model = build_model(ModelConfig(name="vit_tiny_patch16_224", kwargs=KW), 4)
+    good = tmp_path / "merged.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, good)
+    wrong = tmp_path / "adapter.safetensors"
+    save_file({"blocks.0.attn.qkv.glora_E": torch.zeros(96), "head.weight": torch.zeros(4, 32)}, wrong)
+
+    assert main(argv=["--config", str(cfg), "--checkpoint", str(wrong)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "adapter.safetensors: does not fit vit_tiny_patch16_224" in err[0], err
+    assert "missing cls_token" in err[0] and "unexpected blocks.0.attn.qkv.glora_E" in err[0], err
+
+    assert main(argv=["--config", str(cfg), "--checkpoint", str(good)]) == 0
+    assert '"n": 8' in capsys.readouterr().out
