@@ -16,10 +16,11 @@ from .checkpoint import CheckpointError
 from .compiling import CompileError
 from .config import ConfigError, load_config
 from .data import DataError
+from .distributed import DeviceError
 from .models import ModelError
 from .trainer import TrainError
 
-INPUT_ERRORS = (ConfigError, SpaceError, DataError, ModelError, AdapterError, CheckpointError)
+INPUT_ERRORS = (ConfigError, SpaceError, DataError, ModelError, AdapterError, CheckpointError, DeviceError)
 
 
 def parse_args(stage: str, argv=None, doc: str | None = None) -> argparse.Namespace:
@@ -48,7 +49,7 @@ def main(stage: str, argv=None, doc: str | None = None) -> int:
     try:
         cfg = load_config(args.config, args.set)
         section = {"train": cfg.train, "retrain": cfg.retrain, "search": cfg.train}[stage]
-        info = D.setup(section.device)
+        info = D.setup(section.device, f"{'retrain' if stage == 'retrain' else 'train'}.device")
         status = runner(cfg, info, args.config, overwrite=args.overwrite)
     except INPUT_ERRORS as err:
         return _fail(str(err) if isinstance(err, ConfigError) else f"{args.config}: {err}", 2)

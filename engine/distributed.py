@@ -25,14 +25,23 @@ class DistInfo:
         return self.world_size > 1
 
 
-def setup(device: str = "auto") -> DistInfo:
-    """Join the process group torchrun describes (nccl on GPUs, gloo on CPU) and pick the device."""
+class DeviceError(ValueError):
+    """The configured device is not there (a user error: the CLIs print it as one line)."""
+
+
+def setup(device: str = "auto", key: str = "device") -> DistInfo:
+    """Join the process group torchrun describes (nccl on GPUs, gloo on CPU) and pick the device;
+    ``key`` is the config key ``device`` came from, for the error when it is not there."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device: cuda was asked for but torch sees no CUDA device")
+        raise DeviceError(f"{key}: cuda was asked for but torch sees no CUDA device (set it to cpu or auto)")
+    if use_cuda and local >= torch.cuda.device_count():
+        n = torch.cuda.device_count()
+        raise DeviceError(f"{key}: this process has LOCAL_RANK {local} but {n} CUDA device(s) are visible; "
+                          f"start at most {n} processes per node (torchrun --nproc_per_node)")
     dev = torch.device("cuda", local) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(dev)

@@ -26,7 +26,7 @@ def main(doc: str | None = None, argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.set)
-        info = D.setup(cfg.retrain.device)
+        info = D.setup(cfg.retrain.device, "retrain.device")
         phase = "search" if args.split == "val" else "final"
         _, ds, num_classes = build_splits(_data_config(cfg), phase, probe_input_size(cfg))
         cfg.model.pretrained, cfg.model.checkpoint = False, None

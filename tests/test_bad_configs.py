@@ -51,3 +51,27 @@ def test_real_cli_exit_status(script, tmp_path):
                           capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 2 and "train.lr: expected a number, got 'fast'" in proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("stage,key", [("train", "train.device"), ("search", "train.device"), ("retrain", "retrain.device")])
+@pytest.mark.parametrize("cuda_devices,local_rank,needle", [
+    (0, "0", "cuda was asked for but torch sees no CUDA device"),
+    (1, "1", "LOCAL_RANK 1 but 1 CUDA device(s) are visible"),  # torchrun started more processes than GPUs
+])
+def test_absent_cuda_device(stage, key, cuda_devices, local_rank, needle, tmp_path, capsys, monkeypatch):
+    """device: cuda where there is none (or fewer than torchrun's processes): one line naming the
+    stage's device key, exit status 2, nothing written (it was a traceback)."""
+    import torch
+
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda_devices > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: cuda_devices)
+    monkeypatch.setenv("LOCAL_RANK", local_rank)
+    out = tmp_path / "out"
+    path = ROOT / "configs" / "demo.yaml"
+    code = main(stage, ["--config", str(path), "--set", f"output_dir={out}", "--set", f"{key}=cuda"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {path}: {key}: ") and needle in lines[0], err
+    assert not out.exists()
