@@ -417,13 +417,13 @@ def prepare_retrain_model(cfg: RunConfig, num_classes: int, info: D.DistInfo, so
     subnet_path = Path(r.subnet) if r.subnet else Path(cfg.output_dir) / "search" / "result.yaml"
     if not subnet_path.is_file():
         raise ConfigError(source, [f"retrain.subnet: {subnet_path} not found; run search.py first, or set retrain.subnet or retrain.preset"])
-    config = load_subnet(subnet_path)
+    load_subnet(subnet_path)  # a broken file stops here, before the supernet is loaded
     if r.init == "supernet":
         model = load_supernet(cfg, num_classes, info).train()
     else:
         model = build_model(cfg.model, num_classes)
         apply_glora(model, cfg.space)
-    set_subnet(model, config)
+    config = set_subnet(model, subnet_path)  # given the path, its errors name the file
     extract_subnet(model, config)
     return model, str(subnet_path)
 

@@ -156,6 +156,7 @@ def get_subnet(model: nn.Module) -> Subnet:
 
 def _check_subnet(model: nn.Module, config: Any) -> tuple[dict[str, GLoraLinear], Subnet]:
     layers = _layers_or_raise(model)
+    source = f"{config}: sub-network" if isinstance(config, (str, os.PathLike)) else "sub-network configuration"
     config = load_subnet(config)
     problems = []
     unknown = [n for n in config if n not in layers]
@@ -174,7 +175,7 @@ def _check_subnet(model: nn.Module, config: Any) -> tuple[dict[str, GLoraLinear]
                 extra = " (no bias, so D can only be none)" if t == "D" and layer.bias is None else ""
                 problems.append(f"{name}.{t}: {str(c)!r} is not allowed; allowed: {allowed}{extra}")
     if problems:
-        raise SpaceError("sub-network configuration: " + "; ".join(problems))
+        raise SpaceError(f"{source}: " + "; ".join(problems))
     return layers, config
 
 

@@ -11,7 +11,9 @@ from conftest import LARGE_SPACE
 from supernet import (
     AdapterError,
     GLoraLinear,
+    LayerChoice,
     MergeError,
+    SpaceError,
     SubnetSampler,
     apply_glora,
     count_params,
@@ -214,6 +216,15 @@ def test_subnet_yaml_round_trip(tmp_path):
     save_subnet(cfg, tmp_path / "s.yaml")
     assert load_subnet(tmp_path / "s.yaml") == cfg
     assert set_subnet(model, tmp_path / "s.yaml") == cfg
+    # a file that does not fit the model: the error names the file (retrain.subnet passes its path)
+    bad = dict(cfg)
+    bad["blocks.0.attn.qkv"] = LayerChoice.parse({"A": "lora16", "B": "none", "C": "none", "D": "none", "E": "none"}, "x")
+    save_subnet(bad, tmp_path / "bad.yaml")
+    with pytest.raises(SpaceError, match=rf"^{tmp_path / 'bad.yaml'}: sub-network: blocks\.0\.attn\.qkv\.A: 'lora16' is not allowed"):
+        set_subnet(model, tmp_path / "bad.yaml")
+    with pytest.raises(SpaceError, match=r"^sub-network configuration: blocks\.0\.attn\.qkv\.A"):
+        set_subnet(model, bad)
+    assert get_subnet(model) == cfg  # untouched
 
 
 def test_adapter_files_round_trip(tmp_path):
