@@ -31,6 +31,7 @@ from supernet import (
     GLoraLinear,
     MergeError,
     SubnetSampler,
+    adapter_metadata,
     apply_glora,
     atomic_write,
     atomic_write_text,
@@ -203,10 +204,15 @@ def run_train(cfg: RunConfig, info: D.DistInfo, source: str, overwrite: bool = F
 
 
 # --------------------------------------------------------------------------- stage 2
-def load_supernet(cfg: RunConfig, num_classes: int, info: D.DistInfo) -> nn.Module:
+def load_supernet(cfg: RunConfig, num_classes: int, info: D.DistInfo, source: str) -> nn.Module:
     path = Path(cfg.output_dir) / "supernet.safetensors"
     if not path.is_file():
-        raise ConfigError("output_dir", [f"{path}: no trained supernet; run train.py with this config first"])
+        raise ConfigError(source, [f"output_dir: {path}: no trained supernet; run train.py with this config first"])
+    # The supernet's layers come from the file, so a changed space would be silently ignored.
+    trained = adapter_metadata(path).get("space")
+    if trained is not None and trained != load_space(cfg.space).to_dict():
+        raise ConfigError(source, [f"space: {cfg.space} is not the search space {path} was trained with (its metadata.space); "
+                                   "search and retrain init: supernet use the supernet's own choices: set space back, or train again"])
     model = build_model(cfg.model, num_classes)
     load_adapter(model, path)
     return model.to(info.device).eval()
@@ -314,7 +320,7 @@ def run_search(cfg: RunConfig, info: D.DistInfo, source: str, overwrite: bool = 
     s = cfg.search
     _stage_setup(cfg, "search", sdir, source, overwrite, s.seed)
     _, val_ds, num_classes = build_splits(_data_config(cfg), "search", probe_input_size(cfg))
-    model = load_supernet(cfg, num_classes, info)
+    model = load_supernet(cfg, num_classes, info, source)
     settings = EvolutionSettings(population=s.population, top_k=s.top_k, mutation_count=s.mutation_count,
                                  mutation_prob=s.mutation_prob, crossover_count=s.crossover_count,
                                  generations=s.generations, max_params=s.max_params, min_params=s.min_params, seed=s.seed)
@@ -419,7 +425,7 @@ def prepare_retrain_model(cfg: RunConfig, num_classes: int, info: D.DistInfo, so
         raise ConfigError(source, [f"retrain.subnet: {subnet_path} not found; run search.py first, or set retrain.subnet or retrain.preset"])
     load_subnet(subnet_path)  # a broken file stops here, before the supernet is loaded
     if r.init == "supernet":
-        model = load_supernet(cfg, num_classes, info).train()
+        model = load_supernet(cfg, num_classes, info, source).train()
     else:
         model = build_model(cfg.model, num_classes)
         apply_glora(model, cfg.space)

@@ -3,7 +3,16 @@
     from supernet import apply_glora, sample_subnet, set_subnet, count_params, extract_subnet, merge_glora
 """
 
-from .io import AdapterError, adapter_state_dict, atomic_write, atomic_write_text, load_adapter, read_safetensors, save_adapter
+from .io import (
+    AdapterError,
+    adapter_metadata,
+    adapter_state_dict,
+    atomic_write,
+    atomic_write_text,
+    load_adapter,
+    read_safetensors,
+    save_adapter,
+)
 from .layer import GLoraLinear, SupportTensors, choice_cost
 from .merge import MergeError, merge_glora, merged_linear
 from .model import (

@@ -132,6 +132,23 @@ def _read_doc(path: Path, yaml_path: Path | None, meta: Mapping[str, str]) -> di
     return doc
 
 
+def adapter_metadata(path: str | os.PathLike, yaml_path: str | os.PathLike | None = None) -> dict[str, Any]:
+    """The ``metadata`` :func:`save_adapter` stored with an adapter file (from its YAML, or from the
+    safetensors header when there is no YAML), without reading the tensors."""
+    path = Path(path)
+    meta: dict[str, str] = {}
+    if yaml_path is None and not path.with_suffix(".yaml").is_file():
+        if not path.is_file():
+            raise AdapterError(f"{path}: file not found")
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                meta = fh.metadata() or {}
+        except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+            raise AdapterError(f"{path}: not a readable safetensors file ({str(err).splitlines()[0]})") from None
+    doc = _read_doc(path, Path(yaml_path) if yaml_path is not None else None, meta)
+    return dict(doc.get("metadata") or {})
+
+
 def load_adapter(
     model: nn.Module, path: str | os.PathLike, yaml_path: str | os.PathLike | None = None, strict: bool = True
 ) -> nn.Module:

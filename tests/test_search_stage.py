@@ -32,7 +32,7 @@ def test_merged_and_unmerged_scoring_agree(trained):
 
     cfg = _cfg(trained)
     _, val, n = build_splits(DataConfig(kind="demo", demo_classes=4, demo_train=48, demo_val=24, demo_test=24), "search", 32)
-    model = load_supernet(cfg, n, INFO)
+    model = load_supernet(cfg, n, INFO, "t.yaml")
     with torch.no_grad():
         for p in (p for name, p in model.named_parameters() if "glora_" in name):
             p.add_(torch.randn_like(p) * 0.05)  # make sub-networks really differ
@@ -55,7 +55,7 @@ def test_compiled_scorer_follows_each_candidate(trained):
 
     cfg = _cfg(trained)
     _, val, n = build_splits(DataConfig(kind="demo", demo_classes=4, demo_train=48, demo_val=24, demo_test=24), "search", 32)
-    model = load_supernet(cfg, n, INFO)
+    model = load_supernet(cfg, n, INFO, "t.yaml")
     with torch.no_grad():
         for p in (p for name, p in model.named_parameters() if "glora_" in name):
             p.add_(torch.randn_like(p) * 0.05)
@@ -92,7 +92,7 @@ def test_search_outputs_budget_and_no_duplicates(trained, tmp_path):
     assert "head is excluded" in result["params_note"]
     best = load_subnet(sdir / "result.yaml")
     from engine.data import DataConfig  # noqa: F401
-    model = load_supernet(_cfg(trained), 4, INFO)
+    model = load_supernet(_cfg(trained), 4, INFO, "t.yaml")
     assert count_params(model, best).adapter == result["params"]
     assert (sdir / "pareto.png").stat().st_size > 1000
     assert list((sdir / "tb").glob("events.*"))
@@ -137,3 +137,18 @@ def test_budget_that_admits_nothing_fails_clearly(trained):
     # caught when the config is loaded, before the search touches output_dir
     with pytest.raises(ConfigError, match=r"search\.min_params: .* is above the largest configuration"):
         run_search(_cfg(trained, max_params=None, min_params=10**9), INFO, "t.yaml", overwrite=True)
+
+
+def test_space_other_than_the_supernets_is_refused(trained, tmp_path):
+    """The supernet's layers come from its file, so a run config whose space changed since train.py
+    would have been searched (and retrained from) in the old space without a word: now one error
+    names the key, and the search writes nothing."""
+    from conftest import ROOT
+
+    cfg = config_from_dict(tiny_config(trained, space=str(ROOT / "configs" / "space" / "small.yaml")))
+    with pytest.raises(ConfigError, match=r"^t\.yaml: space: .*small\.yaml is not the search space .*supernet\.safetensors was trained with"):
+        load_supernet(cfg, 4, INFO, "t.yaml")
+    before = sorted(p.name for p in trained.rglob("*"))
+    with pytest.raises(ConfigError, match="space: "):
+        run_search(cfg, INFO, "t.yaml", overwrite=True)
+    assert sorted(p.name for p in trained.rglob("*")) == before

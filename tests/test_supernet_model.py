@@ -281,3 +281,16 @@ def test_bert_is_adapted_and_merges():
     want = bert(input_ids=ids).last_hidden_state
     got = merge_glora(bert)(input_ids=ids).last_hidden_state
     assert (got - want).abs().max() <= 1e-5
+
+
+def test_adapter_metadata_from_yaml_or_header(tmp_path):
+    from supernet import adapter_metadata
+
+    _, model = _adapted("vit")
+    save_adapter(model, tmp_path / "a.safetensors", metadata={"space": {"targets": "all-linear"}, "num_classes": 10})
+    want = {"space": {"targets": "all-linear"}, "num_classes": 10}
+    assert adapter_metadata(tmp_path / "a.safetensors") == want
+    (tmp_path / "a.yaml").unlink()  # the same description is kept in the safetensors header
+    assert adapter_metadata(tmp_path / "a.safetensors") == want
+    with pytest.raises(AdapterError, match="missing.safetensors: file not found"):
+        adapter_metadata(tmp_path / "missing.safetensors")
