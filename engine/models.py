@@ -91,6 +91,13 @@ def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
         raise ModelError(f"model.kwargs: {cfg.name} does not accept these arguments ({err})") from None
     except RuntimeError as err:
         raise ModelError(f"model.name: cannot create {cfg.name!r} ({str(err)[:200]})") from None
+    except OSError as err:  # the hub's download errors (no network, no such file in the cache, HTTP) are OSErrors
+        if not cfg.pretrained:
+            raise
+        first = (str(err).splitlines() or [""])[0][:200]
+        raise ModelError(f"model.pretrained: cannot fetch the weights of {cfg.name!r} from timm's hub ({type(err).__name__}: {first}); "
+                         "without a network, set model.checkpoint to a local .npz/.safetensors/.pth file "
+                         "(HF_HUB_OFFLINE=1 makes this fail at once instead of after retries)") from None
     if cfg.checkpoint:
         load_backbone_weights(model, cfg.checkpoint)
     return model

@@ -135,3 +135,14 @@ def test_evaluate_names_what_does_not_fit(tmp_path, capsys):
 
     assert main(argv=["--config", str(cfg), "--checkpoint", str(good)]) == 0
     assert '"n": 8' in capsys.readouterr().out
+
+
+def test_pretrained_weights_unreachable_is_one_clear_error(tmp_path, monkeypatch):
+    """model.pretrained: true without a network (here: the hub's offline mode and an empty cache, so
+    nothing is fetched): a ModelError naming the key and the way out, not the hub's traceback."""
+    import huggingface_hub.constants as hub
+
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(ModelError, match=r"^model\.pretrained: cannot fetch the weights of 'vit_tiny_patch16_224' .*model\.checkpoint"):
+        build_model(ModelConfig(name="vit_tiny_patch16_224", pretrained=True, kwargs=KW), 3)
