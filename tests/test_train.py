@@ -87,3 +87,16 @@ def test_refuses_output_dir_of_another_config(tmp_path):
     with pytest.raises(ConfigError, match=r"different configuration \(train\.lr\)"):
         _train(out, train={"lr": 0.5})
     assert _train(out) == "done"  # the same config is fine (it resumes the finished run)
+
+
+def test_resume_with_another_number_of_processes_is_refused(tmp_path):
+    """A checkpoint written by one process, resumed as one of two ranks: each rank's shard, the steps
+    per epoch (the LR schedule) and the step-seeded sub-networks would all differ from the stopped
+    run, which would go on silently as another run; it is refused, naming both counts."""
+    out = tmp_path / "run"
+    assert _train(out, train={"stop_at_step": 2}) == "SIGTERM"
+    assert torch.load(out / "checkpoints/last.pt", weights_only=True)["world_size"] == 1
+    cfg = config_from_dict(tiny_config(out))
+    with pytest.raises(TrainError, match=r"last\.pt: written by a run of 1 process\(es\), resumed with 2; resume with 1"):
+        run_train(cfg, D.DistInfo(rank=0, world_size=2), "test.yaml")
+    assert _train(out) == "done"  # the same number of processes resumes
