@@ -436,6 +436,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     if args.memory_child:
         print(json.dumps(_memory_child(json.loads(args.memory_child))))
         return None
+    import timm
+
+    unknown = [m for m in args.models or [] if not timm.is_model(m)]
+    if unknown:
+        p.error(f"--models: unknown timm model(s) {', '.join(unknown)} (timm.list_models() names them)")
 
     if args.device == "cuda":
         if not torch.cuda.is_available():

@@ -57,6 +57,15 @@ def test_only_measures_the_keys_asked_for(tmp_path, capsys):
     assert row.rstrip().endswith("-") and ("MISS" in row or "ok" in row)
 
 
+def test_unknown_model_is_one_line(tmp_path, capsys):
+    import pytest
+
+    with pytest.raises(SystemExit) as exit_:
+        bench_run.main(["--quick", "--out", str(tmp_path / "x.json"), "--models", "vit_tiny_patch16_224", "not_a_model"])
+    assert exit_.value.code == 2 and "--models: unknown timm model(s) not_a_model" in capsys.readouterr().err
+    assert not (tmp_path / "x.json").exists()
+
+
 def test_median_interval_uses_the_binomial_ranks():
     """Known order-statistic ranks of a 95% interval for the median: (2, 9) of 10, (6, 15) of 20, (14, 27) of 40."""
     import pytest
