@@ -72,6 +72,21 @@ def barrier() -> None:
         dist.barrier()
 
 
+# Where several nodes run one job, each reads output_dir through its own mount; a node that sees
+# another (or no) copy of a checkpoint would resume a different run than its peers.
+SHARED_FS_HINT = "under torchrun on several nodes, output_dir must be on a filesystem every node shares"
+
+
+def same_on_all_ranks(value: int, device: torch.device) -> bool:
+    """Whether every rank passed the same integer: one all-reduce of (v, v²), equal for all ranks
+    exactly when (Σv)² = world · Σv². True in one process."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return True
+    t = torch.tensor([float(value), float(value) ** 2], dtype=torch.float64, device=device)
+    t = all_reduce_sum(t).cpu()
+    return t[0].item() ** 2 == dist.get_world_size() * t[1].item()
+
+
 def all_gather_object(obj):
     if dist.is_available() and dist.is_initialized():
         out = [None] * dist.get_world_size()

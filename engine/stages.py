@@ -207,7 +207,8 @@ def run_train(cfg: RunConfig, info: D.DistInfo, source: str, overwrite: bool = F
 def load_supernet(cfg: RunConfig, num_classes: int, info: D.DistInfo, source: str) -> nn.Module:
     path = Path(cfg.output_dir) / "supernet.safetensors"
     if not path.is_file():
-        raise ConfigError(source, [f"output_dir: {path}: no trained supernet; run train.py with this config first"])
+        hint = f" ({D.SHARED_FS_HINT})" if info.enabled else ""
+        raise ConfigError(source, [f"output_dir: {path}: no trained supernet; run train.py with this config first{hint}"])
     # The supernet's layers come from the file, so a changed space would be silently ignored.
     trained = adapter_metadata(path).get("space")
     if trained is not None and trained != load_space(cfg.space).to_dict():
@@ -335,6 +336,9 @@ def run_search(cfg: RunConfig, info: D.DistInfo, source: str, overwrite: bool = 
         if state.get("fingerprint") != fingerprint(cfg, "search"):
             raise ConfigError(source, [f"output_dir: {state_path} is from a search with another configuration; pass --overwrite"])
         search.load_state_dict(state["search"])
+    if not D.same_on_all_ranks(search.generation, info.device):  # ranks would ask for different candidates
+        raise CheckpointError(f"{state_path}: the ranks do not resume the search from the same generation "
+                              f"(rank {info.rank} is at {search.generation}); {D.SHARED_FS_HINT}")
     _write_config(sdir, cfg, info)
     tracker = Tracker(sdir, enabled=info.is_main)
     loader = torch.utils.data.DataLoader(val_ds, batch_size=s.eval_batch_size, num_workers=cfg.data.num_workers)
@@ -422,7 +426,8 @@ def prepare_retrain_model(cfg: RunConfig, num_classes: int, info: D.DistInfo, so
         return model, r.preset
     subnet_path = Path(r.subnet) if r.subnet else Path(cfg.output_dir) / "search" / "result.yaml"
     if not subnet_path.is_file():
-        raise ConfigError(source, [f"retrain.subnet: {subnet_path} not found; run search.py first, or set retrain.subnet or retrain.preset"])
+        hint = f" ({D.SHARED_FS_HINT})" if info.enabled else ""
+        raise ConfigError(source, [f"retrain.subnet: {subnet_path} not found; run search.py first, or set retrain.subnet or retrain.preset{hint}"])
     load_subnet(subnet_path)  # a broken file stops here, before the supernet is loaded
     if r.init == "supernet":
         model = load_supernet(cfg, num_classes, info, source).train()

@@ -190,6 +190,7 @@ class Trainer:
         """Restore ``last.pt`` (``auto``) or a given checkpoint; returns whether one was loaded."""
         path = self.ckpt_path if mode == "auto" else Path(mode)
         if mode == "never" or (mode == "auto" and not path.is_file()):
+            self._check_ranks_agree(path, None)
             # A fresh start: lines a killed earlier attempt logged belong to steps that will be
             # run again.
             jsonl = self.tracker.log_dir / "metrics.jsonl"
@@ -197,6 +198,7 @@ class Trainer:
                 jsonl.unlink()
             return False
         state = load_checkpoint(path)
+        self._check_ranks_agree(path, state["step"])
         if self.fingerprint and state.get("fingerprint") not in ("", self.fingerprint):
             raise TrainError(f"{path}: checkpoint is from a run with another configuration; use a new output_dir or --overwrite")
         saved_world = state.get("world_size", self.info.world_size)  # older checkpoints do not say
@@ -226,6 +228,12 @@ class Trainer:
             with jsonl.open("r+b") as fh:
                 fh.truncate(state.get("metrics_offset", 0))
         return True
+
+    def _check_ranks_agree(self, path: Path, step: int | None) -> None:
+        """Every rank must resume from the same step (or all start afresh): called once by each."""
+        if not D.same_on_all_ranks(-1 if step is None else step, self.info.device):
+            mine = "found none" if step is None else f"found step {step}"
+            raise TrainError(f"{path}: the ranks do not resume from the same checkpoint (rank {self.info.rank} {mine}); {D.SHARED_FS_HINT}")
 
     # -- the loop ----------------------------------------------------------------------------
     def _should_stop(self) -> bool:

@@ -152,3 +152,17 @@ def test_space_other_than_the_supernets_is_refused(trained, tmp_path):
     with pytest.raises(ConfigError, match="space: "):
         run_search(cfg, INFO, "t.yaml", overwrite=True)
     assert sorted(p.name for p in trained.rglob("*")) == before
+
+
+def test_ranks_resuming_the_search_from_different_generations_stop(trained, monkeypatch):
+    """A rank that sees another search/state.pt (a node with its own disk) would ask for other
+    candidates than its peers, and the gathered scores would be paired with the wrong ones."""
+    from engine.checkpoint import CheckpointError
+
+    cfg = _cfg(trained, max_params=20000, generations=2, seed=7)
+    assert run_search(cfg, INFO, "t.yaml", overwrite=True) == "done"  # state.pt at generation 2
+    monkeypatch.setattr(D.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(D.dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(D, "all_reduce_sum", lambda t: t + torch.tensor([0.0, 0.0], dtype=t.dtype))  # the peer starts afresh
+    with pytest.raises(CheckpointError, match=r"state\.pt: the ranks do not resume the search from the same generation \(rank 0 is at 2\)"):
+        run_search(cfg, INFO, "t.yaml")

@@ -100,3 +100,29 @@ def test_resume_with_another_number_of_processes_is_refused(tmp_path):
     with pytest.raises(TrainError, match=r"last\.pt: written by a run of 1 process\(es\), resumed with 2; resume with 1"):
         run_train(cfg, D.DistInfo(rank=0, world_size=2), "test.yaml")
     assert _train(out) == "done"  # the same number of processes resumes
+
+
+def _other_rank(monkeypatch, value):
+    """Make this process look like rank 0 of 2 whose peer passed ``value`` to same_on_all_ranks."""
+    monkeypatch.setattr(D.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(D.dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(D, "all_reduce_sum", lambda t: t + torch.tensor([float(value), float(value) ** 2], dtype=t.dtype))
+
+
+@pytest.mark.parametrize("peer,agree", [(5, True), (4, False), (-1, False)])
+def test_same_on_all_ranks(monkeypatch, peer, agree):
+    _other_rank(monkeypatch, peer)
+    assert D.same_on_all_ranks(5, torch.device("cpu")) is agree
+
+
+@pytest.mark.parametrize("peer", [-1, 1])  # the peer found no checkpoint / another (older) one
+def test_ranks_resuming_from_different_checkpoints_stop(tmp_path, monkeypatch, peer):
+    """Several nodes each reading output_dir through their own disk: one rank resumes from step 2,
+    another from nothing (or from a stale copy) and they would train different runs in lockstep;
+    the resume stops on every rank instead, saying why."""
+    out = tmp_path / "run"
+    assert _train(out, train={"stop_at_step": 2}) == "SIGTERM"
+    _other_rank(monkeypatch, peer)
+    with pytest.raises(TrainError, match=r"last\.pt: the ranks do not resume from the same checkpoint \(rank 0 found step 2\); "
+                                         r"under torchrun on several nodes, output_dir must be on a filesystem every node shares"):
+        _train(out)
