@@ -38,11 +38,14 @@ def setup(device: str = "auto", key: str = "device") -> DistInfo:
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     if device == "cuda" and not torch.cuda.is_available():
         raise DeviceError(f"{key}: cuda was asked for but torch sees no CUDA device (set it to cpu or auto)")
+    index = local
     if use_cuda and local >= torch.cuda.device_count():
         n = torch.cuda.device_count()
-        raise DeviceError(f"{key}: this process has LOCAL_RANK {local} but {n} CUDA device(s) are visible; "
-                          f"start at most {n} processes per node (torchrun --nproc_per_node)")
-    dev = torch.device("cuda", local) if use_cuda else torch.device("cpu")
+        if n != 1:
+            raise DeviceError(f"{key}: this process has LOCAL_RANK {local} but {n} CUDA devices are visible; "
+                              f"start at most {n} processes per node (torchrun --nproc_per_node)")
+        index = 0  # a launcher that gives each process its own GPU (CUDA_VISIBLE_DEVICES) leaves one visible
+    dev = torch.device("cuda", index) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():

@@ -203,9 +203,9 @@ class Trainer:
             raise TrainError(f"{path}: checkpoint is from a run with another configuration; use a new output_dir or --overwrite")
         saved_world = state.get("world_size", self.info.world_size)  # older checkpoints do not say
         if saved_world != self.info.world_size:
-            # Each rank's data shard, the steps per epoch (so the learning-rate schedule) and the
-            # sub-network drawn at each step all depend on the number of processes: resuming with
-            # another number would continue a different run than the one that was stopped.
+            # Each rank's data shard and the steps per epoch (so the learning-rate schedule, and
+            # which sub-network trains on which batch) depend on the number of processes: resuming
+            # with another number would continue a different run than the one that was stopped.
             raise TrainError(f"{path}: written by a run of {saved_world} process(es), resumed with {self.info.world_size}; "
                              f"resume with {saved_world} (torchrun --nproc_per_node/--nnodes), or start afresh with --overwrite")
         missing = [n for n in self.param_names if n not in state["model"]]

@@ -56,7 +56,7 @@ def test_real_cli_exit_status(script, tmp_path):
 @pytest.mark.parametrize("stage,key", [("train", "train.device"), ("search", "train.device"), ("retrain", "retrain.device")])
 @pytest.mark.parametrize("cuda_devices,local_rank,needle", [
     (0, "0", "cuda was asked for but torch sees no CUDA device"),
-    (1, "1", "LOCAL_RANK 1 but 1 CUDA device(s) are visible"),  # torchrun started more processes than GPUs
+    (2, "2", "LOCAL_RANK 2 but 2 CUDA devices are visible"),  # torchrun started more processes than GPUs
 ])
 def test_absent_cuda_device(stage, key, cuda_devices, local_rank, needle, tmp_path, capsys, monkeypatch):
     """device: cuda where there is none (or fewer than torchrun's processes): one line naming the
@@ -75,3 +75,17 @@ def test_absent_cuda_device(stage, key, cuda_devices, local_rank, needle, tmp_pa
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {path}: {key}: ") and needle in lines[0], err
     assert not out.exists()
+
+
+def test_one_visible_gpu_per_process_is_used_whatever_the_local_rank(monkeypatch):
+    """Launchers that bind each process to its own GPU (CUDA_VISIBLE_DEVICES) leave one device
+    visible while LOCAL_RANK counts up: that device is used, not an invalid ordinal."""
+    import torch
+
+    from engine import distributed as D
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda dev: None)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert D.setup("cuda").device == torch.device("cuda", 0)
