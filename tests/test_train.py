@@ -126,3 +126,10 @@ def test_ranks_resuming_from_different_checkpoints_stop(tmp_path, monkeypatch, p
     with pytest.raises(TrainError, match=r"last\.pt: the ranks do not resume from the same checkpoint \(rank 0 found step 2\); "
                                          r"under torchrun on several nodes, output_dir must be on a filesystem every node shares"):
         _train(out)
+
+
+def test_fp16_on_a_cpu_is_warned_about(tmp_path, capsys):
+    assert _train(tmp_path / "a", train={"precision": "fp16", "epochs": 1}) == "done"
+    assert "warning: train.precision: fp16 on a CPU usually runs far slower than fp32" in capsys.readouterr().err
+    assert _train(tmp_path / "b", train={"precision": "bf16", "epochs": 1}) == "done"
+    assert "warning" not in capsys.readouterr().err
