@@ -8,11 +8,13 @@ import sys
 
 import torch
 
+from supernet import load_merged
+
 from . import distributed as D
 from .cli import INPUT_ERRORS, _fail
 from .config import ConfigError, load_config
 from .data import build_splits
-from .models import ModelError, build_model, load_state_file, state_dict_mismatch
+from .models import build_model, load_state_file
 from .stages import _data_config, probe_input_size
 from .trainer import ShardSampler, evaluate
 
@@ -31,11 +33,8 @@ def main(doc: str | None = None, argv=None) -> int:
         _, ds, num_classes = build_splits(_data_config(cfg), phase, probe_input_size(cfg))
         cfg.model.pretrained, cfg.model.checkpoint = False, None
         model = build_model(cfg.model, num_classes)
-        state = load_state_file(args.checkpoint)
-        problems = state_dict_mismatch(model.state_dict(), state)
-        if problems:  # e.g. a supernet or adapter file instead of merged.safetensors
-            raise ModelError(f"{args.checkpoint}: does not fit {cfg.model.name}: {problems}")
-        model.load_state_dict(state, strict=True)
+        # strict, after giving bias-free layers the biases the merge may have created (C or E on them)
+        load_merged(model, load_state_file(args.checkpoint), args.checkpoint)
         model.to(info.device)
         loader = torch.utils.data.DataLoader(ds, batch_size=cfg.retrain.eval_batch_size, sampler=ShardSampler(len(ds), info))
         result = evaluate(model, loader, info, cfg.retrain.precision, topk=(1, 5) if num_classes > 5 else (1,))

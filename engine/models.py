@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Mapping
 
 import timm
 import torch
 import torch.nn as nn
 
-from supernet import AdapterError, read_safetensors
+from supernet import AdapterError, read_safetensors, state_dict_mismatch
 
 from .checkpoint import safe_torch_load
 from .config import ModelConfig
@@ -66,19 +65,6 @@ def load_backbone_weights(model: nn.Module, path: str | Path) -> None:
     if problems:
         raise ModelError(f"{path}: does not fit {type(model).__name__}: {problems}")
     model.load_state_dict(state, strict=False)
-
-
-def state_dict_mismatch(own: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]) -> str:
-    """How ``state`` fails to fit a model whose state dict is ``own`` (the first few missing,
-    unexpected and wrongly shaped keys of each kind), or "" when it fits."""
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    wrong = [f"{k} {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in state.items() if k in own and v.shape != own[k].shape]
-    parts = []
-    for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", wrong)):
-        if keys:
-            parts.append(f"{label} {', '.join(keys[:3])}" + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else ""))
-    return "; ".join(parts)
 
 
 def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:

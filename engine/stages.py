@@ -16,6 +16,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ from supernet import (
     MergeError,
     SubnetSampler,
     adapter_metadata,
+    added_biases,
     apply_glora,
     atomic_write,
     atomic_write_text,
@@ -544,6 +546,7 @@ def export(model: nn.Module, cfg: RunConfig, rdir: Path, val_ds, info: D.DistInf
         save_adapter(model, rdir / "adapter.safetensors", rdir / "subnet.yaml",
                      metadata={"model": cfg.model.name, "kwargs": cfg.model.kwargs})
     x = next(iter(torch.utils.data.DataLoader(val_ds, batch_size=min(32, len(val_ds)))))[0].to(info.device)
+    gained = added_biases(model) if has_glora else []
     with torch.no_grad():
         want = model(x).float()
         merged = merge_glora(copy.deepcopy(model)) if has_glora else model
@@ -557,4 +560,9 @@ def export(model: nn.Module, cfg: RunConfig, rdir: Path, val_ds, info: D.DistInf
     state = {k: v.detach().cpu().contiguous() for k, v in merged.state_dict().items()}
     atomic_write(rdir / "merged.safetensors",
                  lambda tmp: save_file(state, tmp, metadata={"model": cfg.model.name, "kwargs": json.dumps(cfg.model.kwargs),
-                                                             "merge_max_abs_diff": f"{diff:.3g}"}))
+                                                             "merge_max_abs_diff": f"{diff:.3g}",
+                                                             "added_biases": json.dumps(gained)}))
+    if gained and info.is_main:
+        print(f"note: {len(gained)} layer(s) without a bias gained one in the merge (C or E chosen on them: "
+              f"{', '.join(gained[:3])}{' ...' if len(gained) > 3 else ''}); {rdir / 'merged.safetensors'} loads into a "
+              f"fresh model with supernet.load_merged(model, path), which adds them (evaluate.py does)", file=sys.stderr, flush=True)

@@ -10,11 +10,13 @@ from .io import (
     atomic_write,
     atomic_write_text,
     load_adapter,
+    load_merged,
     read_safetensors,
     save_adapter,
+    state_dict_mismatch,
 )
 from .layer import GLoraLinear, SupportTensors, choice_cost
-from .merge import MergeError, merge_glora, merged_linear
+from .merge import MergeError, add_merged_biases, added_biases, merge_glora, merged_bias_slots, merged_linear
 from .model import (
     ParamCount,
     SubnetSampler,

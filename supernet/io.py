@@ -19,6 +19,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .layer import GLoraLinear
+from .merge import add_merged_biases, merged_bias_slots
 from .model import _set_submodule, get_subnet, glora_layers, mark_trainable, set_subnet
 from .space import TENSORS, SpaceError, parse_choice
 from .subnet import subnet_to_dict
@@ -130,6 +131,38 @@ def _read_doc(path: Path, yaml_path: Path | None, meta: Mapping[str, str]) -> di
     if not isinstance(doc, dict) or doc.get("format") != FORMAT or not isinstance(doc.get("layers"), dict):
         raise AdapterError(f"{source}: not a GLoRA adapter description (expected format: {FORMAT} and a 'layers' mapping)")
     return doc
+
+
+def state_dict_mismatch(own: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]) -> str:
+    """How ``state`` fails to fit a model whose state dict is ``own`` (the first few missing,
+    unexpected and wrongly shaped keys of each kind), or "" when it fits."""
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong = [f"{k} {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in state.items() if k in own and v.shape != own[k].shape]
+    parts = []
+    for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", wrong)):
+        if keys:
+            parts.append(f"{label} {', '.join(keys[:3])}" + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else ""))
+    return "; ".join(parts)
+
+
+def load_merged(model: nn.Module, source: str | os.PathLike | Mapping[str, torch.Tensor], name: str | None = None) -> nn.Module:
+    """Load a merged checkpoint (``retrain/merged.safetensors``, or its state dict) into a freshly
+    built base ``model`` with ``strict=True``, first giving a bias to the bias-free layers the merge
+    gave one (C or E chosen on them, see :func:`added_biases`). Raises :class:`AdapterError` naming
+    ``name`` (default: the path) and the keys that do not fit, with the model unchanged."""
+    if isinstance(source, Mapping):
+        tensors, path = source, name or "state dict"
+    else:
+        tensors, _ = read_safetensors(source)
+        path = name or str(source)
+    slots = {name + ".bias" for name in merged_bias_slots(model, tensors)}
+    problems = state_dict_mismatch(model.state_dict(), {k: v for k, v in tensors.items() if k not in slots})
+    if problems:
+        raise AdapterError(f"{path}: does not fit {type(model).__name__}: {problems}")
+    add_merged_biases(model, tensors)
+    model.load_state_dict(tensors, strict=True)
+    return model
 
 
 def adapter_metadata(path: str | os.PathLike, yaml_path: str | os.PathLike | None = None) -> dict[str, Any]:

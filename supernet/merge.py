@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Mapping
+
 import torch
 import torch.nn as nn
 
@@ -42,3 +44,40 @@ def merge_glora(model: nn.Module) -> nn.Module:
         if hasattr(model, attr):
             delattr(model, attr)
     return model
+
+
+def added_biases(model: nn.Module) -> list[str]:
+    """The GLoRA layers whose merged form gains a bias the base layer lacks (C or E active on a
+    layer built without one): their ``<name>.bias`` is a key an untouched model does not have."""
+    return [name for name, layer in glora_layers(model)
+            if layer.bias is None and not (layer.active.C.is_none and layer.active.E.is_none)]
+
+
+def merged_bias_slots(model: nn.Module, state: Mapping[str, torch.Tensor]) -> list[str]:
+    """The bias-free ``nn.Linear`` layers of ``model`` for which ``state`` holds a ``<name>.bias`` of
+    their output size: the biases a merge created (see :func:`added_biases`)."""
+    own = model.state_dict()
+    names = []
+    for key, value in state.items():
+        name, _, leaf = key.rpartition(".")
+        if leaf != "bias" or key in own or not name:
+            continue
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            continue
+        if isinstance(module, nn.Linear) and module.bias is None and tuple(value.shape) == (module.out_features,):
+            names.append(name)
+    return names
+
+
+@torch.no_grad()
+def add_merged_biases(model: nn.Module, state: Mapping[str, torch.Tensor]) -> list[str]:
+    """Give each layer :func:`merged_bias_slots` names a zero bias, so a merged state dict loads into
+    a freshly built base model with ``strict=True``. Returns those layers."""
+    names = merged_bias_slots(model, state)
+    for name in names:
+        module = model.get_submodule(name)
+        module.bias = nn.Parameter(torch.zeros(module.out_features, dtype=module.weight.dtype, device=module.weight.device),
+                                   requires_grad=module.weight.requires_grad)
+    return names

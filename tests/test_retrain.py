@@ -84,6 +84,50 @@ def test_merged_export_predicts_like_unmerged(tmp_path, monkeypatch):
     assert (out / "retrain" / "subnet.yaml").is_file()
 
 
+SWIN = {"name": "swin_tiny_patch4_window7_224", "pretrained": False, "drop_path_rate": 0.0,
+        "kwargs": {"img_size": 32, "window_size": 4, "embed_dim": 16, "depths": [1, 1], "num_heads": [1, 2]}}
+
+
+def test_merge_that_gives_a_bias_free_layer_a_bias(tmp_path, monkeypatch, capsys):
+    """Swin's patch-merging reduction has no bias; bitfit's E on it gives the merged layer one, a key
+    a fresh timm Swin lacks. The export says which layers, supernet.load_merged adds them and loads
+    strictly with the retrained model's outputs, and evaluate.py scores the file as retrain did."""
+    import engine.stages as st
+    from safetensors import safe_open
+
+    from engine.evaluate import main as evaluate_main
+    from supernet import load_merged
+
+    captured = {}
+    real_export = st.export
+
+    def spy(model, cfg, rdir, val_ds, info, preset):
+        captured["model"], captured["x"] = model, next(iter(torch.utils.data.DataLoader(val_ds, batch_size=8)))[0]
+        return real_export(model, cfg, rdir, val_ds, info, preset)
+
+    monkeypatch.setattr(st, "export", spy)
+    out = tmp_path / "swin"
+    cfg = tiny_config(out, model=SWIN, retrain={"preset": "bitfit"})
+    assert run_retrain(config_from_dict(cfg), INFO, "t.yaml") == "done"
+    path = out / "retrain" / "merged.safetensors"
+    assert "1 layer(s) without a bias gained one in the merge" in capsys.readouterr().err
+    with safe_open(str(path), framework="pt") as fh:
+        assert json.loads(fh.metadata()["added_biases"]) == ["layers.1.downsample.reduction"]
+    fresh = lambda: timm.create_model(SWIN["name"], num_classes=4, **SWIN["kwargs"]).eval()  # noqa: E731
+    with pytest.raises(RuntimeError, match="layers.1.downsample.reduction.bias"):
+        fresh().load_state_dict(load_file(path), strict=True)
+    model = load_merged(fresh(), path)
+    with torch.no_grad():
+        assert (model(captured["x"]) - captured["model"].eval()(captured["x"])).abs().max() <= 1e-4
+
+    import yaml
+
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
+    assert evaluate_main(argv=["--config", str(tmp_path / "run.yaml"), "--checkpoint", str(path)]) == 0
+    want = json.loads((out / "retrain" / "metrics.json").read_text())["test_top1"]
+    assert json.loads(capsys.readouterr().out)["top1"] == want
+
+
 def test_refuses_to_write_when_merge_disagrees(tmp_path, monkeypatch):
     import engine.stages as st
 

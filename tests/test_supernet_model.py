@@ -136,8 +136,23 @@ def test_merge_without_bias_creates_bias_only_when_needed():
     want = model(X)
     merged = merge_glora(copy.deepcopy(model))
     assert merged.fc2.bias is not None and (merged(X) - want).abs().max() <= 1e-5
+    # the merged state dict has a key the untouched model lacks; load_merged gives it room, strictly
+    from supernet import added_biases, load_merged
+
+    assert added_biases(model) == ["fc2"]
+    base = models.mlp()
+    with pytest.raises(RuntimeError, match="fc2.bias"):
+        copy.deepcopy(base).load_state_dict(merged.state_dict(), strict=True)
+    fresh = load_merged(copy.deepcopy(base), merged.state_dict())
+    assert torch.equal(fresh(X), merged(X))
+    wrong = {k: v for k, v in merged.state_dict().items() if k != "fc1.weight"}
+    untouched = copy.deepcopy(base)
+    with pytest.raises(AdapterError, match=r"state dict: does not fit MLP: missing fc1\.weight"):
+        load_merged(untouched, wrong)
+    assert untouched.fc2.bias is None  # refused before any bias was added
     set_subnet(model, {"fc1": dict(A="none", B="none", C="none", D="none", E="none"),
                        "fc2": dict(A="lora8", B="none", C="none", D="none", E="none")})
+    assert added_biases(model) == []
     assert merge_glora(copy.deepcopy(model)).fc2.bias is None
 
 
