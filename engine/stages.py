@@ -501,6 +501,7 @@ def run_retrain(cfg: RunConfig, info: D.DistInfo, source: str, overwrite: bool =
             "head_params": n_head,
             "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
             "merged_model_params": _merged_total(rdir / "merged.safetensors"),
+            "merged_added_biases": _merged_added_biases(rdir / "merged.safetensors"),
             "method": r.preset or "glora",
             "subnet": origin,
             "epochs": r.epochs,
@@ -519,6 +520,14 @@ def _merged_total(path: Path) -> int:
 
     with safe_open(str(path), framework="pt") as fh:
         return sum(math.prod(fh.get_slice(k).get_shape()) for k in fh.keys())
+
+
+def _merged_added_biases(path: Path) -> list[str]:
+    """The layers the merge gave a bias they lacked (see export)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as fh:
+        return json.loads((fh.metadata() or {}).get("added_biases", "[]"))
 
 
 # Relative to the largest unmerged logit: fp32 round-off grows with the logits' scale (measured: a

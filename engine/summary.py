@@ -27,10 +27,13 @@ def summarise(output_dir: Path) -> str:
         lines.append(f"search:   best of {r['evaluated']} candidates: {r['accuracy']:.2f}% validation accuracy, "
                      f"{r['params']:,} adapter parameters (budget {r['budget']['max_params'] or 'none'})")
     top5 = f", top-5 {m['test_top5']:.2f}%" if "test_top5" in m else ""
+    added = m.get("merged_added_biases") or []
+    count = (f"the base architecture's count plus the biases the merge gave {len(added)} bias-free layer(s); "
+             f"load it with supernet.load_merged") if added else "the base architecture's count"
     lines += [
         f"retrain:  merged model test accuracy {m['test_top1']:.2f}%{top5} on {m['test_images']} test images",
         f"trained:  {m['adapter_params']:,} adapter + {m['head_params']:,} head parameters "
-        f"({m['trainable_params']:,} trainable; the merged model has {m['merged_model_params']:,}, the base architecture's count)",
+        f"({m['trainable_params']:,} trainable; the merged model has {m['merged_model_params']:,}, {count})",
         f"artifacts: {output_dir / 'retrain' / 'merged.safetensors'} (plain timm weights), "
         f"{output_dir / 'retrain' / 'adapter.safetensors'} + subnet.yaml, {output_dir / 'search' / 'pareto.png'}",
         f"tensorboard: .venv/bin/tensorboard --logdir {output_dir}",

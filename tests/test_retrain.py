@@ -124,8 +124,10 @@ def test_merge_that_gives_a_bias_free_layer_a_bias(tmp_path, monkeypatch, capsys
 
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
     assert evaluate_main(argv=["--config", str(tmp_path / "run.yaml"), "--checkpoint", str(path)]) == 0
-    want = json.loads((out / "retrain" / "metrics.json").read_text())["test_top1"]
-    assert json.loads(capsys.readouterr().out)["top1"] == want
+    metrics = json.loads((out / "retrain" / "metrics.json").read_text())
+    assert json.loads(capsys.readouterr().out)["top1"] == metrics["test_top1"]
+    assert metrics["merged_added_biases"] == ["layers.1.downsample.reduction"]
+    assert metrics["merged_model_params"] == sum(p.numel() for p in model.parameters())
 
 
 def test_refuses_to_write_when_merge_disagrees(tmp_path, monkeypatch):
