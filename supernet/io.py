@@ -152,14 +152,14 @@ def load_merged(model: nn.Module, source: str | os.PathLike | Mapping[str, torch
     gave one (C or E chosen on them, see :func:`added_biases`). Raises :class:`AdapterError` naming
     ``name`` (default: the path) and the keys that do not fit, with the model unchanged."""
     if isinstance(source, Mapping):
-        tensors, path = source, name or "state dict"
+        tensors, label = source, name or "state dict"
     else:
         tensors, _ = read_safetensors(source)
-        path = name or str(source)
-    slots = {name + ".bias" for name in merged_bias_slots(model, tensors)}
+        label = name or str(source)
+    slots = {layer + ".bias" for layer in merged_bias_slots(model, tensors)}
     problems = state_dict_mismatch(model.state_dict(), {k: v for k, v in tensors.items() if k not in slots})
     if problems:
-        raise AdapterError(f"{path}: does not fit {type(model).__name__}: {problems}")
+        raise AdapterError(f"{label}: does not fit {type(model).__name__}: {problems}")
     add_merged_biases(model, tensors)
     model.load_state_dict(tensors, strict=True)
     return model
