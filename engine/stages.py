@@ -504,6 +504,7 @@ def run_retrain(cfg: RunConfig, info: D.DistInfo, source: str, overwrite: bool =
             "merged_added_biases": _merged_added_biases(rdir / "merged.safetensors"),
             "method": r.preset or "glora",
             "subnet": origin,
+            "subnet_from_search": r.preset is None and not r.subnet,  # this output_dir's search/result.yaml
             "epochs": r.epochs,
             "wall_time_s": round(time.time() - t0, 1),
         }
@@ -554,6 +555,9 @@ def export(model: nn.Module, cfg: RunConfig, rdir: Path, val_ds, info: D.DistInf
     if has_glora:
         save_adapter(model, rdir / "adapter.safetensors", rdir / "subnet.yaml",
                      metadata={"model": cfg.model.name, "kwargs": cfg.model.kwargs})
+    elif info.is_main:
+        for stale in ("adapter.safetensors", "subnet.yaml"):  # an earlier retrain's (--overwrite): not this model's
+            (rdir / stale).unlink(missing_ok=True)
     x = next(iter(torch.utils.data.DataLoader(val_ds, batch_size=min(32, len(val_ds)))))[0].to(info.device)
     gained = added_biases(model) if has_glora else []
     with torch.no_grad():

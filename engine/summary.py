@@ -22,7 +22,11 @@ def summarise(output_dir: Path) -> str:
     m = json.loads(retrain.read_text())
     lines = ["", "=== GLoRA pipeline summary ==="]
     result = output_dir / "search" / "result.yaml"
-    if result.is_file():
+    if m.get("method", "glora") != "glora":
+        lines.append(f"search:   not used: retrain trained the {m['method']!r} preset")
+    elif not m.get("subnet_from_search", True):
+        lines.append(f"search:   not used: retrain trained the sub-network in {m['subnet']}")
+    elif result.is_file():
         r = yaml.safe_load(result.read_text())
         lines.append(f"search:   best of {r['evaluated']} candidates: {r['accuracy']:.2f}% validation accuracy, "
                      f"{r['params']:,} adapter parameters (budget {r['budget']['max_params'] or 'none'})")
@@ -34,8 +38,11 @@ def summarise(output_dir: Path) -> str:
         f"retrain:  merged model test accuracy {m['test_top1']:.2f}%{top5} on {m['test_images']} test images",
         f"trained:  {m['adapter_params']:,} adapter + {m['head_params']:,} head parameters "
         f"({m['trainable_params']:,} trainable; the merged model has {m['merged_model_params']:,}, {count})",
-        f"artifacts: {output_dir / 'retrain' / 'merged.safetensors'} (plain timm weights), "
-        f"{output_dir / 'retrain' / 'adapter.safetensors'} + subnet.yaml, {output_dir / 'search' / 'pareto.png'}",
+        "artifacts: " + ", ".join(f"{path}{what}" for path, what in (
+            (output_dir / "retrain" / "merged.safetensors", " (plain timm weights)"),
+            (output_dir / "retrain" / "adapter.safetensors", " + subnet.yaml"),
+            (output_dir / "search" / "pareto.png", ""),
+        ) if path.is_file()),
         f"tensorboard: .venv/bin/tensorboard --logdir {output_dir}",
         "",
     ]

@@ -192,3 +192,19 @@ def test_compile_failure_is_one_clear_error(tmp_path):
         _retrain(out, preset="ssf", compile=True)
     torch._dynamo.reset()
     assert not (out / "retrain" / "checkpoints" / "last.pt").exists()
+
+
+def test_rerun_with_a_preset_leaves_no_stale_adapter_and_the_summary_says_so(tmp_path):
+    """retrain --overwrite with the linear preset where a GLoRA retrain ran before: the old
+    adapter.safetensors and subnet.yaml described another model and are removed, and the summary
+    neither credits the search nor lists files that are not there."""
+    from engine.summary import summarise
+
+    out = tmp_path / "run"
+    assert _retrain(out, preset="ssf") == "done"
+    assert (out / "retrain" / "adapter.safetensors").is_file()
+    assert run_retrain(config_from_dict(tiny_config(out, retrain={"preset": "linear"})), INFO, "t.yaml", overwrite=True) == "done"
+    assert not (out / "retrain" / "adapter.safetensors").exists() and not (out / "retrain" / "subnet.yaml").exists()
+    text = summarise(out)
+    assert "search:   not used: retrain trained the 'linear' preset" in text
+    assert "adapter.safetensors" not in text and "merged.safetensors (plain timm weights)" in text
