@@ -351,6 +351,11 @@ def run_search(cfg: RunConfig, info: D.DistInfo, source: str, overwrite: bool = 
         raise CheckpointError(f"{state_path}: the ranks do not resume the search from the same generation "
                               f"(rank {info.rank} is at {search.generation}); {D.SHARED_FS_HINT}")
     _write_config(sdir, cfg, info)
+    if search.generation == 0 and info.is_main:
+        # A search starting afresh (--overwrite, or no state to resume): an earlier search's result
+        # must not outlive it, or a run stopped now would leave retrain.py that result to train.
+        for stale in ("result.yaml", "pareto.png"):
+            (sdir / stale).unlink(missing_ok=True)
     tracker = Tracker(sdir, enabled=info.is_main)
     warn_slow_precision(cfg.train.precision, "train.precision", info, tracker)
     loader = torch.utils.data.DataLoader(val_ds, batch_size=s.eval_batch_size, num_workers=cfg.data.num_workers)

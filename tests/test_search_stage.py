@@ -127,6 +127,8 @@ def test_search_resume_after_interruption(trained, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         run_search(cfg, INFO, "t.yaml", overwrite=True)
     monkeypatch.setattr(st.EvolutionSearch, "tell", real_tell)
+    # the finished search's result did not outlive the new one's start: retrain.py cannot pick it up
+    assert not (trained / "search" / "result.yaml").exists()
     state = torch.load(trained / "search" / "state.pt", weights_only=True)
     assert state["search"]["generation"] == 1
     assert run_search(cfg, INFO, "t.yaml") == "done"  # resume: auto
