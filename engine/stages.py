@@ -100,17 +100,24 @@ def guard_output_dir(stage_dir: Path, cfg: RunConfig, stage: str, source: str, o
         old = yaml.safe_load(previous.read_text()) or {}
     except yaml.YAMLError:
         old = {}
-    old_rel, new_rel = _relevant(old, stage), _relevant(cfg.to_dict(), stage)
-    if old_rel != new_rel:
-        diffs = []
-        for section in new_rel:
-            a, b = old_rel.get(section), new_rel.get(section)
-            if isinstance(a, dict) and isinstance(b, dict):
-                diffs += [f"{section}.{k}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
-            elif a != b:
-                diffs.append(section)
+    diffs = config_differences(_relevant(old, stage), _relevant(cfg.to_dict(), stage))
+    if diffs:
         raise ConfigError(source, [f"output_dir: {stage_dir} holds a {stage} run with a different configuration "
                                    f"({', '.join(diffs[:5])}); choose another output_dir or pass --overwrite"])
+
+
+def config_differences(old: dict, new: dict) -> list[str]:
+    """The keys (``section.key``, or a whole section) where two relevant configurations differ,
+    compared as JSON would store them (a YAML round trip turns tuples into lists)."""
+    old, new = json.loads(json.dumps(old, default=str)), json.loads(json.dumps(new, default=str))
+    diffs = []
+    for section in new:
+        a, b = old.get(section), new.get(section)
+        if isinstance(a, dict) and isinstance(b, dict):
+            diffs += [f"{section}.{k}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+        elif a != b:
+            diffs.append(section)
+    return diffs
 
 
 def _data_config(cfg: RunConfig) -> DataConfig:
@@ -199,6 +206,11 @@ def run_train(cfg: RunConfig, info: D.DistInfo, source: str, overwrite: bool = F
     trainer.on_eval = on_eval
     if trainer.resume("never" if overwrite else t.resume):
         tracker.print(f"resumed from {trainer.ckpt_path} at epoch {trainer.epoch}, step {trainer.step}")
+    elif info.is_main:
+        # Training afresh: an earlier run's supernet must not outlive it, or a run stopped now would
+        # leave search.py that supernet to search.
+        for stale in ("supernet.safetensors", "supernet.yaml"):
+            (out / stale).unlink(missing_ok=True)
     pc = count_params(model, refs["largest"])
     tracker.print(f"supernet: {len(refs['largest'])} GLoRA layers, {sum(p.numel() for p in trainer.params):,} trainable "
                   f"tensors' parameters (largest sub-network {pc.adapter:,} adapter + {pc.head:,} head), "
@@ -207,7 +219,8 @@ def run_train(cfg: RunConfig, info: D.DistInfo, source: str, overwrite: bool = F
     status = trainer.fit()
     if status == "done" and info.is_main:
         save_adapter(model, out / "supernet.safetensors", out / "supernet.yaml",
-                     metadata={"model": cfg.model.name, "num_classes": num_classes, "space": load_space(cfg.space).to_dict()})
+                     metadata={"model": cfg.model.name, "num_classes": num_classes, "space": load_space(cfg.space).to_dict(),
+                               "config": _relevant(cfg.to_dict(), "train")})
         tracker.print(f"supernet written to {out / 'supernet.safetensors'}")
     tracker.close()
     D.barrier()
@@ -215,16 +228,24 @@ def run_train(cfg: RunConfig, info: D.DistInfo, source: str, overwrite: bool = F
 
 
 # --------------------------------------------------------------------------- stage 2
-def load_supernet(cfg: RunConfig, num_classes: int, info: D.DistInfo, source: str) -> nn.Module:
+def load_supernet(cfg: RunConfig, num_classes: int, info: D.DistInfo, source: str, same_training: bool = True) -> nn.Module:
+    """The trained supernet of ``cfg.output_dir``. Refused when the run config no longer describes
+    it: the search (``same_training``) needs the model, data, space and train sections it was
+    trained with; retraining from its slices needs only its space (the model must fit its tensors)."""
     path = Path(cfg.output_dir) / "supernet.safetensors"
     if not path.is_file():
         hint = f" ({D.SHARED_FS_HINT})" if info.enabled else ""
         raise ConfigError(source, [f"output_dir: {path}: no trained supernet; run train.py with this config first{hint}"])
-    # The supernet's layers come from the file, so a changed space would be silently ignored.
-    trained = adapter_metadata(path).get("space")
-    if trained is not None and trained != load_space(cfg.space).to_dict():
-        raise ConfigError(source, [f"space: {cfg.space} is not the search space {path} was trained with (its metadata.space); "
-                                   "search and retrain init: supernet use the supernet's own choices: set space back, or train again"])
+    # The supernet comes from the file: a config changed since train.py (its space above all, whose
+    # choices the file's layers would silently keep) would describe a supernet that was never trained.
+    meta = adapter_metadata(path)
+    if same_training and "config" in meta:
+        diffs = config_differences(meta["config"], _relevant(cfg.to_dict(), "train"))
+    else:  # retraining, or a file written before the metadata held the whole configuration
+        diffs = ["space"] if "space" in meta and meta["space"] != load_space(cfg.space).to_dict() else []
+    if diffs:
+        raise ConfigError(source, [f"output_dir: {path} was trained with another configuration ({', '.join(diffs[:5])}; "
+                                   f"see its metadata in supernet.yaml): run train.py with this one, or set those keys back"])
     model = build_model(cfg.model, num_classes)
     load_adapter(model, path)
     return model.to(info.device).eval()
@@ -447,7 +468,7 @@ def prepare_retrain_model(cfg: RunConfig, num_classes: int, info: D.DistInfo, so
         raise ConfigError(source, [f"retrain.subnet: {subnet_path} not found; run search.py first, or set retrain.subnet or retrain.preset{hint}"])
     load_subnet(subnet_path)  # a broken file stops here, before the supernet is loaded
     if r.init == "supernet":
-        model = load_supernet(cfg, num_classes, info, source).train()
+        model = load_supernet(cfg, num_classes, info, source, same_training=False).train()
     else:
         model = build_model(cfg.model, num_classes)
         apply_glora(model, cfg.space)

@@ -208,3 +208,22 @@ def test_rerun_with_a_preset_leaves_no_stale_adapter_and_the_summary_says_so(tmp
     text = summarise(out)
     assert "search:   not used: retrain trained the 'linear' preset" in text
     assert "adapter.safetensors" not in text and "merged.safetensors (plain timm weights)" in text
+
+
+def test_retrain_from_the_supernet_needs_only_its_space(tmp_path):
+    """Retraining from the supernet's slices uses its structure, not how it was trained: a run config
+    whose train section changed since train.py retrains; one whose space changed is refused."""
+    from conftest import ROOT
+    from engine.config import ConfigError
+    from engine.stages import load_supernet
+    from supernet import sample_subnet, save_subnet
+
+    out = tmp_path / "run"
+    run_train(config_from_dict(tiny_config(out)), INFO, "t.yaml")
+    model = load_supernet(config_from_dict(tiny_config(out)), 4, INFO, "t.yaml")
+    save_subnet(sample_subnet(model, torch.Generator().manual_seed(0)), tmp_path / "s.yaml")
+    retrain = {"init": "supernet", "subnet": str(tmp_path / "s.yaml")}
+    assert run_retrain(config_from_dict(tiny_config(out, train={"lr": 0.5}, retrain=retrain)), INFO, "t.yaml") == "done"
+    small = str(ROOT / "configs" / "space" / "small.yaml")
+    with pytest.raises(ConfigError, match=r"supernet\.safetensors was trained with another configuration \(space;"):
+        run_retrain(config_from_dict(tiny_config(out, space=small, retrain=retrain)), INFO, "t.yaml", overwrite=True)

@@ -141,19 +141,23 @@ def test_budget_that_admits_nothing_fails_clearly(trained):
         run_search(_cfg(trained, max_params=None, min_params=10**9), INFO, "t.yaml", overwrite=True)
 
 
-def test_space_other_than_the_supernets_is_refused(trained, tmp_path):
-    """The supernet's layers come from its file, so a run config whose space changed since train.py
-    would have been searched (and retrained from) in the old space without a word: now one error
-    names the key, and the search writes nothing."""
+def test_config_other_than_the_supernets_is_refused(trained, tmp_path):
+    """The supernet comes from its file, so a run config changed since train.py (a space whose
+    choices the file's layers kept without a word, a learning rate) described a supernet that was
+    never trained: now one error names the keys, and the search writes nothing."""
     from conftest import ROOT
 
     cfg = config_from_dict(tiny_config(trained, space=str(ROOT / "configs" / "space" / "small.yaml")))
-    with pytest.raises(ConfigError, match=r"^t\.yaml: space: .*small\.yaml is not the search space .*supernet\.safetensors was trained with"):
+    with pytest.raises(ConfigError, match=r"^t\.yaml: output_dir: .*supernet\.safetensors was trained with another configuration \(space;"):
         load_supernet(cfg, 4, INFO, "t.yaml")
     before = sorted(p.name for p in trained.rglob("*"))
-    with pytest.raises(ConfigError, match="space: "):
+    with pytest.raises(ConfigError, match=r"another configuration \(space;"):
         run_search(cfg, INFO, "t.yaml", overwrite=True)
     assert sorted(p.name for p in trained.rglob("*")) == before
+    # any training key counts (a learning rate changed since train.py), volatile ones do not
+    with pytest.raises(ConfigError, match=r"another configuration \(train\.lr;"):
+        load_supernet(config_from_dict(tiny_config(trained, train={"lr": 0.5})), 4, INFO, "t.yaml")
+    load_supernet(config_from_dict(tiny_config(trained, train={"device": "cpu", "resume": "never"})), 4, INFO, "t.yaml")
 
 
 def test_ranks_resuming_the_search_from_different_generations_stop(trained, monkeypatch):

@@ -133,3 +133,13 @@ def test_fp16_on_a_cpu_is_warned_about(tmp_path, capsys):
     assert "warning: train.precision: fp16 on a CPU usually runs far slower than fp32" in capsys.readouterr().err
     assert _train(tmp_path / "b", train={"precision": "bf16", "epochs": 1}) == "done"
     assert "warning" not in capsys.readouterr().err
+
+
+def test_training_afresh_removes_the_previous_supernet_first(tmp_path):
+    """--overwrite (or no checkpoint): a run stopped before its end must not leave search.py the
+    earlier run's supernet.safetensors to search."""
+    out = tmp_path / "run"
+    assert _train(out) == "done" and (out / "supernet.safetensors").is_file()
+    cfg = config_from_dict(tiny_config(out, train={"stop_at_step": 2, "lr": 0.5}))
+    assert run_train(cfg, INFO, "test.yaml", overwrite=True) == "SIGTERM"
+    assert not (out / "supernet.safetensors").exists() and not (out / "supernet.yaml").exists()
