@@ -503,6 +503,11 @@ def run_retrain(cfg: RunConfig, info: D.DistInfo, source: str, overwrite: bool =
                       num_workers=cfg.data.num_workers, desc="retrain")
     if trainer.resume("never" if overwrite else r.resume):
         tracker.print(f"resumed from {trainer.ckpt_path} at epoch {trainer.epoch}, step {trainer.step}")
+    elif info.is_main:
+        # Retraining afresh: an earlier run's exports and metrics must not outlive it, or a run
+        # stopped now would leave them to be read as this one's.
+        for stale in ("merged.safetensors", "metrics.json", "adapter.safetensors", "subnet.yaml"):
+            (rdir / stale).unlink(missing_ok=True)
     n_adapter = adapter_params(model, r.preset)
     n_head = head_params(model)
     tracker.print(f"retrain ({origin}): {n_adapter:,} adapter + {n_head:,} head parameters, "
@@ -581,9 +586,6 @@ def export(model: nn.Module, cfg: RunConfig, rdir: Path, val_ds, info: D.DistInf
     if has_glora:
         save_adapter(model, rdir / "adapter.safetensors", rdir / "subnet.yaml",
                      metadata={"model": cfg.model.name, "kwargs": cfg.model.kwargs})
-    elif info.is_main:
-        for stale in ("adapter.safetensors", "subnet.yaml"):  # an earlier retrain's (--overwrite): not this model's
-            (rdir / stale).unlink(missing_ok=True)
     x = next(iter(torch.utils.data.DataLoader(val_ds, batch_size=min(32, len(val_ds)))))[0].to(info.device)
     gained = added_biases(model) if has_glora else []
     with torch.no_grad():

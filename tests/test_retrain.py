@@ -227,3 +227,14 @@ def test_retrain_from_the_supernet_needs_only_its_space(tmp_path):
     small = str(ROOT / "configs" / "space" / "small.yaml")
     with pytest.raises(ConfigError, match=r"supernet\.safetensors was trained with another configuration \(space;"):
         run_retrain(config_from_dict(tiny_config(out, space=small, retrain=retrain)), INFO, "t.yaml", overwrite=True)
+
+
+def test_retraining_afresh_removes_the_previous_exports_first(tmp_path):
+    """--overwrite: a retrain stopped before its end must not leave the earlier run's merged model
+    and metrics to be read as its own."""
+    out = tmp_path / "run"
+    assert _retrain(out, preset="ssf") == "done"
+    cfg = config_from_dict(tiny_config(out, retrain={"preset": "bitfit", "stop_at_step": 1}))
+    assert run_retrain(cfg, INFO, "t.yaml", overwrite=True) == "SIGTERM"
+    for name in ("merged.safetensors", "metrics.json", "adapter.safetensors", "subnet.yaml"):
+        assert not (out / "retrain" / name).exists(), name
