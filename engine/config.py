@@ -262,6 +262,22 @@ def _set_path(data: dict, dotted: str, value: Any, problems: list[str]) -> None:
     node[keys[-1]] = value
 
 
+# The spaces this repository ships (configs/space/*.yaml), for configs run from another directory.
+SHIPPED_SPACES = Path(__file__).resolve().parents[1] / "configs" / "space"
+
+
+def resolve_space(space: str, config_dir: Path) -> str | None:
+    """The file a ``space:`` string names, or None: the path as given (relative to the working
+    directory, as every other path in a run config), else next to the config file, else one of the
+    shipped spaces, by its path in this repository (``configs/space/large.yaml``) or by name
+    (``large``). The string is kept as given whenever it works as given, so a run's configuration,
+    and the fingerprint its checkpoints carry, does not change with where the file was found."""
+    for path in (Path(space), config_dir / space, SHIPPED_SPACES.parents[1] / space, SHIPPED_SPACES / f"{space}.yaml"):
+        if path.is_file():
+            return space if path == Path(space) else str(path)
+    return None
+
+
 def _semantic_checks(cfg: RunConfig, base_dir: Path, problems: list[str]) -> None:
     def exists(p: str | None, key: str, kind: str = "file") -> None:
         if p is None:
@@ -294,9 +310,13 @@ def _semantic_checks(cfg: RunConfig, base_dir: Path, problems: list[str]) -> Non
     if d.kind == "fewshot" and not d.dataset:
         problems.append("data.dataset: required for data.kind fewshot")
     if isinstance(cfg.space, str):
-        if not Path(cfg.space).is_file():
-            problems.append(f"space: file not found: {cfg.space}")
+        found = resolve_space(cfg.space, base_dir)
+        if found is None:
+            shipped = ", ".join(p.stem for p in sorted(SHIPPED_SPACES.glob("*.yaml")))
+            problems.append(f"space: file not found: {cfg.space} (looked in the working directory, next to the config in "
+                            f"{base_dir}, and among the shipped spaces{': ' + shipped if shipped else ''})")
         else:
+            cfg.space = found
             try:
                 load_space(cfg.space)
             except SpaceError as err:

@@ -115,3 +115,22 @@ def test_compile_mode_reaches_torch_compile(monkeypatch):
     assert uses_cuda_graphs("reduce-overhead", cuda) and uses_cuda_graphs("max-autotune", cuda)
     assert not uses_cuda_graphs("reduce-overhead", cpu) and not uses_cuda_graphs("default", cuda)
     assert not uses_cuda_graphs("max-autotune-no-cudagraphs", cuda)
+
+
+def test_space_found_from_any_working_directory(tmp_path, monkeypatch):
+    """A shipped config run from another directory: its `configs/space/large.yaml` is found in this
+    repository; a bare name picks a shipped space; a path next to the config works; a path that
+    works as given is kept as given (the run's fingerprint does not change)."""
+    p = write_config(tmp_path / "c.yaml", tmp_path / "out")
+    (tmp_path / "mine.yaml").write_text((ROOT / "configs" / "space" / "small.yaml").read_text())
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert load_config(p, ["space=configs/space/large.yaml"]).space == str(ROOT / "configs" / "space" / "large.yaml")
+    assert load_config(p, ["space=middle"]).space == str(ROOT / "configs" / "space" / "middle.yaml")
+    assert load_config(p, ["space=mine.yaml"]).space == str(tmp_path / "mine.yaml")
+    monkeypatch.chdir(tmp_path)
+    assert load_config(p, ["space=mine.yaml"]).space == "mine.yaml"
+    with pytest.raises(ConfigError, match=r"space: file not found: huge \(looked in the working directory, next to the config "
+                                          r".*among the shipped spaces: large, middle, small\)"):
+        load_config(p, ["space=huge"])
