@@ -137,6 +137,14 @@ def _write_config(stage_dir: Path, cfg: RunConfig, info: D.DistInfo) -> None:
         atomic_write_text(stage_dir / "config.yaml", cfg.to_yaml())
 
 
+def remove_stale(folder: Path, names: tuple[str, ...], info: D.DistInfo) -> None:
+    """A stage starting afresh: the outputs an earlier run left in ``folder`` must not outlive it, or
+    a run stopped now would leave them to the next stage (or to a reader) as this run's."""
+    if info.is_main:
+        for name in names:
+            (folder / name).unlink(missing_ok=True)
+
+
 def warn_slow_precision(precision: str, key: str, info: D.DistInfo, tracker: Tracker) -> None:
     """fp16 is a GPU format: most CPUs have no fp16 matrix units, and PyTorch's fallback there is
     two orders of magnitude slower than fp32 (2.0 s against 11 ms for a 1024² product on this
@@ -206,11 +214,8 @@ def run_train(cfg: RunConfig, info: D.DistInfo, source: str, overwrite: bool = F
     trainer.on_eval = on_eval
     if trainer.resume("never" if overwrite else t.resume):
         tracker.print(f"resumed from {trainer.ckpt_path} at epoch {trainer.epoch}, step {trainer.step}")
-    elif info.is_main:
-        # Training afresh: an earlier run's supernet must not outlive it, or a run stopped now would
-        # leave search.py that supernet to search.
-        for stale in ("supernet.safetensors", "supernet.yaml"):
-            (out / stale).unlink(missing_ok=True)
+    else:
+        remove_stale(out, ("supernet.safetensors", "supernet.yaml"), info)  # else search.py could search it
     pc = count_params(model, refs["largest"])
     tracker.print(f"supernet: {len(refs['largest'])} GLoRA layers, {sum(p.numel() for p in trainer.params):,} trainable "
                   f"tensors' parameters (largest sub-network {pc.adapter:,} adapter + {pc.head:,} head), "
@@ -372,11 +377,8 @@ def run_search(cfg: RunConfig, info: D.DistInfo, source: str, overwrite: bool = 
         raise CheckpointError(f"{state_path}: the ranks do not resume the search from the same generation "
                               f"(rank {info.rank} is at {search.generation}); {D.SHARED_FS_HINT}")
     _write_config(sdir, cfg, info)
-    if search.generation == 0 and info.is_main:
-        # A search starting afresh (--overwrite, or no state to resume): an earlier search's result
-        # must not outlive it, or a run stopped now would leave retrain.py that result to train.
-        for stale in ("result.yaml", "pareto.png"):
-            (sdir / stale).unlink(missing_ok=True)
+    if search.generation == 0:  # starting afresh (--overwrite, or no state to resume)
+        remove_stale(sdir, ("result.yaml", "pareto.png"), info)  # else retrain.py could train that result
     tracker = Tracker(sdir, enabled=info.is_main)
     warn_slow_precision(cfg.train.precision, "train.precision", info, tracker)
     loader = torch.utils.data.DataLoader(val_ds, batch_size=s.eval_batch_size, num_workers=cfg.data.num_workers)
@@ -503,11 +505,8 @@ def run_retrain(cfg: RunConfig, info: D.DistInfo, source: str, overwrite: bool =
                       num_workers=cfg.data.num_workers, desc="retrain")
     if trainer.resume("never" if overwrite else r.resume):
         tracker.print(f"resumed from {trainer.ckpt_path} at epoch {trainer.epoch}, step {trainer.step}")
-    elif info.is_main:
-        # Retraining afresh: an earlier run's exports and metrics must not outlive it, or a run
-        # stopped now would leave them to be read as this one's.
-        for stale in ("merged.safetensors", "metrics.json", "adapter.safetensors", "subnet.yaml"):
-            (rdir / stale).unlink(missing_ok=True)
+    else:
+        remove_stale(rdir, ("merged.safetensors", "metrics.json", "adapter.safetensors", "subnet.yaml"), info)
     n_adapter = adapter_params(model, r.preset)
     n_head = head_params(model)
     tracker.print(f"retrain ({origin}): {n_adapter:,} adapter + {n_head:,} head parameters, "
@@ -524,6 +523,7 @@ def run_retrain(cfg: RunConfig, info: D.DistInfo, source: str, overwrite: bool =
     test = evaluate(model, test_loader, info, r.precision, topk=topk)
     if info.is_main:
         export(model, cfg, rdir, val_ds, info, r.preset)
+        merged_total, merged_added = _merged_file_summary(rdir / "merged.safetensors")
         metrics = {
             "test_top1": test["top1"],
             **({"test_top5": test["top5"]} if "top5" in test else {}),
@@ -531,8 +531,8 @@ def run_retrain(cfg: RunConfig, info: D.DistInfo, source: str, overwrite: bool =
             "adapter_params": n_adapter,
             "head_params": n_head,
             "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-            "merged_model_params": _merged_total(rdir / "merged.safetensors"),
-            "merged_added_biases": _merged_added_biases(rdir / "merged.safetensors"),
+            "merged_model_params": merged_total,
+            "merged_added_biases": merged_added,
             "method": r.preset or "glora",
             "subnet": origin,
             "subnet_from_search": r.preset is None and not r.subnet,  # this output_dir's search/result.yaml
@@ -547,19 +547,14 @@ def run_retrain(cfg: RunConfig, info: D.DistInfo, source: str, overwrite: bool =
     return "done"
 
 
-def _merged_total(path: Path) -> int:
+def _merged_file_summary(path: Path) -> tuple[int, list[str]]:
+    """The merged model's parameter count, and the layers the merge gave a bias they lacked (see
+    export), from the file's header alone."""
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as fh:
-        return sum(math.prod(fh.get_slice(k).get_shape()) for k in fh.keys())
-
-
-def _merged_added_biases(path: Path) -> list[str]:
-    """The layers the merge gave a bias they lacked (see export)."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as fh:
-        return json.loads((fh.metadata() or {}).get("added_biases", "[]"))
+        total = sum(math.prod(fh.get_slice(k).get_shape()) for k in fh.keys())
+        return total, json.loads((fh.metadata() or {}).get("added_biases", "[]"))
 
 
 # Relative to the largest unmerged logit: fp32 round-off grows with the logits' scale (measured: a

@@ -16,7 +16,7 @@ from .io import (
     state_dict_mismatch,
 )
 from .layer import GLoraLinear, SupportTensors, choice_cost
-from .merge import MergeError, add_merged_biases, added_biases, merge_glora, merged_bias_slots, merged_linear
+from .merge import MergeError, add_zero_biases, added_biases, merge_glora, merged_bias_slots, merged_linear
 from .model import (
     ParamCount,
     SubnetSampler,

@@ -6,6 +6,7 @@ over the target, so a crash mid-write never leaves a half-written file under the
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -19,7 +20,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .layer import GLoraLinear
-from .merge import add_merged_biases, merged_bias_slots
+from .merge import add_zero_biases, merged_bias_slots
 from .model import _set_submodule, get_subnet, glora_layers, mark_trainable, set_subnet
 from .space import TENSORS, SpaceError, parse_choice
 from .subnet import subnet_to_dict
@@ -100,19 +101,25 @@ def save_adapter(
     atomic_write_text(yaml_path, yaml.safe_dump(doc, sort_keys=False, width=200, default_flow_style=None))
 
 
-def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """All tensors and the metadata of a safetensors file, with a clear error for a bad file."""
-    path = Path(path)
+@contextlib.contextmanager
+def _open_safetensors(path: Path):
+    """``safe_open(path)``, with a clear :class:`AdapterError` for a missing, empty or unreadable file
+    (also when reading from it fails)."""
     if not path.is_file():
         raise AdapterError(f"{path}: file not found")
     if path.stat().st_size == 0:
         raise AdapterError(f"{path}: empty file, expected safetensors")
     try:
         with safe_open(str(path), framework="pt") as fh:
-            meta = fh.metadata() or {}
-            return {k: fh.get_tensor(k) for k in fh.keys()}, meta
+            yield fh
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
         raise AdapterError(f"{path}: not a readable safetensors file ({str(err).splitlines()[0]})") from None
+
+
+def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """All tensors and the metadata of a safetensors file, with a clear error for a bad file."""
+    with _open_safetensors(Path(path)) as fh:
+        return {k: fh.get_tensor(k) for k in fh.keys()}, fh.metadata() or {}
 
 
 def _read_doc(path: Path, yaml_path: Path | None, meta: Mapping[str, str]) -> dict[str, Any]:
@@ -156,11 +163,12 @@ def load_merged(model: nn.Module, source: str | os.PathLike | Mapping[str, torch
     else:
         tensors, _ = read_safetensors(source)
         label = name or str(source)
-    slots = {layer + ".bias" for layer in merged_bias_slots(model, tensors)}
+    layers = merged_bias_slots(model, tensors)
+    slots = {layer + ".bias" for layer in layers}
     problems = state_dict_mismatch(model.state_dict(), {k: v for k, v in tensors.items() if k not in slots})
     if problems:
         raise AdapterError(f"{label}: does not fit {type(model).__name__}: {problems}")
-    add_merged_biases(model, tensors)
+    add_zero_biases(model, layers)
     model.load_state_dict(tensors, strict=True)
     return model
 
@@ -171,13 +179,8 @@ def adapter_metadata(path: str | os.PathLike, yaml_path: str | os.PathLike | Non
     path = Path(path)
     meta: dict[str, str] = {}
     if yaml_path is None and not path.with_suffix(".yaml").is_file():
-        if not path.is_file():
-            raise AdapterError(f"{path}: file not found")
-        try:
-            with safe_open(str(path), framework="pt") as fh:
-                meta = fh.metadata() or {}
-        except (SafetensorError, OSError, ValueError, RuntimeError) as err:
-            raise AdapterError(f"{path}: not a readable safetensors file ({str(err).splitlines()[0]})") from None
+        with _open_safetensors(path) as fh:
+            meta = fh.metadata() or {}
     doc = _read_doc(path, Path(yaml_path) if yaml_path is not None else None, meta)
     return dict(doc.get("metadata") or {})
 

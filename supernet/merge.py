@@ -72,12 +72,10 @@ def merged_bias_slots(model: nn.Module, state: Mapping[str, torch.Tensor]) -> li
 
 
 @torch.no_grad()
-def add_merged_biases(model: nn.Module, state: Mapping[str, torch.Tensor]) -> list[str]:
-    """Give each layer :func:`merged_bias_slots` names a zero bias, so a merged state dict loads into
-    a freshly built base model with ``strict=True``. Returns those layers."""
-    names = merged_bias_slots(model, state)
+def add_zero_biases(model: nn.Module, names: list[str]) -> None:
+    """Give each bias-free ``nn.Linear`` named (:func:`merged_bias_slots`) a zero bias, so a merged
+    state dict loads into a freshly built base model with ``strict=True``."""
     for name in names:
         module = model.get_submodule(name)
         module.bias = nn.Parameter(torch.zeros(module.out_features, dtype=module.weight.dtype, device=module.weight.device),
                                    requires_grad=module.weight.requires_grad)
-    return names
