@@ -28,6 +28,10 @@ __all__ = [
     "DataConfig",
     "build_transform",
     "build_splits",
+    "build_folder_eval",
+    "load_class_names",
+    "run_class_names",
+    "FolderEval",
     "ImageListDataset",
     "TensorImageDataset",
     "make_demo_arrays",
@@ -249,21 +253,18 @@ def _build_from_lists(
     return ImageListDataset(train, transform), ImageListDataset(evals, transform), num_classes
 
 
-def _build_vtab1k(cfg: DataConfig, phase: str, img_size: int) -> tuple[Dataset, Dataset, int]:
+def _list_layout(cfg: DataConfig) -> tuple[str, str, dict[str, tuple[str, str]], tuple[str, ...]]:
+    """Where a list layout keeps its lists and images: (list dir, image root, the (train, eval)
+    list of each phase, every list name)."""
     root = _require_root(cfg)
-    if not cfg.task:
-        raise DataError("data.task: required for kind 'vtab1k'")
-    task_dir = os.path.join(root, cfg.task)
-    _require_dir(task_dir, "vtab1k task")
-    train_name, eval_name = {"search": ("train800.txt", "val200.txt"),
-                             "final": ("train800val200.txt", "test.txt")}[phase]
-    all_names = ("train800.txt", "val200.txt", "train800val200.txt", "test.txt")
-    return _build_from_lists(task_dir, task_dir, train_name, eval_name, all_names,
-                             cfg.num_classes, img_size)
-
-
-def _build_fewshot(cfg: DataConfig, phase: str, img_size: int) -> tuple[Dataset, Dataset, int]:
-    root = _require_root(cfg)
+    if cfg.kind == "vtab1k":
+        if not cfg.task:
+            raise DataError("data.task: required for kind 'vtab1k'")
+        task_dir = os.path.join(root, cfg.task)
+        _require_dir(task_dir, "vtab1k task")
+        return (task_dir, task_dir,
+                {"search": ("train800.txt", "val200.txt"), "final": ("train800val200.txt", "test.txt")},
+                ("train800.txt", "val200.txt", "train800val200.txt", "test.txt"))
     if not cfg.dataset:
         raise DataError("data.dataset: required for kind 'fewshot'")
     ds_dir = os.path.join(root, cfg.dataset)
@@ -271,10 +272,14 @@ def _build_fewshot(cfg: DataConfig, phase: str, img_size: int) -> tuple[Dataset,
     ann_dir = os.path.join(ds_dir, "annotations")
     _require_dir(ann_dir, "few-shot annotations")
     train_name = f"train_meta.list.num_shot_{cfg.shots}.seed_{cfg.seed}"
-    eval_name = {"search": "val_meta.list", "final": "test_meta.list"}[phase]
-    all_names = (train_name, "val_meta.list", "test_meta.list")
-    return _build_from_lists(ann_dir, os.path.join(ds_dir, "images"), train_name, eval_name,
-                             all_names, cfg.num_classes, img_size)
+    return (ann_dir, os.path.join(ds_dir, "images"),
+            {"search": (train_name, "val_meta.list"), "final": (train_name, "test_meta.list")},
+            (train_name, "val_meta.list", "test_meta.list"))
+
+
+def _build_lists(cfg: DataConfig, phase: str, img_size: int) -> tuple[Dataset, Dataset, int]:
+    list_dir, image_root, phases, all_names = _list_layout(cfg)
+    return _build_from_lists(list_dir, image_root, *phases[phase], all_names, cfg.num_classes, img_size)
 
 
 # --------------------------------------------------------------------------- image folders
@@ -288,22 +293,25 @@ def _folder_samples(split_dir: str, class_to_idx: dict[str, int]) -> list[Sample
     return samples
 
 
+def _folder_class_to_idx(root: str) -> dict[str, int]:
+    # One class list for all splits present: a class missing from one split must not shift
+    # the label indices of that split relative to the others.
+    classes: set[str] = set()
+    for split in ("train", "val", "test"):
+        try:
+            classes.update(find_classes(os.path.join(root, split))[0])
+        except FileNotFoundError:
+            pass  # an absent or empty split; reported by the builder if it is actually used
+    return {name: i for i, name in enumerate(sorted(classes))}
+
+
 def _build_imagefolder(cfg: DataConfig, phase: str, img_size: int) -> tuple[Dataset, Dataset, int]:
     root = _require_root(cfg)
     required = {"search": ("train", "val"), "final": ("train", "test")}[phase]
     for split in required:
         _require_dir(os.path.join(root, split), f"imagefolder '{split}' split")
     present = [s for s in ("train", "val", "test") if os.path.isdir(os.path.join(root, s))]
-
-    # One class list for all splits present: a class missing from one split must not shift
-    # the label indices of that split relative to the others.
-    classes: set[str] = set()
-    for split in present:
-        try:
-            classes.update(find_classes(os.path.join(root, split))[0])
-        except FileNotFoundError:
-            pass  # an empty split; reported below if it is actually used
-    class_to_idx = {name: i for i, name in enumerate(sorted(classes))}
+    class_to_idx = _folder_class_to_idx(root)
     if cfg.num_classes is not None and len(class_to_idx) > cfg.num_classes:
         raise DataError(f"{root}: {len(class_to_idx)} class folders but num_classes is "
                         f"{cfg.num_classes}")
@@ -444,11 +452,109 @@ def _build_demo(cfg: DataConfig, phase: str, img_size: int) -> tuple[Dataset, Da
             num_classes)
 
 
+# --------------------------------------------------------------------------- evaluation folders
+#
+# Out-of-domain test sets (ImageNet-V2, -Sketch, -A, -R for a model tuned on ImageNet) come as
+# plain <class>/<image> folders, often holding only some of the model's classes. Their class
+# folders are mapped to the model's outputs by name (the run's own class names, or a file) or,
+# where every folder is a number (ImageNet-V2), by index.
+
+
+def load_class_names(path: str) -> dict[str, int]:
+    """A class-name file: line i names output i by its first field, so an ImageNet
+    ``LOC_synset_mapping.txt`` (``n01440764 tench, Tinca tinca``) works as it is."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: class-name file not found")
+    with open(path, encoding="utf-8") as fh:
+        lines = fh.read().splitlines()
+    while lines and not lines[-1].strip():
+        lines.pop()
+    names: dict[str, int] = {}
+    for i, line in enumerate(lines):
+        fields = line.split()
+        if not fields:
+            raise DataError(f"{path}: line {i + 1}: empty (expected one class name per line, "
+                            f"line i naming output i)")
+        if fields[0] in names:
+            raise DataError(f"{path}: line {i + 1}: class {fields[0]!r} already named on line "
+                            f"{names[fields[0]] + 1}")
+        names[fields[0]] = i
+    if not names:
+        raise DataError(f"{path}: no class names (expected one per line, line i naming output i)")
+    return names
+
+
+def run_class_names(cfg: DataConfig) -> dict[str, int] | None:
+    """The names the run's own data gives its labels, or None where it gives none.
+
+    imagefolder: its class folders. List layouts: the folder each listed image sits in, where
+    every label has exactly one such folder and no two labels share one (few-shot ImageNet
+    lists, ``n01440764/n01440764_10026.JPEG 0``); VTAB-1k's ``images/<split>/`` do not."""
+    if cfg.kind == "imagefolder":
+        return _folder_class_to_idx(_require_root(cfg)) or None
+    if cfg.kind not in ("vtab1k", "fewshot"):
+        return None
+    list_dir, _, _, all_names = _list_layout(cfg)
+    folders: dict[int, set[str]] = {}
+    for name in all_names:
+        path = os.path.join(list_dir, name)
+        if os.path.isfile(path):
+            for _, rel_path, label in _read_list(path):
+                parent = os.path.basename(os.path.dirname(rel_path.replace("\\", "/")))
+                folders.setdefault(label, set()).add(parent)
+    names: dict[str, int] = {}
+    for label, found in folders.items():
+        folder = found.pop() if len(found) == 1 else ""
+        if not folder or folder in names:
+            return None
+        names[folder] = label
+    return names or None
+
+
+@dataclass
+class FolderEval:
+    dataset: ImageListDataset  # labels are output indices
+    classes: list[int]  # the output index of each class folder, ascending
+    mapped_by: str  # "name" or "index"
+
+
+def build_folder_eval(folder: str, names: dict[str, int] | None, num_outputs: int,
+                      img_size: int) -> FolderEval:
+    """A test-only ``<folder>/<class>/.../<image>`` set, labelled with the model's output indices:
+    by class name where ``names`` has every folder, else by number where every folder is one."""
+    _require_dir(folder, "evaluation")
+    try:
+        found = find_classes(folder)[0]
+    except FileNotFoundError:
+        raise DataError(f"{folder}: no class folders (expected <class>/<image>)") from None
+    if names is not None and all(c in names for c in found):
+        mapping, mapped_by = {c: names[c] for c in found}, "name"
+    elif all(c.isdigit() for c in found):
+        mapping, mapped_by = {c: int(c) for c in found}, "index"
+    else:
+        unknown = [c for c in found if names is None or c not in names]
+        shown = ", ".join(repr(c) for c in unknown[:3]) + (f" and {len(unknown) - 3} more" if len(unknown) > 3 else "")
+        where = ("are not among the run's class names" if names is not None else
+                 "cannot be matched: the run's data names no classes")
+        raise DataError(f"{folder}: class folders {shown} {where}; pass --classes FILE "
+                        f"(line i naming output i), or name the folders by output index")
+    beyond = sorted(c for c, i in mapping.items() if i >= num_outputs)
+    if beyond:
+        raise DataError(f"{folder}: class folder {beyond[0]!r} maps to output {mapping[beyond[0]]}, "
+                        f"but the model has {num_outputs} outputs")
+    samples = make_dataset(folder, mapping, extensions=IMAGE_EXTENSIONS, allow_empty=True)
+    if not samples:
+        raise DataError(f"{folder}: no images (expected <class>/<image> with extension in "
+                        f"{' '.join(IMAGE_EXTENSIONS)})")
+    return FolderEval(ImageListDataset(samples, build_transform(img_size)),
+                      sorted(set(mapping.values())), mapped_by)
+
+
 # --------------------------------------------------------------------------- entry point
 
 _BUILDERS = {
-    "vtab1k": _build_vtab1k,
-    "fewshot": _build_fewshot,
+    "vtab1k": _build_lists,
+    "fewshot": _build_lists,
     "imagefolder": _build_imagefolder,
     "demo": _build_demo,
 }

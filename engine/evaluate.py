@@ -1,4 +1,5 @@
-"""The evaluation entry point: a merged checkpoint on the val or test split of a run config's data."""
+"""The evaluation entry point: a merged checkpoint on the val or test split of a run config's data,
+or on test-only image folders (out-of-domain sets such as ImageNet-V2, -Sketch, -A and -R)."""
 
 from __future__ import annotations
 
@@ -13,37 +14,83 @@ from supernet import load_merged
 from . import distributed as D
 from .cli import INPUT_ERRORS, _fail
 from .config import ConfigError, load_config
-from .data import build_splits
+from .data import DataError, build_folder_eval, build_splits, load_class_names, run_class_names
 from .models import build_model, load_state_file
 from .stages import _data_config, probe_input_size
 from .trainer import ShardSampler, evaluate
 
 
-def main(doc: str | None = None, argv=None) -> int:
+def _parser(doc: str | None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="evaluate.py", description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True)
     parser.add_argument("--checkpoint", required=True, help="merged.safetensors (or any full state dict of the model)")
-    parser.add_argument("--split", choices=["val", "test"], default="test", help="val: the search split, test: the final one")
+    parser.add_argument("--split", choices=["val", "test"], help="val: the search split, test: the final one (the default without --folder)")
+    parser.add_argument("--folder", action="append", default=[], metavar="DIR",
+                        help="score on DIR/<class>/.../<image> instead of the config's data (repeatable: one JSON line each)")
+    parser.add_argument("--classes", metavar="FILE",
+                        help="with --folder: class names, line i naming output i by its first field "
+                             "(default: the run's own class names; folders named 0, 1, ... are output indices)")
+    parser.add_argument("--all-classes", action="store_true",
+                        help="with --folder: let every output compete, even when a folder holds only some classes "
+                             "(default: only the folder's classes do, as ImageNet-A and -R are scored)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    return parser
+
+
+def main(doc: str | None = None, argv=None) -> int:
+    parser = _parser(doc)
     args = parser.parse_args(argv)
+    if args.folder and args.split:
+        parser.error("--split and --folder exclude each other: --folder scores the folders instead of a split")
+    if not args.folder and (args.classes or args.all_classes):
+        parser.error("--classes and --all-classes apply to --folder only")
+    results, info = [], None
     try:
         cfg = load_config(args.config, args.set)
         info = D.setup(cfg.retrain.device, "retrain.device")
-        phase = "search" if args.split == "val" else "final"
-        _, ds, num_classes = build_splits(_data_config(cfg), phase, probe_input_size(cfg))
+        img_size = probe_input_size(cfg)
+        data = _data_config(cfg)
+        try:
+            names = load_class_names(args.classes) if args.classes else None
+        except DataError as err:  # the file named on the command line, not the config, is at fault
+            return _fail(str(err), 2)
+        if args.folder:
+            num_classes = data.num_classes or (len(names) if names else None)
+            names = names if names is not None else run_class_names(data)
+        if not args.folder or num_classes is None:
+            phase = "search" if args.split == "val" else "final"
+            _, ds, num_classes = build_splits(data, phase, img_size)
         cfg.model.pretrained, cfg.model.checkpoint = False, None
         model = build_model(cfg.model, num_classes)
         # strict, after giving bias-free layers the biases the merge may have created (C or E on them)
         load_merged(model, load_state_file(args.checkpoint), args.checkpoint)
         model.to(info.device)
-        loader = torch.utils.data.DataLoader(ds, batch_size=cfg.retrain.eval_batch_size, sampler=ShardSampler(len(ds), info))
-        result = evaluate(model, loader, info, cfg.retrain.precision, topk=(1, 5) if num_classes > 5 else (1,))
+
+        def score(ds, classes=None) -> dict:
+            loader = torch.utils.data.DataLoader(ds, batch_size=cfg.retrain.eval_batch_size,
+                                                 sampler=ShardSampler(len(ds), info), num_workers=cfg.data.num_workers)
+            competing = num_classes if classes is None else len(classes)
+            return evaluate(model, loader, info, cfg.retrain.precision, topk=(1, 5) if competing > 5 else (1,), classes=classes)
+
+        if not args.folder:
+            results.append({"checkpoint": args.checkpoint, "split": args.split or "test", **score(ds)})
+        for folder in args.folder:
+            try:
+                fe = build_folder_eval(folder, names, num_classes, img_size)
+                restricted = not args.all_classes and len(fe.classes) < num_classes
+                result = score(fe.dataset, fe.classes if restricted else None)
+            except DataError as err:  # names its folder or image already; the config is not at fault
+                return _fail(str(err), 2)
+            results.append({"checkpoint": args.checkpoint, "folder": folder, **result, "classes": len(fe.classes),
+                            "outputs": num_classes, "restricted": restricted, "mapped_by": fe.mapped_by})
+            if info.is_main:  # as each folder finishes: a long list of folders shows progress
+                print(json.dumps(results[-1]), flush=True)
     except INPUT_ERRORS as err:  # as the stage CLIs: the config first, unless the error is the config's own
         return _fail(str(err) if isinstance(err, ConfigError) else f"{args.config}: {err}", 2)
     finally:
         D.cleanup()
-    if info.is_main:
-        print(json.dumps({"checkpoint": args.checkpoint, "split": args.split, **result}))
+    if info.is_main and not args.folder:
+        print(json.dumps(results[0]))
     return 0
 
 

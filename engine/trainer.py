@@ -12,7 +12,7 @@ import signal
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -76,15 +76,24 @@ def autocast_for(precision: str, device: torch.device):
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, info: D.DistInfo, precision: str = "fp32", topk=(1,)) -> dict[str, float]:
-    """Top-k accuracy over the loader's shard, summed over ranks."""
+def evaluate(model: nn.Module, loader: DataLoader, info: D.DistInfo, precision: str = "fp32", topk=(1,),
+             classes: Sequence[int] | None = None) -> dict[str, float]:
+    """Top-k accuracy over the loader's shard, summed over ranks. ``classes``: only these outputs
+    compete (the ImageNet-A/-R protocol for a test set holding some of the model's classes);
+    the labels are output indices among them."""
     was_training = model.training
     model.eval()
     counts = torch.zeros(len(topk) + 1, dtype=torch.float64)
+    if classes is not None:
+        chosen = torch.as_tensor(list(classes), dtype=torch.long, device=info.device)
+        position = torch.full((int(chosen.max()) + 1,), -1, dtype=torch.long, device=info.device)
+        position[chosen] = torch.arange(len(chosen), device=info.device)
     for x, y in loader:
         x, y = x.to(info.device, non_blocking=True), y.to(info.device)
         with autocast_for(precision, info.device):
             logits = model(x)
+        if classes is not None:
+            logits, y = logits.index_select(1, chosen), position[y]
         k = min(max(topk), logits.shape[1])
         pred = logits.float().topk(k, dim=1).indices
         hit = pred == y[:, None]
