@@ -48,3 +48,7 @@ def test_train_search_retrain_cli(tmp_path):
     proc = _run("evaluate.py", cfg, "--checkpoint", str(out / "retrain" / "merged.safetensors"), "--split", "test")
     scored = json.loads(proc.stdout.strip().splitlines()[-1])
     assert abs(scored["top1"] - metrics["test_top1"]) < 1e-9
+    proc = subprocess.run([sys.executable, "-m", "engine.report", str(tmp_path)], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    row = f"| {out} | demo seed 0 | glora large <=12,000 | {metrics['adapter_params']:,} | {metrics['test_top1']:.2f} |"
+    assert row in proc.stdout, proc.stdout
