@@ -519,9 +519,10 @@ class FolderEval:
 
 
 def build_folder_eval(folder: str, names: dict[str, int] | None, num_outputs: int,
-                      img_size: int) -> FolderEval:
+                      img_size: int, names_missing: str | None = None) -> FolderEval:
     """A test-only ``<folder>/<class>/.../<image>`` set, labelled with the model's output indices:
-    by class name where ``names`` has every folder, else by number where every folder is one."""
+    by class name where ``names`` has every folder, else by number where every folder is one.
+    ``names_missing``: why there are no names, for the error if they were needed."""
     _require_dir(folder, "evaluation")
     try:
         found = find_classes(folder)[0]
@@ -535,6 +536,7 @@ def build_folder_eval(folder: str, names: dict[str, int] | None, num_outputs: in
         unknown = [c for c in found if names is None or c not in names]
         shown = ", ".join(repr(c) for c in unknown[:3]) + (f" and {len(unknown) - 3} more" if len(unknown) > 3 else "")
         where = ("are not among the run's class names" if names is not None else
+                 f"cannot be matched: the run's class names could not be read ({names_missing})" if names_missing else
                  "cannot be matched: the run's data names no classes")
         raise DataError(f"{folder}: class folders {shown} {where}; pass --classes FILE "
                         f"(line i naming output i), or name the folders by output index")

@@ -15,7 +15,7 @@ from . import distributed as D
 from .cli import INPUT_ERRORS, _fail
 from .config import ConfigError, load_config
 from .data import DataError, build_folder_eval, build_splits, load_class_names, run_class_names
-from .models import build_model, load_state_file
+from .models import build_model, classifier_outputs, load_state_file
 from .stages import _data_config, probe_input_size
 from .trainer import ShardSampler, evaluate
 
@@ -44,7 +44,7 @@ def main(doc: str | None = None, argv=None) -> int:
         parser.error("--split and --folder exclude each other: --folder scores the folders instead of a split")
     if not args.folder and (args.classes or args.all_classes):
         parser.error("--classes and --all-classes apply to --folder only")
-    results, info = [], None
+    results, info, names_missing = [], None, None
     try:
         cfg = load_config(args.config, args.set)
         info = D.setup(cfg.retrain.device, "retrain.device")
@@ -54,16 +54,21 @@ def main(doc: str | None = None, argv=None) -> int:
             names = load_class_names(args.classes) if args.classes else None
         except DataError as err:  # the file named on the command line, not the config, is at fault
             return _fail(str(err), 2)
-        if args.folder:
-            num_classes = data.num_classes or (len(names) if names else None)
-            names = names if names is not None else run_class_names(data)
+        state = load_state_file(args.checkpoint)
+        if args.folder:  # the head's size from the checkpoint: the run's data need not be at hand
+            num_classes = data.num_classes or classifier_outputs(cfg.model, state)
+            if names is None:
+                try:
+                    names = run_class_names(data)
+                except DataError as err:  # the run's data is elsewhere: folders named by index still work
+                    names_missing = str(err)
         if not args.folder or num_classes is None:
             phase = "search" if args.split == "val" else "final"
             _, ds, num_classes = build_splits(data, phase, img_size)
         cfg.model.pretrained, cfg.model.checkpoint = False, None
         model = build_model(cfg.model, num_classes)
         # strict, after giving bias-free layers the biases the merge may have created (C or E on them)
-        load_merged(model, load_state_file(args.checkpoint), args.checkpoint)
+        load_merged(model, state, args.checkpoint)
         model.to(info.device)
 
         def score(ds, classes=None) -> dict:
@@ -76,7 +81,7 @@ def main(doc: str | None = None, argv=None) -> int:
             results.append({"checkpoint": args.checkpoint, "split": args.split or "test", **score(ds)})
         for folder in args.folder:
             try:
-                fe = build_folder_eval(folder, names, num_classes, img_size)
+                fe = build_folder_eval(folder, names, num_classes, img_size, names_missing)
                 restricted = not args.all_classes and len(fe.classes) < num_classes
                 result = score(fe.dataset, fe.classes if restricted else None)
             except DataError as err:  # names its folder or image already; the config is not at fault

@@ -89,6 +89,21 @@ def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
     return model
 
 
+def classifier_outputs(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> int | None:
+    """The number of classes a full state dict of ``cfg``'s model was saved with, read from its
+    classifier's weight; None where the model or the state has no classifier to read."""
+    try:
+        with torch.device("meta"):
+            model = timm.create_model(cfg.name, pretrained=False, num_classes=2, **cfg.kwargs)
+    except (TypeError, RuntimeError):
+        return None  # build_model reports a bad name or kwargs with its own message
+    for prefix in _head_prefixes(model):
+        weight = state.get(prefix + "weight")
+        if weight is not None and weight.ndim >= 1:
+            return int(weight.shape[0])
+    return None
+
+
 def input_size(model: nn.Module) -> int:
     """The square image size the model expects."""
     cfg = getattr(model, "pretrained_cfg", None) or {}

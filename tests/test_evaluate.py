@@ -143,3 +143,19 @@ def test_run_class_names_from_lists(tmp_path):
         write_list(task / f"{split}.txt", [(f"images/{split}/0.jpg", 0), (f"images/{split}/1.jpg", 1)])
     assert run_class_names(DataConfig(kind="vtab1k", root=str(tmp_path / "vtab"), task="dtd")) is None
     assert run_class_names(DataConfig(kind="demo")) is None
+
+
+def test_without_the_runs_data(run, tmp_path, capsys):
+    """On a machine without the run's data (a few-shot run whose dataset folder is elsewhere): the head's
+    size comes from the checkpoint, folders named by index still score, and named ones say why the
+    run's class names are missing."""
+    cfg = yaml.safe_load((tmp_path / "run.yaml").read_text())
+    cfg["data"] = {"kind": "fewshot", "root": str(tmp_path / "data"), "dataset": "imagenet"}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(argv=[*run, "--folder", make_folder(tmp_path / "v2", {"2": 3, "4": 1})]) == 0
+    (r,) = results(capsys)
+    assert (r["top1"], r["outputs"], r["mapped_by"]) == (75.0, 6, "index")
+    assert main(argv=[*run, "--folder", make_folder(tmp_path / "named", {"n02": 1})]) == 2
+    err = capsys.readouterr().err
+    assert "named: class folders 'n02' cannot be matched: the run's class names could not be read" in err
+    assert "few-shot dataset directory not found" in err

@@ -146,3 +146,16 @@ def test_pretrained_weights_unreachable_is_one_clear_error(tmp_path, monkeypatch
     monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "hub"))
     with pytest.raises(ModelError, match=r"^model\.pretrained: cannot fetch the weights of 'vit_tiny_patch16_224' .*model\.checkpoint"):
         build_model(ModelConfig(name="vit_tiny_patch16_224", pretrained=True, kwargs=KW), 3)
+
+
+@pytest.mark.parametrize("name, kw", [("vit_tiny_patch16_224", KW), ("convnext_atto", {}),
+                                      ("swin_tiny_patch4_window7_224", {"depths": (1, 1, 1, 1), "embed_dim": 24, "num_heads": (1, 1, 1, 1)})])
+def test_classifier_outputs_read_from_a_state_dict(name, kw):
+    """evaluate.py sizes the head from the checkpoint (timm ViT head, ConvNeXt/Swin head.fc)."""
+    import timm
+
+    from engine.models import classifier_outputs
+
+    state = timm.create_model(name, num_classes=7, **kw).state_dict()
+    assert classifier_outputs(ModelConfig(name=name, kwargs=kw), state) == 7
+    assert classifier_outputs(ModelConfig(name=name, kwargs=kw), {}) is None
