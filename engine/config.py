@@ -77,6 +77,9 @@ class DataSection:
     seed: int = 0
     num_classes: int | None = field(default=None, metadata=check(_positive))
     num_workers: int = field(default=0, metadata=check(_non_negative))
+    # imagenet: ImageNet mean/std, the VTAB-1k protocol of the GLoRA/NOAH papers, whatever the
+    # backbone; model: the mean/std the backbone was pre-trained with (timm's pretrained_cfg).
+    normalize: Literal["imagenet", "model"] = "imagenet"
     demo_classes: int = field(default=4, metadata=check(_positive))
     demo_train: int = field(default=800, metadata=check(_positive))
     demo_val: int = field(default=200, metadata=check(_positive))

@@ -47,6 +47,7 @@ KINDS = ("vtab1k", "fewshot", "imagefolder", "demo")
 DEMO_SIZE = 32  # native resolution of the generated demo images
 
 Sample = tuple[str, int]
+Norm = tuple[Sequence[float], Sequence[float]]  # (mean, std)
 
 
 class DataError(ValueError):
@@ -65,6 +66,7 @@ class DataConfig:
     # checked against it.
     num_classes: int | None = None
     num_workers: int = 0
+    normalize: str = "imagenet"  # the stages turn it into the mean/std given to build_splits (needs the model)
     demo_classes: int = 4  # demo task only
     demo_train: int = 800
     demo_val: int = 200
@@ -236,7 +238,7 @@ def _build_from_lists(
     eval_name: str,
     all_names: Sequence[str],
     num_classes: int | None,
-    img_size: int,
+    transform: Callable,
 ) -> tuple[Dataset, Dataset, int]:
     train = _load_list_split(os.path.join(list_dir, train_name), image_root, num_classes)
     evals = _load_list_split(os.path.join(list_dir, eval_name), image_root, num_classes)
@@ -249,7 +251,6 @@ def _build_from_lists(
             if name not in (train_name, eval_name) and os.path.isfile(path):
                 labels += [label for _, _, label in _read_list(path)]
         num_classes = max(labels) + 1
-    transform = build_transform(img_size)
     return ImageListDataset(train, transform), ImageListDataset(evals, transform), num_classes
 
 
@@ -277,9 +278,10 @@ def _list_layout(cfg: DataConfig) -> tuple[str, str, dict[str, tuple[str, str]],
             (train_name, "val_meta.list", "test_meta.list"))
 
 
-def _build_lists(cfg: DataConfig, phase: str, img_size: int) -> tuple[Dataset, Dataset, int]:
+def _build_lists(cfg: DataConfig, phase: str, img_size: int, norm: Norm) -> tuple[Dataset, Dataset, int]:
     list_dir, image_root, phases, all_names = _list_layout(cfg)
-    return _build_from_lists(list_dir, image_root, *phases[phase], all_names, cfg.num_classes, img_size)
+    return _build_from_lists(list_dir, image_root, *phases[phase], all_names, cfg.num_classes,
+                             build_transform(img_size, *norm))
 
 
 # --------------------------------------------------------------------------- image folders
@@ -305,7 +307,7 @@ def _folder_class_to_idx(root: str) -> dict[str, int]:
     return {name: i for i, name in enumerate(sorted(classes))}
 
 
-def _build_imagefolder(cfg: DataConfig, phase: str, img_size: int) -> tuple[Dataset, Dataset, int]:
+def _build_imagefolder(cfg: DataConfig, phase: str, img_size: int, norm: Norm) -> tuple[Dataset, Dataset, int]:
     root = _require_root(cfg)
     required = {"search": ("train", "val"), "final": ("train", "test")}[phase]
     for split in required:
@@ -319,7 +321,7 @@ def _build_imagefolder(cfg: DataConfig, phase: str, img_size: int) -> tuple[Data
     def load(split: str) -> list[Sample]:
         return _folder_samples(os.path.join(root, split), class_to_idx)
 
-    transform = build_transform(img_size)
+    transform = build_transform(img_size, *norm)
     if phase == "search":
         train, evals = load("train"), load("val")
     else:
@@ -433,22 +435,22 @@ def make_demo_arrays(seed: int, split: str, n: int, num_classes: int = 4
     return np.clip(images, 0, 255).astype(np.uint8), layout[:, 0].copy()
 
 
-def _demo_dataset(cfg: DataConfig, splits: Sequence[str], img_size: int) -> TensorImageDataset:
+def _demo_dataset(cfg: DataConfig, splits: Sequence[str], img_size: int, norm: Norm) -> TensorImageDataset:
     sizes = {"train": cfg.demo_train, "val": cfg.demo_val, "test": cfg.demo_test}
     arrays = [make_demo_arrays(cfg.seed, s, sizes[s], cfg.demo_classes) for s in splits]
     images = torch.from_numpy(np.concatenate([a for a, _ in arrays])).permute(0, 3, 1, 2)
     labels = torch.from_numpy(np.concatenate([y for _, y in arrays]))
     return TensorImageDataset(images.contiguous(), labels,
-                              _build_tensor_transform(img_size, DEMO_SIZE))
+                              _build_tensor_transform(img_size, DEMO_SIZE, *norm))
 
 
-def _build_demo(cfg: DataConfig, phase: str, img_size: int) -> tuple[Dataset, Dataset, int]:
+def _build_demo(cfg: DataConfig, phase: str, img_size: int, norm: Norm) -> tuple[Dataset, Dataset, int]:
     if cfg.num_classes is not None and cfg.demo_classes > cfg.num_classes:
         raise DataError(f"demo: demo_classes {cfg.demo_classes} > num_classes {cfg.num_classes}")
     train_splits, eval_split = {"search": (("train",), "val"),
                                 "final": (("train", "val"), "test")}[phase]
     num_classes = cfg.num_classes if cfg.num_classes is not None else cfg.demo_classes
-    return (_demo_dataset(cfg, train_splits, img_size), _demo_dataset(cfg, (eval_split,), img_size),
+    return (_demo_dataset(cfg, train_splits, img_size, norm), _demo_dataset(cfg, (eval_split,), img_size, norm),
             num_classes)
 
 
@@ -518,8 +520,9 @@ class FolderEval:
     mapped_by: str  # "name" or "index"
 
 
-def build_folder_eval(folder: str, names: dict[str, int] | None, num_outputs: int,
-                      img_size: int, names_missing: str | None = None) -> FolderEval:
+def build_folder_eval(folder: str, names: dict[str, int] | None, num_outputs: int, img_size: int,
+                      mean: Sequence[float] = IMAGENET_DEFAULT_MEAN, std: Sequence[float] = IMAGENET_DEFAULT_STD,
+                      names_missing: str | None = None) -> FolderEval:
     """A test-only ``<folder>/<class>/.../<image>`` set, labelled with the model's output indices:
     by class name where ``names`` has every folder, else by number where every folder is one.
     ``names_missing``: why there are no names, for the error if they were needed."""
@@ -548,7 +551,7 @@ def build_folder_eval(folder: str, names: dict[str, int] | None, num_outputs: in
     if not samples:
         raise DataError(f"{folder}: no images (expected <class>/<image> with extension in "
                         f"{' '.join(IMAGE_EXTENSIONS)})")
-    return FolderEval(ImageListDataset(samples, build_transform(img_size)),
+    return FolderEval(ImageListDataset(samples, build_transform(img_size, mean, std)),
                       sorted(set(mapping.values())), mapped_by)
 
 
@@ -562,8 +565,10 @@ _BUILDERS = {
 }
 
 
-def build_splits(cfg: DataConfig, phase: str, img_size: int) -> tuple[Dataset, Dataset, int]:
-    """(train_dataset, eval_dataset, num_classes) for a phase.
+def build_splits(cfg: DataConfig, phase: str, img_size: int, mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+                 std: Sequence[float] = IMAGENET_DEFAULT_STD) -> tuple[Dataset, Dataset, int]:
+    """(train_dataset, eval_dataset, num_classes) for a phase, images resized to ``img_size`` and
+    normalised with ``mean``/``std``.
 
     search: the held-out split is the validation split (used by the evolutionary search);
     final:  train on train+val and evaluate on test (the retraining phase).
@@ -574,4 +579,4 @@ def build_splits(cfg: DataConfig, phase: str, img_size: int) -> tuple[Dataset, D
         raise DataError(f"data.kind {cfg.kind!r}: expected one of {', '.join(KINDS)}")
     if cfg.num_classes is not None and cfg.num_classes <= 0:
         raise DataError(f"data.num_classes must be positive, got {cfg.num_classes}")
-    return _BUILDERS[cfg.kind](cfg, phase, img_size)
+    return _BUILDERS[cfg.kind](cfg, phase, img_size, (tuple(mean), tuple(std)))

@@ -16,7 +16,7 @@ from .cli import INPUT_ERRORS, _fail
 from .config import ConfigError, load_config
 from .data import DataError, build_folder_eval, build_splits, load_class_names, run_class_names
 from .models import build_model, classifier_outputs, load_state_file
-from .stages import _data_config, probe_input_size
+from .stages import _data_config, probe_input
 from .trainer import ShardSampler, evaluate
 
 
@@ -48,7 +48,7 @@ def main(doc: str | None = None, argv=None) -> int:
     try:
         cfg = load_config(args.config, args.set)
         info = D.setup(cfg.retrain.device, "retrain.device")
-        img_size = probe_input_size(cfg)
+        img_size, mean, std = probe_input(cfg)
         data = _data_config(cfg)
         try:
             names = load_class_names(args.classes) if args.classes else None
@@ -64,7 +64,7 @@ def main(doc: str | None = None, argv=None) -> int:
                     names_missing = str(err)
         if not args.folder or num_classes is None:
             phase = "search" if args.split == "val" else "final"
-            _, ds, num_classes = build_splits(data, phase, img_size)
+            _, ds, num_classes = build_splits(data, phase, img_size, mean, std)
         cfg.model.pretrained, cfg.model.checkpoint = False, None
         model = build_model(cfg.model, num_classes)
         # strict, after giving bias-free layers the biases the merge may have created (C or E on them)
@@ -81,7 +81,7 @@ def main(doc: str | None = None, argv=None) -> int:
             results.append({"checkpoint": args.checkpoint, "split": args.split or "test", **score(ds)})
         for folder in args.folder:
             try:
-                fe = build_folder_eval(folder, names, num_classes, img_size, names_missing)
+                fe = build_folder_eval(folder, names, num_classes, img_size, mean, std, names_missing)
                 restricted = not args.all_classes and len(fe.classes) < num_classes
                 result = score(fe.dataset, fe.classes if restricted else None)
             except DataError as err:  # names its folder or image already; the config is not at fault

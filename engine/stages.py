@@ -74,12 +74,18 @@ STAGE_SECTIONS = {
 _VOLATILE = {"resume", "device", "compile", "compile_mode", "stop_at_step", "fail_at_step"}  # may change between a run and its resumption
 
 
+# Keys added after runs existed, with the value that reproduces how such runs behaved: at that
+# value a key is left out of fingerprints and comparisons, so those runs still resume.
+_ADDED_KEYS = {("data", "normalize"): "imagenet"}
+
+
 def _relevant(cfg_dict: dict, stage: str) -> dict:
     out = {}
     for section in STAGE_SECTIONS[stage]:
         value = cfg_dict.get(section)
         if isinstance(value, dict):
-            value = {k: v for k, v in value.items() if k not in _VOLATILE}
+            value = {k: v for k, v in value.items()
+                     if k not in _VOLATILE and not ((section, k) in _ADDED_KEYS and _ADDED_KEYS[section, k] == v)}
         out[section] = value
     return out
 
@@ -124,12 +130,19 @@ def _data_config(cfg: RunConfig) -> DataConfig:
     return DataConfig(**dataclasses.asdict(cfg.data))
 
 
-def probe_input_size(cfg: RunConfig) -> int:
+def probe_input(cfg: RunConfig) -> tuple[int, tuple[float, ...], tuple[float, ...]]:
+    """The backbone's square input size, and the mean/std images are normalised with (data.normalize)."""
     import timm
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
     with torch.device("meta"):
         model = timm.create_model(cfg.model.name, pretrained=False, num_classes=0, **cfg.model.kwargs)
-    return input_size(model)
+    pretrained = getattr(model, "pretrained_cfg", None) or {}
+    if cfg.data.normalize == "model":
+        mean, std = pretrained.get("mean", IMAGENET_DEFAULT_MEAN), pretrained.get("std", IMAGENET_DEFAULT_STD)
+    else:
+        mean, std = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+    return input_size(model), tuple(mean), tuple(std)
 
 
 def _write_config(stage_dir: Path, cfg: RunConfig, info: D.DistInfo) -> None:
@@ -186,7 +199,7 @@ def run_train(cfg: RunConfig, info: D.DistInfo, source: str, overwrite: bool = F
     out = Path(cfg.output_dir)
     t = cfg.train
     _stage_setup(cfg, "train", out, source, overwrite, t.seed)
-    train_ds, val_ds, num_classes = build_splits(_data_config(cfg), "search", probe_input_size(cfg))
+    train_ds, val_ds, num_classes = build_splits(_data_config(cfg), "search", *probe_input(cfg))
     model = build_model(cfg.model, num_classes)
     apply_glora(model, cfg.space)
     model.to(info.device)
@@ -357,7 +370,7 @@ def run_search(cfg: RunConfig, info: D.DistInfo, source: str, overwrite: bool = 
     sdir = out / "search"
     s = cfg.search
     _stage_setup(cfg, "search", sdir, source, overwrite, s.seed)
-    _, val_ds, num_classes = build_splits(_data_config(cfg), "search", probe_input_size(cfg))
+    _, val_ds, num_classes = build_splits(_data_config(cfg), "search", *probe_input(cfg))
     model = load_supernet(cfg, num_classes, info, source)
     settings = EvolutionSettings(population=s.population, top_k=s.top_k, mutation_count=s.mutation_count,
                                  mutation_prob=s.mutation_prob, crossover_count=s.crossover_count,
@@ -493,9 +506,9 @@ def run_retrain(cfg: RunConfig, info: D.DistInfo, source: str, overwrite: bool =
     rdir = out / "retrain"
     r = cfg.retrain
     _stage_setup(cfg, "retrain", rdir, source, overwrite, r.seed)
-    img = probe_input_size(cfg)
-    train_ds, test_ds, num_classes = build_splits(_data_config(cfg), "final", img)
-    _, val_ds, _ = build_splits(_data_config(cfg), "search", img)
+    spec = probe_input(cfg)
+    train_ds, test_ds, num_classes = build_splits(_data_config(cfg), "final", *spec)
+    _, val_ds, _ = build_splits(_data_config(cfg), "search", *spec)
     model, origin = prepare_retrain_model(cfg, num_classes, info, source)
     model.to(info.device)
     _write_config(rdir, cfg, info)

@@ -134,3 +134,22 @@ def test_space_found_from_any_working_directory(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match=r"space: file not found: huge \(looked in the working directory, next to the config "
                                           r".*among the shipped spaces: large, middle, small\)"):
         load_config(p, ["space=huge"])
+
+
+def test_data_normalize_resolves_and_keeps_older_runs_resumable(tmp_path):
+    """data.normalize: model gives the backbone's pre-training mean/std (0.5 for timm's ViTs), imagenet
+    (the default) ImageNet's. A run written before the key existed compares equal to one at the default,
+    so its fingerprint and resumption do not change; another value is a difference."""
+    from engine.config import config_from_dict
+    from engine.stages import _relevant, config_differences, fingerprint, probe_input
+    from runcfg import tiny_config
+
+    cfg = config_from_dict(tiny_config(tmp_path))
+    assert probe_input(cfg)[1:] == ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    old = cfg.to_dict()
+    del old["data"]["normalize"]
+    assert config_differences(_relevant(old, "train"), _relevant(cfg.to_dict(), "train")) == []
+    other = config_from_dict(tiny_config(tmp_path, data={"normalize": "model"}))
+    assert probe_input(other)[1:] == ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    assert config_differences(_relevant(old, "train"), _relevant(other.to_dict(), "train")) == ["data.normalize"]
+    assert fingerprint(other, "train") != fingerprint(cfg, "train")

@@ -396,3 +396,16 @@ def test_demo_bad_config(kw, needle):
 def test_unknown_kind():
     with raises_data_error("'nope'"):
         build_splits(DataConfig(kind="nope"), "search", IMG)
+
+
+@pytest.mark.parametrize("kind", ["imagefolder", "demo"])
+def test_normalisation_is_the_given_mean_and_std(folder, kind):
+    """build_splits normalises with the mean/std it is given (data.normalize: model passes the
+    backbone's), ImageNet's by default; the same pixels differ by exactly the two affine maps."""
+    cfg = folder if kind == "imagefolder" else DataConfig(kind="demo", demo_train=8, demo_val=4, demo_test=4)
+    default = build_splits(cfg, "search", IMG)[0][0][0]
+    half = build_splits(cfg, "search", IMG, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))[0][0][0]
+    mean, std = torch.tensor([0.485, 0.456, 0.406])[:, None, None], torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+    pixels = default * std + mean
+    assert torch.allclose(half, (pixels - 0.5) / 0.5, atol=1e-5)
+    assert not torch.allclose(half, default, atol=1e-2)
