@@ -9,20 +9,23 @@ import sys
 
 import torch
 
-from supernet import load_merged
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+from supernet import create_merged_model, load_merged, read_safetensors
 
 from . import distributed as D
 from .cli import INPUT_ERRORS, _fail
 from .config import ConfigError, load_config
 from .data import DataError, build_folder_eval, build_splits, load_class_names, run_class_names
-from .models import build_model, classifier_outputs, load_state_file
+from .models import build_model, classifier_outputs, input_size, load_state_file
 from .stages import _data_config, probe_input
 from .trainer import ShardSampler, evaluate
 
 
 def _parser(doc: str | None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="evaluate.py", description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True)
+    parser.add_argument("--config", help="the run config (needed for --split; optional with --folder, where the "
+                                          "model, input size and normalisation then come from the checkpoint's metadata)")
     parser.add_argument("--checkpoint", required=True, help="merged.safetensors (or any full state dict of the model)")
     parser.add_argument("--split", choices=["val", "test"], help="val: the search split, test: the final one (the default without --folder)")
     parser.add_argument("--folder", action="append", default=[], metavar="DIR",
@@ -37,6 +40,16 @@ def _parser(doc: str | None) -> argparse.ArgumentParser:
     return parser
 
 
+def _from_checkpoint(path: str) -> tuple[torch.nn.Module, int, tuple, tuple]:
+    """Without a run config: the model from the merged file's metadata, the input size and mean/std it
+    was trained with (files from before that metadata: the model's size and ImageNet's statistics)."""
+    model = create_merged_model(path)
+    meta = read_safetensors(path)[1]
+    spec = json.loads(meta.get("input") or "{}")
+    return (model, int(spec.get("size") or input_size(model)), tuple(spec.get("mean") or IMAGENET_DEFAULT_MEAN),
+            tuple(spec.get("std") or IMAGENET_DEFAULT_STD))
+
+
 def main(doc: str | None = None, argv=None) -> int:
     parser = _parser(doc)
     args = parser.parse_args(argv)
@@ -44,38 +57,46 @@ def main(doc: str | None = None, argv=None) -> int:
         parser.error("--split and --folder exclude each other: --folder scores the folders instead of a split")
     if not args.folder and (args.classes or args.all_classes):
         parser.error("--classes and --all-classes apply to --folder only")
-    results, info, names_missing = [], None, None
+    if args.config is None and (not args.folder or args.set):
+        parser.error("--config is needed for a split of the run's data and for --set; with --folder alone, "
+                     "the model comes from the checkpoint's metadata")
+    results, info, names_missing, cfg = [], None, None, None
     try:
-        cfg = load_config(args.config, args.set)
-        info = D.setup(cfg.retrain.device, "retrain.device")
-        img_size, mean, std = probe_input(cfg)
-        data = _data_config(cfg)
+        if args.config is not None:
+            cfg = load_config(args.config, args.set)
+        info = D.setup(cfg.retrain.device if cfg else "auto", "retrain.device")
         try:
             names = load_class_names(args.classes) if args.classes else None
         except DataError as err:  # the file named on the command line, not the config, is at fault
             return _fail(str(err), 2)
-        state = load_state_file(args.checkpoint)
-        if args.folder:  # the head's size from the checkpoint: the run's data need not be at hand
-            num_classes = data.num_classes or classifier_outputs(cfg.model, state)
-            if names is None:
-                try:
-                    names = run_class_names(data)
-                except DataError as err:  # the run's data is elsewhere: folders named by index still work
-                    names_missing = str(err)
-        if not args.folder or num_classes is None:
-            phase = "search" if args.split == "val" else "final"
-            _, ds, num_classes = build_splits(data, phase, img_size, mean, std)
-        cfg.model.pretrained, cfg.model.checkpoint = False, None
-        model = build_model(cfg.model, num_classes)
-        # strict, after giving bias-free layers the biases the merge may have created (C or E on them)
-        load_merged(model, state, args.checkpoint)
+        if cfg is None:
+            model, img_size, mean, std = _from_checkpoint(args.checkpoint)
+            num_classes, batch_size, precision, workers = model.num_classes, 128, "fp32", 0
+        else:
+            img_size, mean, std = probe_input(cfg)
+            data = _data_config(cfg)
+            state = load_state_file(args.checkpoint)
+            if args.folder:  # the head's size from the checkpoint: the run's data need not be at hand
+                num_classes = data.num_classes or classifier_outputs(cfg.model, state)
+                if names is None:
+                    try:
+                        names = run_class_names(data)
+                    except DataError as err:  # the run's data is elsewhere: folders named by index still work
+                        names_missing = str(err)
+            if not args.folder or num_classes is None:
+                phase = "search" if args.split == "val" else "final"
+                _, ds, num_classes = build_splits(data, phase, img_size, mean, std)
+            cfg.model.pretrained, cfg.model.checkpoint = False, None
+            model = build_model(cfg.model, num_classes)
+            # strict, after giving bias-free layers the biases the merge may have created (C or E on them)
+            load_merged(model, state, args.checkpoint)
+            batch_size, precision, workers = cfg.retrain.eval_batch_size, cfg.retrain.precision, cfg.data.num_workers
         model.to(info.device)
 
         def score(ds, classes=None) -> dict:
-            loader = torch.utils.data.DataLoader(ds, batch_size=cfg.retrain.eval_batch_size,
-                                                 sampler=ShardSampler(len(ds), info), num_workers=cfg.data.num_workers)
+            loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, sampler=ShardSampler(len(ds), info), num_workers=workers)
             competing = num_classes if classes is None else len(classes)
-            return evaluate(model, loader, info, cfg.retrain.precision, topk=(1, 5) if competing > 5 else (1,), classes=classes)
+            return evaluate(model, loader, info, precision, topk=(1, 5) if competing > 5 else (1,), classes=classes)
 
         if not args.folder:
             results.append({"checkpoint": args.checkpoint, "split": args.split or "test", **score(ds)})
@@ -91,7 +112,7 @@ def main(doc: str | None = None, argv=None) -> int:
             if info.is_main:  # as each folder finishes: a long list of folders shows progress
                 print(json.dumps(results[-1]), flush=True)
     except INPUT_ERRORS as err:  # as the stage CLIs: the config first, unless the error is the config's own
-        return _fail(str(err) if isinstance(err, ConfigError) else f"{args.config}: {err}", 2)
+        return _fail(str(err) if isinstance(err, ConfigError) or cfg is None else f"{args.config}: {err}", 2)
     finally:
         D.cleanup()
     if info.is_main and not args.folder:

@@ -8,7 +8,7 @@ import timm
 import torch
 import torch.nn as nn
 
-from supernet import AdapterError, read_safetensors, state_dict_mismatch
+from supernet import AdapterError, read_safetensors, state_dict_mismatch, timm_classifier_outputs
 
 from .checkpoint import safe_torch_load
 from .config import ModelConfig
@@ -90,18 +90,9 @@ def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
 
 
 def classifier_outputs(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> int | None:
-    """The number of classes a full state dict of ``cfg``'s model was saved with, read from its
-    classifier's weight; None where the model or the state has no classifier to read."""
-    try:
-        with torch.device("meta"):
-            model = timm.create_model(cfg.name, pretrained=False, num_classes=2, **cfg.kwargs)
-    except (TypeError, RuntimeError):
-        return None  # build_model reports a bad name or kwargs with its own message
-    for prefix in _head_prefixes(model):
-        weight = state.get(prefix + "weight")
-        if weight is not None and weight.ndim >= 1:
-            return int(weight.shape[0])
-    return None
+    """The number of classes a full state dict of ``cfg``'s model was saved with (its classifier's
+    weight); None where the model or the state has no classifier to read."""
+    return timm_classifier_outputs(cfg.name, cfg.kwargs, state)
 
 
 def input_size(model: nn.Module) -> int:

@@ -609,6 +609,7 @@ def export(model: nn.Module, cfg: RunConfig, rdir: Path, val_ds, info: D.DistInf
     state = {k: v.detach().cpu().contiguous() for k, v in merged.state_dict().items()}
     atomic_write(rdir / "merged.safetensors",
                  lambda tmp: save_file(state, tmp, metadata={"model": cfg.model.name, "kwargs": json.dumps(cfg.model.kwargs),
+                                                             "input": json.dumps(dict(zip(("size", "mean", "std"), probe_input(cfg)))),
                                                              "merge_max_abs_diff": f"{diff:.3g}",
                                                              "added_biases": json.dumps(gained)}))
     if gained and info.is_main:

@@ -9,11 +9,13 @@ from .io import (
     adapter_state_dict,
     atomic_write,
     atomic_write_text,
+    create_merged_model,
     load_adapter,
     load_merged,
     read_safetensors,
     save_adapter,
     state_dict_mismatch,
+    timm_classifier_outputs,
 )
 from .layer import GLoraLinear, SupportTensors, choice_cost
 from .merge import MergeError, add_zero_biases, added_biases, merge_glora, merged_bias_slots, merged_linear

@@ -173,6 +173,48 @@ def load_merged(model: nn.Module, source: str | os.PathLike | Mapping[str, torch
     return model
 
 
+def timm_classifier_outputs(name: str, kwargs: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> int | None:
+    """How many classes a full state dict of the timm model ``name`` (built with ``kwargs``) was
+    saved with, read from its classifier's weight; None where there is none to read."""
+    import timm
+
+    try:
+        with torch.device("meta"):
+            probe = timm.create_model(name, pretrained=False, num_classes=2, **kwargs)
+    except (TypeError, RuntimeError):
+        return None  # a bad name or kwargs: the caller's own build reports it
+    from .model import _classifier_names
+
+    for head in _classifier_names(probe):
+        weight = tensors.get(head + ".weight")
+        if weight is not None and weight.ndim >= 1:
+            return int(weight.shape[0])
+    return None
+
+
+def create_merged_model(path: str | os.PathLike) -> nn.Module:
+    """The ordinary timm model in ``retrain.py``'s ``merged.safetensors``, from the file alone: the
+    architecture from its metadata (``model``, ``kwargs``), the classifier's size from its weights,
+    loaded strictly (with any biases the merge added, see :func:`load_merged`), in eval mode."""
+    import timm
+
+    tensors, meta = read_safetensors(path)
+    name = meta.get("model")
+    if not name:
+        raise AdapterError(f"{path}: its metadata names no model (retrain.py's merged.safetensors does); "
+                           "build the model yourself and use load_merged(model, path)")
+    try:
+        kwargs = json.loads(meta.get("kwargs") or "{}")
+    except ValueError:
+        raise AdapterError(f"{path}: metadata 'kwargs' is not JSON: {meta['kwargs'][:100]!r}") from None
+    num_classes = timm_classifier_outputs(name, kwargs, tensors)
+    try:
+        model = timm.create_model(name, pretrained=False, **({"num_classes": num_classes} if num_classes else {}), **kwargs)
+    except (TypeError, RuntimeError) as err:
+        raise AdapterError(f"{path}: cannot create its model {name!r} with {kwargs} ({str(err)[:200]})") from None
+    return load_merged(model, tensors, str(path)).eval()
+
+
 def adapter_metadata(path: str | os.PathLike, yaml_path: str | os.PathLike | None = None) -> dict[str, Any]:
     """The ``metadata`` :func:`save_adapter` stored with an adapter file (from its YAML, or from the
     safetensors header when there is no YAML), without reading the tensors."""

@@ -48,6 +48,20 @@ def test_train_search_retrain_cli(tmp_path):
     proc = _run("evaluate.py", cfg, "--checkpoint", str(out / "retrain" / "merged.safetensors"), "--split", "test")
     scored = json.loads(proc.stdout.strip().splitlines()[-1])
     assert abs(scored["top1"] - metrics["test_top1"]) < 1e-9
+    # The same test images as class folders, scored with no config at all: the checkpoint's metadata
+    # gives the model, input size and normalisation, so the accuracy is retrain's.
+    from PIL import Image
+
+    from engine.data import make_demo_arrays
+
+    images, labels = make_demo_arrays(0, "test", 24, 4)
+    for i, (image, label) in enumerate(zip(images, labels)):
+        (tmp_path / "folders" / str(label)).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(tmp_path / "folders" / str(label) / f"{i}.png")
+    proc = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "--checkpoint", str(out / "retrain" / "merged.safetensors"),
+                           "--folder", str(tmp_path / "folders")], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["top1"] == metrics["test_top1"]
     proc = subprocess.run([sys.executable, "-m", "engine.report", str(tmp_path)], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert proc.returncode == 0, proc.stderr
     row = f"| {out} | demo seed 0 | glora large <=12,000 | {metrics['adapter_params']:,} | {metrics['test_top1']:.2f} |"

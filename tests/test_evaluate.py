@@ -159,3 +159,36 @@ def test_without_the_runs_data(run, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "named: class folders 'n02' cannot be matched: the run's class names could not be read" in err
     assert "few-shot dataset directory not found" in err
+
+
+def test_without_a_config_the_checkpoint_describes_the_model(tmp_path, capsys):
+    """retrain.py's merged file names its model, kwargs and input (size, mean, std): create_merged_model
+    rebuilds the timm model from it alone, and evaluate.py --folder needs no run config."""
+    from safetensors.torch import save_file
+
+    from supernet import AdapterError, create_merged_model
+    from engine.evaluate import _from_checkpoint
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(name="vit_tiny_patch16_224", kwargs=KW), 5).eval()
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    path = tmp_path / "merged.safetensors"
+    save_file(state, path, metadata={"model": "vit_tiny_patch16_224", "kwargs": json.dumps(KW),
+                                     "input": json.dumps({"size": 32, "mean": [0.5] * 3, "std": [0.25] * 3})})
+    rebuilt = create_merged_model(path)
+    x = torch.randn(2, 3, 32, 32)
+    assert not rebuilt.training and torch.equal(rebuilt(x), model(x))
+    assert _from_checkpoint(str(path))[1:] == (32, (0.5,) * 3, (0.25,) * 3)
+
+    assert main(argv=["--checkpoint", str(path), "--folder", make_folder(tmp_path / "v2", {"1": 2, "3": 2})]) == 0
+    (r,) = results(capsys)
+    assert (r["n"], r["outputs"], r["classes"], r["restricted"]) == (4, 5, 2, True)
+
+    save_file(state, tmp_path / "bare.safetensors")
+    with pytest.raises(AdapterError, match=r"bare.safetensors: its metadata names no model"):
+        create_merged_model(tmp_path / "bare.safetensors")
+    assert main(argv=["--checkpoint", str(tmp_path / "bare.safetensors"), "--folder", str(tmp_path / "v2")]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {tmp_path / 'bare.safetensors'}: its metadata names no model")
+    with pytest.raises(SystemExit):
+        main(argv=["--checkpoint", str(path)])
+    assert "--config is needed for a split" in capsys.readouterr().err
