@@ -80,6 +80,9 @@ class DataSection:
     # imagenet: ImageNet mean/std, the VTAB-1k protocol of the GLoRA/NOAH papers, whatever the
     # backbone; model: the mean/std the backbone was pre-trained with (timm's pretrained_cfg).
     normalize: Literal["imagenet", "model"] = "imagenet"
+    # Keep the splits a stage reads many times decoded in memory (uint8, after the resize): auto does
+    # so for a split of at most 4 GiB. Same tensors either way; it only saves decoding every epoch.
+    cache: Literal["auto", "always", "never"] = "auto"
     demo_classes: int = field(default=4, metadata=check(_positive))
     demo_train: int = field(default=800, metadata=check(_positive))
     demo_val: int = field(default=200, metadata=check(_positive))

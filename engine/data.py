@@ -11,6 +11,7 @@ problems surface as :class:`DataError` with a one-line message naming the offend
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -33,6 +34,8 @@ __all__ = [
     "run_class_names",
     "FolderEval",
     "ImageListDataset",
+    "CachedImageDataset",
+    "image_dataset",
     "TensorImageDataset",
     "make_demo_arrays",
     "IMAGE_EXTENSIONS",
@@ -43,6 +46,8 @@ IMAGE_EXTENSIONS: tuple[str, ...] = (
     ".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff",
 )
 PHASES = ("search", "final")
+CACHE_MODES = ("auto", "always", "never")
+CACHE_AUTO_BYTES = 4 << 30  # cache: auto keeps a split decoded when it takes at most this much memory
 KINDS = ("vtab1k", "fewshot", "imagefolder", "demo")
 DEMO_SIZE = 32  # native resolution of the generated demo images
 
@@ -67,6 +72,7 @@ class DataConfig:
     num_classes: int | None = None
     num_workers: int = 0
     normalize: str = "imagenet"  # the stages turn it into the mean/std given to build_splits (needs the model)
+    cache: str = "auto"  # auto | always | never: keep splits decoded in memory (see CachedImageDataset)
     demo_classes: int = 4  # demo task only
     demo_train: int = 800
     demo_val: int = 200
@@ -171,6 +177,40 @@ class TensorImageDataset(Dataset):
         return self.transform(self.images[index]), int(self.labels[index])
 
 
+class CachedImageDataset(Dataset):
+    """(image path, label) pairs decoded and resized once, up front and on several threads, then kept
+    as uint8; each access only converts to float and normalises. The tensors are bit for bit those
+    of ``ImageListDataset(samples, build_transform(...))``: no augmentation happens in between
+    (the papers' protocol), so decoding every epoch would redo the same work. A file that cannot be
+    decoded fails here, before any training."""
+
+    def __init__(self, samples: Sequence[Sample], img_size: int, mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+                 std: Sequence[float] = IMAGENET_DEFAULT_STD, threads: int | None = None) -> None:
+        self.samples = list(samples)
+        self.images = torch.empty((len(self.samples), 3, img_size, img_size), dtype=torch.uint8)
+        resize = transforms.Resize((img_size, img_size), interpolation=transforms.InterpolationMode.BICUBIC)
+
+        def load(index: int) -> None:
+            pixels = np.array(resize(_load_image(self.samples[index][0])), dtype=np.uint8)  # writable, for torch
+            self.images[index] = torch.from_numpy(pixels).permute(2, 0, 1)
+
+        # PIL releases the GIL while it decodes and resamples, so threads scale.
+        with ThreadPoolExecutor(threads or min(8, os.cpu_count() or 1)) as pool:
+            list(pool.map(load, range(len(self.samples))))
+        self.normalize = transforms.Normalize(mean, std)
+
+    @property
+    def targets(self) -> list[int]:
+        return [label for _, label in self.samples]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        # as ToTensor does for uint8 images: float, then divide by 255
+        return self.normalize(self.images[index].float().div(255)), self.samples[index][1]
+
+
 # --------------------------------------------------------------------------- list files
 
 
@@ -238,8 +278,7 @@ def _build_from_lists(
     eval_name: str,
     all_names: Sequence[str],
     num_classes: int | None,
-    transform: Callable,
-) -> tuple[Dataset, Dataset, int]:
+) -> tuple[list[Sample], list[Sample], int]:
     train = _load_list_split(os.path.join(list_dir, train_name), image_root, num_classes)
     evals = _load_list_split(os.path.join(list_dir, eval_name), image_root, num_classes)
     if num_classes is None:
@@ -251,7 +290,7 @@ def _build_from_lists(
             if name not in (train_name, eval_name) and os.path.isfile(path):
                 labels += [label for _, _, label in _read_list(path)]
         num_classes = max(labels) + 1
-    return ImageListDataset(train, transform), ImageListDataset(evals, transform), num_classes
+    return train, evals, num_classes
 
 
 def _list_layout(cfg: DataConfig) -> tuple[str, str, dict[str, tuple[str, str]], tuple[str, ...]]:
@@ -278,10 +317,9 @@ def _list_layout(cfg: DataConfig) -> tuple[str, str, dict[str, tuple[str, str]],
             (train_name, "val_meta.list", "test_meta.list"))
 
 
-def _build_lists(cfg: DataConfig, phase: str, img_size: int, norm: Norm) -> tuple[Dataset, Dataset, int]:
+def _list_samples(cfg: DataConfig, phase: str) -> tuple[list[Sample], list[Sample], int]:
     list_dir, image_root, phases, all_names = _list_layout(cfg)
-    return _build_from_lists(list_dir, image_root, *phases[phase], all_names, cfg.num_classes,
-                             build_transform(img_size, *norm))
+    return _build_from_lists(list_dir, image_root, *phases[phase], all_names, cfg.num_classes)
 
 
 # --------------------------------------------------------------------------- image folders
@@ -307,7 +345,7 @@ def _folder_class_to_idx(root: str) -> dict[str, int]:
     return {name: i for i, name in enumerate(sorted(classes))}
 
 
-def _build_imagefolder(cfg: DataConfig, phase: str, img_size: int, norm: Norm) -> tuple[Dataset, Dataset, int]:
+def _folder_split_samples(cfg: DataConfig, phase: str) -> tuple[list[Sample], list[Sample], int]:
     root = _require_root(cfg)
     required = {"search": ("train", "val"), "final": ("train", "test")}[phase]
     for split in required:
@@ -321,14 +359,13 @@ def _build_imagefolder(cfg: DataConfig, phase: str, img_size: int, norm: Norm) -
     def load(split: str) -> list[Sample]:
         return _folder_samples(os.path.join(root, split), class_to_idx)
 
-    transform = build_transform(img_size, *norm)
     if phase == "search":
         train, evals = load("train"), load("val")
     else:
         train = load("train") + (load("val") if "val" in present else [])
         evals = load("test")
     num_classes = cfg.num_classes if cfg.num_classes is not None else len(class_to_idx)
-    return ImageListDataset(train, transform), ImageListDataset(evals, transform), num_classes
+    return train, evals, num_classes
 
 
 # --------------------------------------------------------------------------- demo task
@@ -557,26 +594,40 @@ def build_folder_eval(folder: str, names: dict[str, int] | None, num_outputs: in
 
 # --------------------------------------------------------------------------- entry point
 
-_BUILDERS = {
-    "vtab1k": _build_lists,
-    "fewshot": _build_lists,
-    "imagefolder": _build_imagefolder,
-    "demo": _build_demo,
-}
+_SAMPLES = {"vtab1k": _list_samples, "fewshot": _list_samples, "imagefolder": _folder_split_samples}
+
+
+def image_dataset(samples: Sequence[Sample], img_size: int, norm: Norm = (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
+                  cache: str = "never") -> Dataset:
+    """(path, label) samples as a dataset: decoded once and kept (:class:`CachedImageDataset`) when
+    ``cache`` is always, or auto and they fit in CACHE_AUTO_BYTES; else decoded at every access."""
+    if cache == "always" or (cache == "auto" and len(samples) * 3 * img_size * img_size <= CACHE_AUTO_BYTES):
+        return CachedImageDataset(samples, img_size, *norm)
+    return ImageListDataset(samples, build_transform(img_size, *norm))
 
 
 def build_splits(cfg: DataConfig, phase: str, img_size: int, mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
-                 std: Sequence[float] = IMAGENET_DEFAULT_STD) -> tuple[Dataset, Dataset, int]:
+                 std: Sequence[float] = IMAGENET_DEFAULT_STD, cache: Sequence[str] = ("train", "eval"),
+                 ) -> tuple[Dataset, Dataset, int]:
     """(train_dataset, eval_dataset, num_classes) for a phase, images resized to ``img_size`` and
     normalised with ``mean``/``std``.
 
     search: the held-out split is the validation split (used by the evolutionary search);
     final:  train on train+val and evaluate on test (the retraining phase).
+    cache: which of the two may be kept decoded in memory (as ``cfg.cache`` allows): the ones the
+    caller reads many times, so that a split used once is not decoded ahead for nothing.
     """
     if phase not in PHASES:
         raise DataError(f"phase {phase!r}: expected one of {', '.join(PHASES)}")
-    if cfg.kind not in _BUILDERS:
+    if cfg.kind not in KINDS:
         raise DataError(f"data.kind {cfg.kind!r}: expected one of {', '.join(KINDS)}")
     if cfg.num_classes is not None and cfg.num_classes <= 0:
         raise DataError(f"data.num_classes must be positive, got {cfg.num_classes}")
-    return _BUILDERS[cfg.kind](cfg, phase, img_size, (tuple(mean), tuple(std)))
+    if cfg.cache not in CACHE_MODES:
+        raise DataError(f"data.cache {cfg.cache!r}: expected one of {', '.join(CACHE_MODES)}")
+    norm = (tuple(mean), tuple(std))
+    if cfg.kind == "demo":  # generated in memory already
+        return _build_demo(cfg, phase, img_size, norm)
+    train, evals, num_classes = _SAMPLES[cfg.kind](cfg, phase)
+    return (image_dataset(train, img_size, norm, cfg.cache if "train" in cache else "never"),
+            image_dataset(evals, img_size, norm, cfg.cache if "eval" in cache else "never"), num_classes)

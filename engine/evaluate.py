@@ -85,7 +85,7 @@ def main(doc: str | None = None, argv=None) -> int:
                         names_missing = str(err)
             if not args.folder or num_classes is None:
                 phase = "search" if args.split == "val" else "final"
-                _, ds, num_classes = build_splits(data, phase, img_size, mean, std)
+                _, ds, num_classes = build_splits(data, phase, img_size, mean, std, cache=())
             cfg.model.pretrained, cfg.model.checkpoint = False, None
             model = build_model(cfg.model, num_classes)
             # strict, after giving bias-free layers the biases the merge may have created (C or E on them)

@@ -71,7 +71,7 @@ STAGE_SECTIONS = {
     "search": ("model", "data", "space", "train", "search"),
     "retrain": ("model", "data", "space", "retrain"),
 }
-_VOLATILE = {"resume", "device", "compile", "compile_mode", "stop_at_step", "fail_at_step"}  # may change between a run and its resumption
+_VOLATILE = {"resume", "device", "compile", "compile_mode", "stop_at_step", "fail_at_step", "cache"}  # may change between a run and its resumption
 
 
 # Keys added after runs existed, with the value that reproduces how such runs behaved: at that
@@ -370,7 +370,7 @@ def run_search(cfg: RunConfig, info: D.DistInfo, source: str, overwrite: bool = 
     sdir = out / "search"
     s = cfg.search
     _stage_setup(cfg, "search", sdir, source, overwrite, s.seed)
-    _, val_ds, num_classes = build_splits(_data_config(cfg), "search", *probe_input(cfg))
+    _, val_ds, num_classes = build_splits(_data_config(cfg), "search", *probe_input(cfg), cache=("eval",))
     model = load_supernet(cfg, num_classes, info, source)
     settings = EvolutionSettings(population=s.population, top_k=s.top_k, mutation_count=s.mutation_count,
                                  mutation_prob=s.mutation_prob, crossover_count=s.crossover_count,
@@ -507,8 +507,8 @@ def run_retrain(cfg: RunConfig, info: D.DistInfo, source: str, overwrite: bool =
     r = cfg.retrain
     _stage_setup(cfg, "retrain", rdir, source, overwrite, r.seed)
     spec = probe_input(cfg)
-    train_ds, test_ds, num_classes = build_splits(_data_config(cfg), "final", *spec)
-    _, val_ds, _ = build_splits(_data_config(cfg), "search", *spec)
+    train_ds, test_ds, num_classes = build_splits(_data_config(cfg), "final", *spec, cache=("train",))
+    _, val_ds, _ = build_splits(_data_config(cfg), "search", *spec, cache=())  # one batch, for the merge check
     model, origin = prepare_retrain_model(cfg, num_classes, info, source)
     model.to(info.device)
     _write_config(rdir, cfg, info)

@@ -182,3 +182,15 @@ def test_profile_eager_and_compiled(tmp_path):
     assert all("Self CPU" in t for t in tables.values())
     with pytest.raises(SystemExit):
         profile.main(["--compile-mode", "default", "--contenders", "supernet", "--out", str(tmp_path)])
+
+
+def test_loader_bench_writes_both_contenders(tmp_path):
+    """bench.loader on a few small JPEGs: both contenders timed per worker count, ratio recorded."""
+    from bench.loader import main
+
+    out = tmp_path / "loader.json"
+    assert main(["--images", "16", "--size", "32", "--workers", "0", "--epochs", "1", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    (row,) = result["rows"]
+    assert row["workers"] == 0 and row["speedup"] > 0 and len(row["epoch_s"]["cached"]) == 1
+    assert result["cache_fill_s"] > 0

@@ -271,10 +271,38 @@ def test_corrupt_image_raises_lazily(vtab, payload):
     rel = VTAB_SPLITS["train800"][2][0]
     path = Path(vtab.root) / vtab.task / rel
     path.write_bytes(payload)
+    vtab.cache = "never"
     train, _, _ = build_splits(vtab, "search", IMG)  # existence is all that is checked eagerly
     train[0]  # other images still load
     with raises_data_error(str(path)):
         train[2]
+    vtab.cache = "auto"  # a cached split decodes everything up front: the same error, before any training
+    with raises_data_error(str(path)):
+        build_splits(vtab, "search", IMG)
+    build_splits(vtab, "search", IMG, cache=("eval",))  # the broken split is not decoded when not cached
+
+
+@pytest.mark.parametrize("make", ["vtab", "fewshot", "folder"])
+def test_cached_splits_equal_uncached_bit_for_bit(make, request, monkeypatch):
+    """data.cache keeps the resized uint8 pixels; float conversion and normalisation per access give
+    exactly the tensors of decoding every time (images of several sizes and modes)."""
+    from engine.data import CachedImageDataset, ImageListDataset
+
+    cfg = request.getfixturevalue(make)
+    for phase in ("search", "final"):
+        cfg.cache = "never"
+        plain = build_splits(cfg, phase, IMG, mean=(0.5, 0.4, 0.3), std=(0.2, 0.3, 0.4))
+        cfg.cache = "always"
+        cached = build_splits(cfg, phase, IMG, mean=(0.5, 0.4, 0.3), std=(0.2, 0.3, 0.4))
+        for a, b in zip(plain[:2], cached[:2]):
+            assert isinstance(a, ImageListDataset) and isinstance(b, CachedImageDataset)
+            assert len(a) == len(b) and b.targets == a.targets
+            for i in range(len(a)):
+                assert torch.equal(a[i][0], b[i][0]) and a[i][1] == b[i][1]
+    cfg.cache = "auto"
+    assert isinstance(build_splits(cfg, "search", IMG)[0], CachedImageDataset)
+    monkeypatch.setattr("engine.data.CACHE_AUTO_BYTES", 3 * IMG * IMG)  # room for one image: decode on access
+    assert isinstance(build_splits(cfg, "search", IMG)[0], ImageListDataset)
 
 
 def test_fewshot_missing_dataset(fewshot):
