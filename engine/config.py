@@ -96,6 +96,9 @@ class TrainConfig:
     epochs: int = field(default=500, metadata=check(_positive))
     batch_size: int = field(default=64, metadata=check(_positive))
     eval_batch_size: int = field(default=128, metadata=check(_positive))
+    # The largest part of a batch run forward and backward at once (gradients accumulate over the
+    # parts before the one optimizer step): saves activation memory, changes nothing else. None: all.
+    micro_batch_size: int | None = field(default=None, metadata=check(_positive))
     lr: float = field(default=1e-4, metadata=check(_positive))
     weight_decay: float = field(default=1e-4, metadata=check(_non_negative))
     warmup_epochs: float = field(default=10, metadata=check(_non_negative))

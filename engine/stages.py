@@ -71,7 +71,8 @@ STAGE_SECTIONS = {
     "search": ("model", "data", "space", "train", "search"),
     "retrain": ("model", "data", "space", "retrain"),
 }
-_VOLATILE = {"resume", "device", "compile", "compile_mode", "stop_at_step", "fail_at_step", "cache"}  # may change between a run and its resumption
+_VOLATILE = {"resume", "device", "compile", "compile_mode", "stop_at_step", "fail_at_step", "cache",
+             "micro_batch_size"}  # may change between a run and its resumption
 
 
 # Keys added after runs existed, with the value that reproduces how such runs behaved: at that

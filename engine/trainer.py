@@ -285,17 +285,25 @@ class Trainer:
         if self.before_step is not None:
             tag = self.before_step(self.step) or 0
         self.scheduler.step_update(self.step)
-        with autocast_for(cfg.precision, self.info.device):
-            logits = self._forward(x)
-            loss = self.criterion(logits.float(), y)
-        if cfg.fail_at_step is not None and self.step == cfg.fail_at_step:
-            loss = loss * float("nan")
-        mean_loss, bad = self._sync_flags(loss, tag)
+        # Parts of at most micro_batch_size images, each loss weighted by its share of the batch:
+        # the summed gradients are the whole batch's, only its activations never coexist.
+        total = None
+        for xs, ys in zip(x.split(cfg.micro_batch_size or len(x)), y.split(cfg.micro_batch_size or len(y))):
+            with autocast_for(cfg.precision, self.info.device):
+                logits = self._forward(xs)
+                loss = self.criterion(logits.float(), ys)
+            if len(ys) != len(y):
+                loss = loss * (len(ys) / len(y))
+            if cfg.fail_at_step is not None and self.step == cfg.fail_at_step:
+                loss = loss * float("nan")
+            self.scaler.scale(loss).backward()
+            total = loss.detach() if total is None else total + loss.detach()
+        mean_loss, bad = self._sync_flags(total, tag)
         self.last_tag = tag
-        if bad:
+        if bad:  # before the optimizer step: the parameters are still those of the last good step
+            self.optimizer.zero_grad(set_to_none=True)
             raise TrainError(f"non-finite loss at step {self.step} (epoch {self.epoch}); "
                              f"nothing was written after the last good checkpoint")
-        self.scaler.scale(loss).backward()
         D.average_gradients(self.params, self.info.world_size)
         if cfg.grad_clip:
             self.scaler.unscale_(self.optimizer)

@@ -143,3 +143,39 @@ def test_training_afresh_removes_the_previous_supernet_first(tmp_path):
     cfg = config_from_dict(tiny_config(out, train={"stop_at_step": 2, "lr": 0.5}))
     assert run_train(cfg, INFO, "test.yaml", overwrite=True) == "SIGTERM"
     assert not (out / "supernet.safetensors").exists() and not (out / "supernet.yaml").exists()
+
+
+@pytest.mark.parametrize("micro", [5, 16])
+def test_micro_batches_give_the_same_gradients(tmp_path, micro):
+    """train.micro_batch_size runs a batch of 16 in parts (5+5+5+1, or whole) and weights each part's
+    loss by its share: the gradients handed to the optimizer are the whole batch's (compared before
+    the step, since AdamW's update hides a uniform gradient scale that clipping would not)."""
+    from engine.config import TrainConfig
+    from engine.tracker import Tracker
+    from engine.trainer import Trainer
+
+    grads = {}
+    for name, parts in (("whole", None), ("split", micro)):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.GELU(), torch.nn.Linear(8, 3))
+        data = torch.utils.data.TensorDataset(torch.randn(16, 6), torch.randint(0, 3, (16,)))
+        cfg = TrainConfig(epochs=1, batch_size=16, micro_batch_size=parts, label_smoothing=0.1, warmup_epochs=0)
+        trainer = Trainer(model, data, None, cfg, tmp_path / name, INFO, Tracker(tmp_path / name, enabled=False))
+        trainer.scaler.step = lambda opt, _name=name: grads.setdefault(_name, [p.grad.clone() for p in model.parameters()])
+        x, y = next(iter(trainer.loader))
+        trainer.train_step(x, y)
+    for a, b in zip(grads["whole"], grads["split"], strict=True):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_micro_batches_give_the_same_run(tmp_path):
+    """A whole run with parts of 5 (and resumed with parts of 3: the key is not part of the run's
+    identity) logs the unsplit run's losses, up to float summation order. Without drop-path: its
+    random masks are drawn part by part, so with it the run is alike in distribution only."""
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    model = {**tiny_config(whole)["model"], "drop_path_rate": 0.0}
+    assert _train(whole, model=model) == "done"
+    assert _train(split, model=model, train={"micro_batch_size": 5, "stop_at_step": 2}) == "SIGTERM"
+    assert _train(split, model=model, train={"micro_batch_size": 3}) == "done"
+    for (s1, l1, t1), (s2, l2, t2) in zip(_losses(whole), _losses(split), strict=True):
+        assert (s1, t1) == (s2, t2) and l1 == pytest.approx(l2, rel=1e-5)
