@@ -371,7 +371,8 @@ def run_search(cfg: RunConfig, info: D.DistInfo, source: str, overwrite: bool = 
     sdir = out / "search"
     s = cfg.search
     _stage_setup(cfg, "search", sdir, source, overwrite, s.seed)
-    _, val_ds, num_classes = build_splits(_data_config(cfg), "search", *probe_input(cfg), cache=("eval",))
+    # read once: the scorer keeps the validation batches on the device for every candidate
+    _, val_ds, num_classes = build_splits(_data_config(cfg), "search", *probe_input(cfg), cache=())
     model = load_supernet(cfg, num_classes, info, source)
     settings = EvolutionSettings(population=s.population, top_k=s.top_k, mutation_count=s.mutation_count,
                                  mutation_prob=s.mutation_prob, crossover_count=s.crossover_count,
