@@ -99,6 +99,7 @@ class TrainConfig:
     # The largest part of a batch run forward and backward at once (gradients accumulate over the
     # parts before the one optimizer step): saves activation memory, changes nothing else. None: all.
     micro_batch_size: int | None = field(default=None, metadata=check(_positive))
+    grad_checkpointing: bool = False  # timm's activation checkpointing: recompute blocks in backward
     lr: float = field(default=1e-4, metadata=check(_positive))
     weight_decay: float = field(default=1e-4, metadata=check(_non_negative))
     warmup_epochs: float = field(default=10, metadata=check(_non_negative))

@@ -89,6 +89,18 @@ def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
     return model
 
 
+def set_grad_checkpointing(model: nn.Module, key: str) -> None:
+    """timm's activation checkpointing: blocks recompute their activations in the backward pass
+    instead of keeping them (less memory, about one more forward of time)."""
+    setter = getattr(model, "set_grad_checkpointing", None)
+    if setter is None:
+        raise ModelError(f"{key}: {type(model).__name__} has no set_grad_checkpointing; set it to false")
+    try:
+        setter(True)
+    except (AssertionError, NotImplementedError) as err:  # timm's way of saying a model cannot
+        raise ModelError(f"{key}: {type(model).__name__} does not support it ({err or type(err).__name__}); set it to false") from None
+
+
 def classifier_outputs(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> int | None:
     """The number of classes a full state dict of ``cfg``'s model was saved with (its classifier's
     weight); None where the model or the state has no classifier to read."""

@@ -59,7 +59,7 @@ from .checkpoint import CheckpointError, safe_torch_load
 from .compiling import compile_errors, compile_model, uses_cuda_graphs
 from .config import ConfigError, RunConfig
 from .data import DataConfig, build_splits
-from .models import build_model, input_size
+from .models import build_model, input_size, set_grad_checkpointing
 from .rng import seed_everything, step_generator
 from .trainer import ShardSampler, Trainer, autocast_for, evaluate
 from .tracker import Tracker
@@ -72,7 +72,7 @@ STAGE_SECTIONS = {
     "retrain": ("model", "data", "space", "retrain"),
 }
 _VOLATILE = {"resume", "device", "compile", "compile_mode", "stop_at_step", "fail_at_step", "cache",
-             "micro_batch_size"}  # may change between a run and its resumption
+             "micro_batch_size", "grad_checkpointing"}  # may change between a run and its resumption
 
 
 # Keys added after runs existed, with the value that reproduces how such runs behaved: at that
@@ -203,6 +203,8 @@ def run_train(cfg: RunConfig, info: D.DistInfo, source: str, overwrite: bool = F
     train_ds, val_ds, num_classes = build_splits(_data_config(cfg), "search", *probe_input(cfg))
     model = build_model(cfg.model, num_classes)
     apply_glora(model, cfg.space)
+    if t.grad_checkpointing:
+        set_grad_checkpointing(model, "train.grad_checkpointing")
     model.to(info.device)
     _write_config(out, cfg, info)
     tracker = Tracker(out, enabled=info.is_main)
@@ -512,6 +514,8 @@ def run_retrain(cfg: RunConfig, info: D.DistInfo, source: str, overwrite: bool =
     train_ds, test_ds, num_classes = build_splits(_data_config(cfg), "final", *spec, cache=("train",))
     _, val_ds, _ = build_splits(_data_config(cfg), "search", *spec, cache=())  # one batch, for the merge check
     model, origin = prepare_retrain_model(cfg, num_classes, info, source)
+    if r.grad_checkpointing:
+        set_grad_checkpointing(model, "retrain.grad_checkpointing")
     model.to(info.device)
     _write_config(rdir, cfg, info)
     tracker = Tracker(rdir, enabled=info.is_main)

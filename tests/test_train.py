@@ -179,3 +179,25 @@ def test_micro_batches_give_the_same_run(tmp_path):
     assert _train(split, model=model, train={"micro_batch_size": 3}) == "done"
     for (s1, l1, t1), (s2, l2, t2) in zip(_losses(whole), _losses(split), strict=True):
         assert (s1, t1) == (s2, t2) and l1 == pytest.approx(l2, rel=1e-3)  # AdamW magnifies round-off in near-zero gradients
+
+
+def test_grad_checkpointing_trains_the_same_run_bit_for_bit(tmp_path, monkeypatch):
+    """train.grad_checkpointing recomputes each block in the backward pass (timm's checkpointing, the
+    RNG state preserved, so drop-path masks repeat): the same losses and supernet, exactly; and a
+    model without timm's setter is refused by name."""
+    import timm.models.vision_transformer as vit
+
+    from engine.models import ModelError, set_grad_checkpointing
+
+    calls = []
+    real = vit.checkpoint_seq
+    monkeypatch.setattr(vit, "checkpoint_seq", lambda *a, **k: calls.append(1) or real(*a, **k))
+    plain, ckpt = tmp_path / "plain", tmp_path / "ckpt"
+    assert _train(plain) == "done" and not calls
+    assert _train(ckpt, train={"grad_checkpointing": True}) == "done"
+    assert len(calls) >= 6  # every training step went through timm's checkpointed blocks
+    assert _losses(plain) == _losses(ckpt)
+    a, b = load_file(plain / "supernet.safetensors"), load_file(ckpt / "supernet.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ModelError, match=r"^retrain\.grad_checkpointing: Sequential has no set_grad_checkpointing"):
+        set_grad_checkpointing(torch.nn.Sequential(torch.nn.Linear(2, 2)), "retrain.grad_checkpointing")
