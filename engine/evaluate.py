@@ -6,12 +6,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 import torch
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from supernet import create_merged_model, load_merged, read_safetensors
+from supernet import atomic_write_text, create_merged_model, load_merged, read_safetensors
 
 from . import distributed as D
 from .cli import INPUT_ERRORS, _fail
@@ -36,6 +37,8 @@ def _parser(doc: str | None) -> argparse.ArgumentParser:
     parser.add_argument("--all-classes", action="store_true",
                         help="with --folder: let every output compete, even when a folder holds only some classes "
                              "(default: only the folder's classes do, as ImageNet-A and -R are scored)")
+    parser.add_argument("--out", metavar="FILE", help="also write the results as a JSON list (written whole, at the end); "
+                        "as <output_dir>/retrain/evaluate.json, python -m engine.report tabulates them")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     return parser
 
@@ -57,6 +60,8 @@ def main(doc: str | None = None, argv=None) -> int:
         parser.error("--split and --folder exclude each other: --folder scores the folders instead of a split")
     if not args.folder and (args.classes or args.all_classes):
         parser.error("--classes and --all-classes apply to --folder only")
+    if args.out and not Path(args.out).resolve().parent.is_dir():
+        parser.error(f"--out {args.out}: its folder does not exist")
     if args.config is None and (not args.folder or args.set):
         parser.error("--config is needed for a split of the run's data and for --set; with --folder alone, "
                      "the model comes from the checkpoint's metadata")
@@ -117,6 +122,8 @@ def main(doc: str | None = None, argv=None) -> int:
         D.cleanup()
     if info.is_main and not args.folder:
         print(json.dumps(results[0]))
+    if info.is_main and args.out:
+        atomic_write_text(args.out, json.dumps(results, indent=2) + "\n")
     return 0
 
 

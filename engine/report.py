@@ -55,6 +55,7 @@ class Run:
     adapter_params: int
     top1: float
     top5: float | None
+    evaluations: dict[str, float]  # evaluate.py --out <run>/retrain/evaluate.json: folder name (or split) -> top-1
 
 
 def _read(path: Path, parse):
@@ -101,7 +102,18 @@ def load_run(run_dir: Path) -> Run:
     else:
         task, shots, seed = kind, None, (cfg.get("retrain") or {}).get("seed", 0)
     return Run(str(run_dir), kind, str(task), shots, int(seed), method_label(run_dir, cfg, metrics),
-               int(metrics.get("adapter_params", 0)), float(metrics["test_top1"]), metrics.get("test_top5"))
+               int(metrics.get("adapter_params", 0)), float(metrics["test_top1"]), metrics.get("test_top5"),
+               _evaluations(run_dir / "retrain" / "evaluate.json"))
+
+
+def _evaluations(path: Path) -> dict[str, float]:
+    if not path.is_file():
+        return {}
+    results = _read(path, json.loads)
+    if not isinstance(results, list) or not all(isinstance(r, dict) and "top1" in r for r in results):
+        raise ReportError(f"{path}: expected evaluate.py's --out list of results")
+    return {(Path(r["folder"]).name if "folder" in r else f"{r.get('split', 'test')} split"): float(r["top1"])
+            for r in results}
 
 
 def find_runs(paths: list[str]) -> tuple[list[Run], list[str]]:
@@ -178,6 +190,19 @@ def fewshot_summary(runs: list[Run]) -> tuple[str, dict]:
     return _table(["dataset", "method", *[f"{k}-shot" for k in shots]], rows), summary
 
 
+def evaluations_summary(runs: list[Run]) -> tuple[str, dict]:
+    """Rows of (data, method), a column per evaluated folder or split: the domain generalisation table."""
+    cells: dict[tuple[str, str], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for run in runs:
+        data = run.task + (f" {run.shots}-shot" if run.kind == "fewshot" else "")
+        for name, top1 in run.evaluations.items():
+            cells[(data, run.method)][name].append(top1)
+    names = sorted({name for run in runs for name in run.evaluations})
+    rows = [[data, method, *[_cell(v[n]) if n in v else "" for n in names]] for (data, method), v in sorted(cells.items())]
+    summary = {f"{data}/{method}": {n: _mean_std(v[n])[0] for n in v} for (data, method), v in cells.items()}
+    return _table(["data", "method", *names], rows), summary
+
+
 def report(runs: list[Run], unfinished: list[str]) -> tuple[str, dict]:
     parts = ["## Runs", _table(["run", "data", "method", "adapter params", "test top-1", "top-5"], [
         [r.path, r.task + (f" {r.shots}-shot seed {r.seed}" if r.kind == "fewshot" else f" seed {r.seed}"), r.method,
@@ -191,6 +216,10 @@ def report(runs: list[Run], unfinished: list[str]) -> tuple[str, dict]:
     if fewshot:
         table, result["fewshot"] = fewshot_summary(fewshot)
         parts += ["## Few-shot (test top-1 %, mean±std over list seeds)", table]
+    evaluated = [r for r in runs if r.evaluations]
+    if evaluated:
+        table, result["evaluations"] = evaluations_summary(evaluated)
+        parts += ["## Other evaluations (evaluate.py --out <run>/retrain/evaluate.json; top-1 %, mean±std over runs)", table]
     if unfinished:
         parts += [f"Unfinished (no retrain/metrics.json): {len(unfinished)}", *[f"- {u}" for u in unfinished]]
     return "\n\n".join(parts) + "\n", result

@@ -192,3 +192,13 @@ def test_without_a_config_the_checkpoint_describes_the_model(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(argv=["--checkpoint", str(path)])
     assert "--config is needed for a split" in capsys.readouterr().err
+
+
+def test_out_writes_the_results(run, tmp_path, capsys):
+    folder = make_folder(tmp_path / "ood", {"n02": 3, "n04": 1})
+    out = tmp_path / "evaluate.json"
+    assert main(argv=[*run, "--folder", folder, "--out", str(out)]) == 0
+    assert json.loads(out.read_text()) == results(capsys)
+    with pytest.raises(SystemExit):
+        main(argv=[*run, "--folder", folder, "--out", str(tmp_path / "no" / "such" / "x.json")])
+    assert "its folder does not exist" in capsys.readouterr().err

@@ -84,3 +84,20 @@ def test_bad_input(tmp_path, capsys):
     assert main([str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: {run / 'retrain' / 'metrics.json'}: cannot read") and "\n" not in err
+
+
+def test_evaluations_table(tmp_path, capsys):
+    """evaluate.py --out <run>/retrain/evaluate.json files become a table: a column per folder (its name)
+    or split, mean±std over the seeds of a (data, method) row; a malformed file is named."""
+    for seed, (a, r) in enumerate(((20.0, 30.0), (24.0, 34.0))):
+        run = make_run(tmp_path, f"imagenet-{seed}", {"kind": "fewshot", "dataset": "imagenet", "shots": 16, "seed": seed}, 70.0)
+        (run / "retrain" / "evaluate.json").write_text(json.dumps([
+            {"checkpoint": "m", "folder": "/data/imagenet-a", "top1": a, "n": 7500},
+            {"checkpoint": "m", "folder": "/data/imagenet-r/", "top1": r, "n": 30000}]))
+    assert main([str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "| data | method | imagenet-a | imagenet-r |" in out
+    assert "| imagenet 16-shot | glora large <=290,000 | 22.0±2.8 | 32.0±2.8 |" in out
+    (tmp_path / "imagenet-0" / "retrain" / "evaluate.json").write_text('{"top1": 3}')
+    assert main([str(tmp_path)]) == 2
+    assert "evaluate.json: expected evaluate.py's --out list of results" in capsys.readouterr().err
