@@ -9,10 +9,9 @@ import sys
 from pathlib import Path
 
 import torch
-
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from supernet import atomic_write_text, create_merged_model, load_merged, read_safetensors
+from supernet import AdapterError, atomic_write_text, create_merged_model, load_merged, read_metadata
 
 from . import distributed as D
 from .cli import INPUT_ERRORS, _fail
@@ -47,8 +46,12 @@ def _from_checkpoint(path: str) -> tuple[torch.nn.Module, int, tuple, tuple]:
     """Without a run config: the model from the merged file's metadata, the input size and mean/std it
     was trained with (files from before that metadata: the model's size and ImageNet's statistics)."""
     model = create_merged_model(path)
-    meta = read_safetensors(path)[1]
-    spec = json.loads(meta.get("input") or "{}")
+    try:
+        spec = json.loads(read_metadata(path).get("input") or "{}")
+    except ValueError:
+        spec = None
+    if not isinstance(spec, dict):
+        raise AdapterError(f"{path}: metadata 'input' is not a JSON object with size, mean and std")
     return (model, int(spec.get("size") or input_size(model)), tuple(spec.get("mean") or IMAGENET_DEFAULT_MEAN),
             tuple(spec.get("std") or IMAGENET_DEFAULT_STD))
 

@@ -12,6 +12,7 @@ from .io import (
     create_merged_model,
     load_adapter,
     load_merged,
+    read_metadata,
     read_safetensors,
     save_adapter,
     state_dict_mismatch,

@@ -116,6 +116,12 @@ def _open_safetensors(path: Path):
         raise AdapterError(f"{path}: not a readable safetensors file ({str(err).splitlines()[0]})") from None
 
 
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The metadata of a safetensors file, without reading its tensors."""
+    with _open_safetensors(Path(path)) as fh:
+        return fh.metadata() or {}
+
+
 def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """All tensors and the metadata of a safetensors file, with a clear error for a bad file."""
     with _open_safetensors(Path(path)) as fh:
@@ -221,8 +227,7 @@ def adapter_metadata(path: str | os.PathLike, yaml_path: str | os.PathLike | Non
     path = Path(path)
     meta: dict[str, str] = {}
     if yaml_path is None and not path.with_suffix(".yaml").is_file():
-        with _open_safetensors(path) as fh:
-            meta = fh.metadata() or {}
+        meta = read_metadata(path)
     doc = _read_doc(path, Path(yaml_path) if yaml_path is not None else None, meta)
     return dict(doc.get("metadata") or {})
 
