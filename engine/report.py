@@ -48,7 +48,7 @@ class ReportError(ValueError):
 class Run:
     path: str
     kind: str
-    task: str  # VTAB-1k task, few-shot dataset, or the data kind
+    task: str  # VTAB-1k task, few-shot dataset, image folder's name, or "demo"
     shots: int | None
     seed: int  # the few-shot list seed, else the retraining seed
     method: str
@@ -99,6 +99,8 @@ def load_run(run_dir: Path) -> Run:
         task, shots, seed = VTAB_ALIASES.get(data.get("task"), data.get("task")), None, (cfg.get("retrain") or {}).get("seed", 0)
     elif kind == "fewshot":
         task, shots, seed = data.get("dataset"), data.get("shots"), data.get("seed", 0)
+    elif kind == "imagefolder":
+        task, shots, seed = Path(str(data.get("root"))).name, None, (cfg.get("retrain") or {}).get("seed", 0)
     else:
         task, shots, seed = kind, None, (cfg.get("retrain") or {}).get("seed", 0)
     return Run(str(run_dir), kind, str(task), shots, int(seed), method_label(run_dir, cfg, metrics),
