@@ -8,11 +8,22 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections import Counter
 from pathlib import Path
 
 import yaml
 
 from .config import ConfigError, load_config
+
+
+def choice_counts(subnet: dict[str, dict[str, str]]) -> str:
+    """How often each choice was picked per support tensor across the layers, e.g.
+    ``A: lora4 x5, vector x3 | B: ...`` (the paper's layer-wise configuration, in one line)."""
+    parts = []
+    for tensor in ("A", "B", "C", "D", "E"):
+        counts = Counter(str(choices.get(tensor, "none")) for choices in subnet.values())
+        parts.append(f"{tensor}: " + ", ".join(f"{c} x{n}" for c, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))))
+    return " | ".join(parts)
 
 
 def summarise(output_dir: Path) -> str:
@@ -30,6 +41,7 @@ def summarise(output_dir: Path) -> str:
         r = yaml.safe_load(result.read_text())
         lines.append(f"search:   best of {r['evaluated']} candidates: {r['accuracy']:.2f}% validation accuracy, "
                      f"{r['params']:,} adapter parameters (budget {r['budget']['max_params'] or 'none'})")
+        lines.append(f"chosen:   {choice_counts(r['subnet'])}")
     top5 = f", top-5 {m['test_top5']:.2f}%" if "test_top5" in m else ""
     added = m.get("merged_added_biases") or []
     count = (f"the base architecture's count plus the biases the merge gave {len(added)} bias-free layer(s); "

@@ -238,3 +238,13 @@ def test_retraining_afresh_removes_the_previous_exports_first(tmp_path):
     assert run_retrain(cfg, INFO, "t.yaml", overwrite=True) == "SIGTERM"
     for name in ("merged.safetensors", "metrics.json", "adapter.safetensors", "subnet.yaml"):
         assert not (out / "retrain" / name).exists(), name
+
+
+def test_choice_counts_line():
+    from engine.summary import choice_counts
+
+    subnet = {"a": {"A": "lora4", "B": "none", "C": "vector", "D": "scalar", "E": "vector"},
+              "b": {"A": "lora4", "B": "scalar", "C": "none", "D": "none", "E": "vector"},
+              "c": {"A": "vector", "B": "none", "C": "none", "D": "none", "E": "scalar"}}
+    assert choice_counts(subnet) == ("A: lora4 x2, vector x1 | B: none x2, scalar x1 | C: none x2, vector x1 | "
+                                     "D: none x2, scalar x1 | E: vector x2, scalar x1")
