@@ -10,7 +10,7 @@ import argparse
 import signal
 import sys
 
-from supernet import AdapterError, MergeError, SpaceError
+from supernet import AdapterError, MergeError, SpaceError, WriteError
 
 from .checkpoint import CheckpointError
 from .compiling import CompileError
@@ -53,8 +53,10 @@ def main(stage: str, argv=None, doc: str | None = None) -> int:
         status = runner(cfg, info, args.config, overwrite=args.overwrite)
     except INPUT_ERRORS as err:
         return _fail(str(err) if isinstance(err, ConfigError) else f"{args.config}: {err}", 2)
-    except (TrainError, MergeError, CompileError) as err:
+    except (TrainError, MergeError, CompileError, WriteError) as err:
         return _fail(str(err), 1)
+    except OSError as err:  # any other file the run could not write (logs, folders): still one line
+        return _fail(f"{err.filename + ': ' if err.filename else ''}{err.strerror or err}", 1)
     except KeyboardInterrupt:
         return _fail("interrupted", 130)
     finally:

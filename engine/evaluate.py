@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from supernet import AdapterError, atomic_write_text, create_merged_model, load_merged, read_metadata
+from supernet import AdapterError, WriteError, atomic_write_text, create_merged_model, load_merged, read_metadata
 
 from . import distributed as D
 from .cli import INPUT_ERRORS, _fail
@@ -126,7 +126,10 @@ def main(doc: str | None = None, argv=None) -> int:
     if info.is_main and not args.folder:
         print(json.dumps(results[0]))
     if info.is_main and args.out:
-        atomic_write_text(args.out, json.dumps(results, indent=2) + "\n")
+        try:
+            atomic_write_text(args.out, json.dumps(results, indent=2) + "\n")
+        except WriteError as err:
+            return _fail(str(err), 1)
     return 0
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import yaml
 
-from supernet.io import atomic_write_text
+from supernet.io import WriteError, atomic_write_text
 
 # VTAB-1k's 19 tasks under the folder names of the common layout (NOAH's), in the order papers print them.
 VTAB_GROUPS = {
@@ -244,7 +244,11 @@ def main(argv=None) -> int:
     text, result = report(runs, unfinished)
     print(text, end="")
     if args.json:
-        atomic_write_text(args.json, json.dumps(result, indent=2) + "\n")
+        try:
+            atomic_write_text(args.json, json.dumps(result, indent=2) + "\n")
+        except WriteError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 1
     return 0
 
 

@@ -17,6 +17,7 @@ from .io import (
     save_adapter,
     state_dict_mismatch,
     timm_classifier_outputs,
+    WriteError,
 )
 from .layer import GLoraLinear, SupportTensors, choice_cost
 from .merge import MergeError, add_zero_biases, added_biases, merge_glora, merged_bias_slots, merged_linear

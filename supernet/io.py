@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -32,17 +33,48 @@ class AdapterError(ValueError):
     """An adapter or weights file is missing, unreadable, or does not fit the model."""
 
 
+class WriteError(OSError):
+    """A file could not be written (disk full, no permission); whatever was under its name is intact."""
+
+
+# Below this much free space, a failed write is reported as a full disk: torch.save then only says
+# "unexpected pos 576 vs 534", and safetensors wraps the errno in its own error type.
+_FULL_DISK_BYTES = 1 << 20
+
+
+def _write_failure(path: Path, err: BaseException) -> WriteError:
+    try:
+        free = shutil.disk_usage(path.parent).free
+    except OSError:
+        free = None
+    if free is not None and free < _FULL_DISK_BYTES:
+        reason = f"no space left on the device ({free:,} bytes free)"
+    else:
+        reason = " ".join(str(err).split())[:200] or type(err).__name__
+    return WriteError(f"{path}: cannot write: {reason}; the file already under this name, if any, is intact")
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp_path)`` then atomically rename the temporary file to ``path``."""
+    """Call ``write(tmp_path)`` then atomically rename the temporary file to ``path``. A failure
+    (disk full, no permission; also torch's and safetensors' own errors for them) raises
+    :class:`WriteError` naming ``path``, with the temporary file removed and ``path`` untouched."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:
+        raise _write_failure(path, err) from err
     os.close(fd)
     try:
         write(tmp)
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError, SafetensorError) as err:
+        failure = _write_failure(path, err)  # before the partial file is removed: it holds the space
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise failure from err
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)

@@ -13,7 +13,7 @@ from engine.cli import main
 from engine.config import config_from_dict
 from engine.stages import run_retrain, run_train
 from runcfg import tiny_config, write_config
-from supernet import MergeError, glora_layers
+from supernet import MergeError, WriteError, glora_layers
 
 INFO = D.DistInfo()
 
@@ -33,7 +33,7 @@ def test_exception_inside_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
         raise RuntimeError("boom inside save")
 
     monkeypatch.setattr(torch, "save", broken)
-    with pytest.raises(RuntimeError, match="boom"):
+    with pytest.raises(WriteError, match=r"last\.pt: cannot write: boom inside save; the file already under this name, if any, is intact"):
         save_checkpoint(_state(2), path)
     assert path.read_bytes() == before and load_checkpoint(path)["step"] == 1
     assert list(path.parent.iterdir()) == [path]  # the temporary file was removed
@@ -55,6 +55,49 @@ def test_full_disk_keeps_previous_checkpoint(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="No space left"):
         save_checkpoint(_state(2), path)
     assert path.read_bytes() == before
+
+
+def test_full_disk_is_named_whatever_the_writer_raises(tmp_path, monkeypatch):
+    """torch.save on a full disk raises only "unexpected pos ..." (RuntimeError), safetensors its own
+    error type: with the device (nearly) full, the message says so; the file is untouched."""
+    import shutil
+    from collections import namedtuple
+
+    path = tmp_path / "last.pt"
+    save_checkpoint(_state(1), path)
+    usage = namedtuple("usage", "total used free")
+
+    def torch_on_full_disk(obj, f, *a, **k):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+
+    monkeypatch.setattr(torch, "save", torch_on_full_disk)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10 << 30, 10 << 30, 4096))
+    with pytest.raises(WriteError, match=r"last\.pt: cannot write: no space left on the device \(4,096 bytes free\)"):
+        save_checkpoint(_state(2), path)
+    assert load_checkpoint(path)["step"] == 1 and list(tmp_path.iterdir()) == [path]
+
+
+def test_a_checkpoint_that_cannot_be_written_stops_the_cli_in_one_line(tmp_path, monkeypatch, capsys):
+    """train.py when the end-of-epoch-2 checkpoint cannot be written: exit status 1, one line naming the
+    file, and epoch 1's checkpoint still resumes."""
+    cfg = write_config(tmp_path / "c.yaml", tmp_path / "run")
+    real, calls = torch.save, []
+
+    def fails_second_time(obj, f, *a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("unexpected pos 576 vs 534")
+        real(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", fails_second_time)
+    assert main("train", ["--config", str(cfg)]) == 1
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in err, err
+    assert errors[0].startswith(f"error: {tmp_path / 'run' / 'checkpoints' / 'last.pt'}: cannot write"), errors
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["epoch"] == 1
+    monkeypatch.setattr(torch, "save", real)
+    assert main("train", ["--config", str(cfg)]) == 0 and (tmp_path / "run" / "supernet.safetensors").is_file()
 
 
 def test_leftover_temporary_file_is_ignored_on_resume(tmp_path):
