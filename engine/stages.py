@@ -40,6 +40,7 @@ from supernet import (
     choice_costs,
     count_params,
     extract_subnet,
+    get_subnet,
     glora_layers,
     head_params,
     layer_choices,
@@ -520,8 +521,12 @@ def run_retrain(cfg: RunConfig, info: D.DistInfo, source: str, overwrite: bool =
     _write_config(rdir, cfg, info)
     tracker = Tracker(rdir, enabled=info.is_main)
     warn_slow_precision(r.precision, "retrain.precision", info, tracker)
+    subnet = None
+    if any(isinstance(m, GLoraLinear) for m in model.modules()):
+        chosen = json.dumps(subnet_to_dict(get_subnet(model)), sort_keys=True)
+        subnet = (hashlib.sha256(chosen.encode()).hexdigest()[:16], origin)
     trainer = Trainer(model, train_ds, None, r, rdir, info, tracker, fingerprint=fingerprint(cfg, "retrain"),
-                      num_workers=cfg.data.num_workers, desc="retrain")
+                      subnet=subnet, num_workers=cfg.data.num_workers, desc="retrain")
     if trainer.resume("never" if overwrite else r.resume):
         tracker.print(f"resumed from {trainer.ckpt_path} at epoch {trainer.epoch}, step {trainer.step}")
     else:

@@ -119,6 +119,7 @@ class Trainer:
         before_step: Callable[[int], None] | None = None,
         on_eval: Callable[[int, int], dict[str, float]] | None = None,
         fingerprint: str = "",
+        subnet: tuple[str, str] | None = None,
         num_workers: int = 0,
         desc: str = "train",
     ):
@@ -127,6 +128,9 @@ class Trainer:
         self.ckpt_path = self.out_dir / "checkpoints" / "last.pt"
         self.before_step, self.on_eval = before_step, on_eval
         self.fingerprint, self.desc = fingerprint, desc
+        # (digest of the fixed sub-network being trained, where it came from): a checkpoint of another
+        # sub-network must not be resumed into this one (retrain after the search was rerun)
+        self.subnet = subnet
         # torch.compile's wrapper shares the parameters; checkpoints, names and evaluation keep
         # using the module itself, whose parameter names carry no "_orig_mod." prefix.
         self.compiled = compile_model(model, cfg.compile_mode) if cfg.compile else None
@@ -190,6 +194,7 @@ class Trainer:
             "batch_in_epoch": self.batch_in_epoch,
             "rng": get_rng_state(),
             "fingerprint": self.fingerprint,
+            "subnet_digest": self.subnet[0] if self.subnet else "",
             "metrics_offset": jsonl.stat().st_size if jsonl.exists() else 0,
             "world_size": self.info.world_size,
         }
@@ -208,6 +213,10 @@ class Trainer:
             return False
         state = load_checkpoint(path)
         self._check_ranks_agree(path, state["step"])
+        if self.subnet and state.get("subnet_digest") not in (None, "", self.subnet[0]):
+            raise TrainError(f"{path}: written while retraining another sub-network than {self.subnet[1]} holds now "
+                             f"(it changed since, e.g. the search was run again); retrain it afresh with --overwrite, "
+                             f"or use another output_dir")
         if self.fingerprint and state.get("fingerprint") not in ("", self.fingerprint):
             raise TrainError(f"{path}: checkpoint is from a run with another configuration; use a new output_dir or --overwrite")
         saved_world = state.get("world_size", self.info.world_size)  # older checkpoints do not say

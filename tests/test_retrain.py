@@ -11,6 +11,7 @@ from conftest import needs_cxx
 from engine import distributed as D
 from engine.config import config_from_dict
 from engine.stages import run_retrain, run_search, run_train
+from engine.trainer import TrainError
 from runcfg import tiny_config
 from supernet import MergeError
 
@@ -248,3 +249,23 @@ def test_choice_counts_line():
               "c": {"A": "vector", "B": "none", "C": "none", "D": "none", "E": "scalar"}}
     assert choice_counts(subnet) == ("A: lora4 x2, vector x1 | B: none x2, scalar x1 | C: none x2, vector x1 | "
                                      "D: none x2, scalar x1 | E: vector x2, scalar x1")
+
+
+def test_resuming_a_retrain_of_another_subnetwork_is_refused(tmp_path):
+    """The search run again after a retrain began (here: another seed, --overwrite) holds another
+    sub-network: resuming the retrain would load tensors of the old one into the new. It stops with
+    one line naming the checkpoint and result.yaml; --overwrite retrains the new one."""
+    import yaml
+
+    from engine.cli import main as cli
+    from runcfg import write_config
+
+    cfg = str(write_config(tmp_path / "c.yaml", tmp_path / "run"))
+    for stage in ("train", "search", "retrain"):
+        assert cli(stage, ["--config", cfg]) == 0
+    before = yaml.safe_load((tmp_path / "run" / "search" / "result.yaml").read_text())["subnet"]
+    assert cli("search", ["--config", cfg, "--set", "search.seed=5", "--overwrite"]) == 0
+    assert yaml.safe_load((tmp_path / "run" / "search" / "result.yaml").read_text())["subnet"] != before
+    with pytest.raises(TrainError, match=r"last\.pt: written while retraining another sub-network than .*result\.yaml holds now"):
+        run_retrain(config_from_dict(yaml.safe_load(open(cfg))), INFO, cfg)
+    assert cli("retrain", ["--config", cfg, "--overwrite"]) == 0
