@@ -81,19 +81,27 @@ _VOLATILE = {"resume", "device", "compile", "compile_mode", "stop_at_step", "fai
 _ADDED_KEYS = {("data", "normalize"): "imagenet"}
 
 
-def _relevant(cfg_dict: dict, stage: str) -> dict:
+# May differ between a run and its resumption because nothing done so far depends on them: a search
+# resumed with more generations goes on where it stopped. (Not train.epochs: the schedule depends on it.)
+_EXTENDABLE = {("search", "generations")}
+
+
+def _relevant(cfg_dict: dict, stage: str, legacy: bool = False) -> dict:
     out = {}
     for section in STAGE_SECTIONS[stage]:
         value = cfg_dict.get(section)
         if isinstance(value, dict):
             value = {k: v for k, v in value.items()
-                     if k not in _VOLATILE and not ((section, k) in _ADDED_KEYS and _ADDED_KEYS[section, k] == v)}
+                     if k not in _VOLATILE and not ((section, k) in _ADDED_KEYS and _ADDED_KEYS[section, k] == v)
+                     and (legacy or (section, k) not in _EXTENDABLE)}
         out[section] = value
     return out
 
 
-def fingerprint(cfg: RunConfig, stage: str) -> str:
-    blob = json.dumps(_relevant(cfg.to_dict(), stage), sort_keys=True, default=str)
+def fingerprint(cfg: RunConfig, stage: str, legacy: bool = False) -> str:
+    """A digest of what a stage's result depends on. ``legacy``: as computed before _EXTENDABLE keys
+    were left out, which the states of runs started then carry."""
+    blob = json.dumps(_relevant(cfg.to_dict(), stage, legacy), sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -388,9 +396,9 @@ def run_search(cfg: RunConfig, info: D.DistInfo, source: str, overwrite: bool = 
     state_path = sdir / "state.pt"
     if not overwrite and s.resume == "auto" and state_path.is_file():
         state = safe_torch_load(state_path, CheckpointError, "search state")
-        if state.get("fingerprint") != fingerprint(cfg, "search"):
+        if state.get("fingerprint") not in (fingerprint(cfg, "search"), fingerprint(cfg, "search", legacy=True)):
             raise ConfigError(source, [f"output_dir: {state_path} is from a search with another configuration; pass --overwrite"])
-        search.load_state_dict(state["search"])
+        search.load_state_dict(state["search"], generations=s.generations)
     if not D.same_on_all_ranks(search.generation, info.device):  # ranks would ask for different candidates
         raise CheckpointError(f"{state_path}: the ranks do not resume the search from the same generation "
                               f"(rank {info.rank} is at {search.generation}); {D.SHARED_FS_HINT}")

@@ -260,14 +260,17 @@ class EvolutionSearch:
             "rng_state": self._gen.get_state().clone(),
         }
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore a search saved by state_dict(); settings are taken from the state."""
+    def load_state_dict(self, state: Mapping[str, Any], generations: int | None = None) -> None:
+        """Restore a search saved by state_dict(); settings are taken from the state, but for
+        ``generations`` where given: a resumed search may run to another count (nothing before
+        depends on it)."""
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"unsupported search state version {state.get('version')!r}")
         if state["choices"] != self.space.choices_plain or state["costs"] != self.space.costs_plain:
             raise ValueError("search state was saved for a different search space (choices or costs differ)")
         known = {f.name for f in fields(EvolutionSettings)}
-        self._setup(EvolutionSettings(**{k: v for k, v in state["settings"].items() if k in known}))
+        saved = {k: v for k, v in state["settings"].items() if k in known}
+        self._setup(EvolutionSettings(**{**saved, **({"generations": generations} if generations is not None else {})}))
         for h in state["history"]:
             key = self.space.encode(h["config"])
             self._history.append((int(h["generation"]), key, int(h["params"]), float(h["score"])))

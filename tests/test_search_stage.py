@@ -135,6 +135,28 @@ def test_search_resume_after_interruption(trained, monkeypatch):
     assert (trained / "search" / "result.yaml").read_text() == want
 
 
+def test_a_finished_search_resumed_with_more_generations_goes_on(trained):
+    """search.generations may grow between a search and its resumption: 2 generations, then 3, give the
+    history and result of a 3-generation search run at once; other search keys are still refused."""
+    run_search(_cfg(trained, max_params=20000, generations=3, seed=7), INFO, "t.yaml", overwrite=True)
+    want = [(trained / "search" / name).read_text() for name in ("history.jsonl", "result.yaml")]
+    run_search(_cfg(trained, max_params=20000, generations=2, seed=7), INFO, "t.yaml", overwrite=True)
+    assert len(yaml.safe_load((trained / "search" / "result.yaml").read_text())["top_k"]) >= 1
+    assert run_search(_cfg(trained, max_params=20000, generations=3, seed=7), INFO, "t.yaml") == "done"
+    assert [(trained / "search" / name).read_text() for name in ("history.jsonl", "result.yaml")] == want
+    # a state written before generations could change carries the digest that included them: it still
+    # resumes with its own count (as before; going on longer needs a state written since)
+    from engine.stages import fingerprint
+
+    state = torch.load(trained / "search" / "state.pt", weights_only=True)
+    state["fingerprint"] = fingerprint(_cfg(trained, max_params=20000, generations=3, seed=7), "search", legacy=True)
+    torch.save(state, trained / "search" / "state.pt")
+    assert run_search(_cfg(trained, max_params=20000, generations=3, seed=7), INFO, "t.yaml") == "done"
+    assert (trained / "search" / "history.jsonl").read_text() == want[0]
+    with pytest.raises(ConfigError, match=r"different configuration \(search\.mutation_prob\)"):
+        run_search(_cfg(trained, max_params=20000, generations=4, seed=7, mutation_prob=0.5), INFO, "t.yaml")
+
+
 def test_budget_that_admits_nothing_fails_clearly(trained):
     # caught when the config is loaded, before the search touches output_dir
     with pytest.raises(ConfigError, match=r"search\.min_params: .* is above the largest configuration"):
