@@ -309,6 +309,14 @@ def _semantic_checks(cfg: RunConfig, base_dir: Path, problems: list[str]) -> Non
             problems.append(f"model.name: {cfg.model.name!r} is not a timm model{hint}")
     except ImportError:  # pragma: no cover
         pass
+    for key, value in cfg.model.kwargs.items():
+        # timm drops None-valued arguments without a word, so `--set model.kwargs={img_size:32}` (YAML
+        # reads "img_size:32" as a key with no value) would build the default model silently.
+        if not (isinstance(key, str) and key.isidentifier()):
+            hint = " (in YAML flow style put a space after the colon: {img_size: 32})" if ":" in str(key) else ""
+            problems.append(f"model.kwargs: {key!r} is not an argument name{hint}")
+        elif value is None:
+            problems.append(f"model.kwargs.{key}: no value (timm would ignore it); give one or remove the key")
     d = cfg.data
     if d.kind != "demo":
         if not d.root:
