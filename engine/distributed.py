@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 
@@ -53,8 +54,25 @@ def setup(device: str = "auto", key: str = "device") -> DistInfo:
     return DistInfo(rank, world, local, dev)
 
 
+_held = False
+
+
+@contextlib.contextmanager
+def held_process_group():
+    """Keep the process group across several stages run in one process (engine.sweep): torch's
+    gloo and nccl groups cannot be joined again once destroyed, so cleanup() leaves it until the
+    block ends."""
+    global _held
+    _held = True
+    try:
+        yield
+    finally:
+        _held = False
+        cleanup()
+
+
 def cleanup() -> None:
-    if dist.is_available() and dist.is_initialized():
+    if not _held and dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
 

@@ -47,3 +47,14 @@ def test_two_ranks_train_identically_and_search_matches_single_process(tmp_path)
     one = yaml.safe_load((out / "search" / "result.yaml").read_text())
     assert one == two
     assert (out / "search" / "history.jsonl").read_text() == hist_two
+
+
+def test_sweep_under_torchrun_keeps_one_process_group(tmp_path):
+    """engine.sweep runs several stages in one process: under torchrun the group is created once and
+    kept (torch cannot join a destroyed gloo group again), and rank 0 alone prints the report."""
+    cfg = write_config(tmp_path / "c.yaml", tmp_path / "runs")
+    proc = _torchrun(["-m", "engine.sweep", "--config", str(cfg), "--grid", "retrain.seed=0,1"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for seed in ("0", "1"):
+        assert (tmp_path / "runs" / seed / "retrain" / "merged.safetensors").is_file()
+    assert proc.stdout.count(f"| {tmp_path / 'runs' / '1'} | demo seed 1 |") == 1
