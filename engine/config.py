@@ -141,6 +141,7 @@ class SearchConfig:
 @dataclass
 class RetrainConfig(TrainConfig):
     subnet: str | None = None  # a sub-network YAML; default: <output_dir>/search/result.yaml
+    supernet: str | None = None  # with init: supernet, its file; default: <output_dir>/supernet.safetensors
     preset: Literal["lora", "ssf", "bitfit", "prompt", "linear", "full"] | None = None
     rank: int = field(default=8, metadata=check(_positive))  # rank of the lora preset
     init: Literal["supernet", "scratch"] = "supernet"
@@ -363,6 +364,7 @@ def _semantic_checks(cfg: RunConfig, base_dir: Path, problems: list[str]) -> Non
     if cfg.retrain.subnet is not None and cfg.retrain.preset is not None:
         problems.append("retrain.subnet: give either retrain.subnet or retrain.preset, not both")
     exists(cfg.retrain.subnet, "retrain.subnet")
+    exists(cfg.retrain.supernet, "retrain.supernet")
     if not problems and (s.max_params is not None or s.min_params is not None):
         _check_budget(cfg, problems)
 

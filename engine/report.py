@@ -77,7 +77,12 @@ def method_label(run_dir: Path, cfg: dict, metrics: dict) -> str:
     label = "glora " + (Path(space).stem if isinstance(space, str) else "(inline space)")
     result = run_dir / "search" / "result.yaml"
     if not metrics.get("subnet_from_search", True):
-        return label + " (given sub-network)"
+        # another run's search result (retraining seeds of one search) counts as that search's method
+        given = Path(str(metrics.get("subnet", "")))
+        doc = _read(given, yaml.safe_load) if given.name == "result.yaml" and given.is_file() else None
+        if not (isinstance(doc, dict) and "budget" in doc):
+            return label + " (given sub-network)"
+        result = given
     if result.is_file():
         budget = ((_read(result, yaml.safe_load) or {}).get("budget") or {}).get("max_params")
         label += f" <={budget:,}" if budget else ""

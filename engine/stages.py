@@ -258,14 +258,17 @@ def run_train(cfg: RunConfig, info: D.DistInfo, source: str, overwrite: bool = F
 
 
 # --------------------------------------------------------------------------- stage 2
-def load_supernet(cfg: RunConfig, num_classes: int, info: D.DistInfo, source: str, same_training: bool = True) -> nn.Module:
-    """The trained supernet of ``cfg.output_dir``. Refused when the run config no longer describes
-    it: the search (``same_training``) needs the model, data, space and train sections it was
-    trained with; retraining from its slices needs only its space (the model must fit its tensors)."""
-    path = Path(cfg.output_dir) / "supernet.safetensors"
+def load_supernet(cfg: RunConfig, num_classes: int, info: D.DistInfo, source: str, same_training: bool = True,
+                  path: str | None = None) -> nn.Module:
+    """The trained supernet of ``cfg.output_dir`` (or the file ``path``). Refused when the run config
+    no longer describes it: the search (``same_training``) needs the model, data, space and train
+    sections it was trained with; retraining from its slices needs only its space (the model must fit
+    its tensors)."""
+    key = "retrain.supernet" if path else "output_dir"
+    path = Path(path) if path else Path(cfg.output_dir) / "supernet.safetensors"
     if not path.is_file():
         hint = f" ({D.SHARED_FS_HINT})" if info.enabled else ""
-        raise ConfigError(source, [f"output_dir: {path}: no trained supernet; run train.py with this config first{hint}"])
+        raise ConfigError(source, [f"{key}: {path}: no trained supernet; run train.py with this config first{hint}"])
     # The supernet comes from the file: a config changed since train.py (its space above all, whose
     # choices the file's layers would silently keep) would describe a supernet that was never trained.
     meta = adapter_metadata(path)
@@ -274,7 +277,7 @@ def load_supernet(cfg: RunConfig, num_classes: int, info: D.DistInfo, source: st
     else:  # retraining, or a file written before the metadata held the whole configuration
         diffs = ["space"] if "space" in meta and meta["space"] != load_space(cfg.space).to_dict() else []
     if diffs:
-        raise ConfigError(source, [f"output_dir: {path} was trained with another configuration ({', '.join(diffs[:5])}; "
+        raise ConfigError(source, [f"{key}: {path} was trained with another configuration ({', '.join(diffs[:5])}; "
                                    f"see its metadata in supernet.yaml): run train.py with this one, or set those keys back"])
     model = build_model(cfg.model, num_classes)
     load_adapter(model, path)
@@ -496,7 +499,7 @@ def prepare_retrain_model(cfg: RunConfig, num_classes: int, info: D.DistInfo, so
         raise ConfigError(source, [f"retrain.subnet: {subnet_path} not found; run search.py first, or set retrain.subnet or retrain.preset{hint}"])
     load_subnet(subnet_path)  # a broken file stops here, before the supernet is loaded
     if r.init == "supernet":
-        model = load_supernet(cfg, num_classes, info, source, same_training=False).train()
+        model = load_supernet(cfg, num_classes, info, source, same_training=False, path=r.supernet).train()
     else:
         model = build_model(cfg.model, num_classes)
         apply_glora(model, cfg.space)

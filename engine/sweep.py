@@ -44,6 +44,14 @@ def parse_grid(items: list[str]) -> list[tuple[str, list[str]]]:
     return grid
 
 
+def _fill(setting: str, chosen: dict[str, str]) -> str:
+    """A --set value with {key} replaced by this combination's value of that grid key, so that runs
+    can point at each other: retrain.subnet=runs/vtab1k/{data.task}/search/result.yaml."""
+    for key, value in chosen.items():
+        setting = setting.replace("{" + key + "}", value)
+    return setting
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m engine.sweep", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -55,7 +63,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         grid = parse_grid(args.grid)
-        base = Path(load_config(args.config, args.set).output_dir)
+        # {key} placeholders are filled per combination; the base output_dir does not depend on them
+        base = Path(load_config(args.config, [s for s in args.set if "{" not in s]).output_dir)
     except ValueError as err:  # ConfigError included: its message names the file and every key
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -85,7 +94,8 @@ def _run_all(args, grid, combos, base: Path, failed: list[str], say) -> int:
     """The stages of every combination; a signal's exit code if one stopped it, else 0."""
     for n, values in enumerate(combos, 1):
         name = "-".join(values)
-        sets = [*args.set, *[f"{key}={value}" for (key, _), value in zip(grid, values)], f"output_dir={base / name}"]
+        chosen = {key: value for (key, _), value in zip(grid, values)}
+        sets = [*[_fill(s, chosen) for s in args.set], *[f"{k}={v}" for k, v in chosen.items()], f"output_dir={base / name}"]
         say(f"[sweep {n}/{len(combos)}] {name}", file=sys.stderr, flush=True)
         for stage in args.stages:
             code = run_stage(stage, ["--config", args.config, *[a for s in sets for a in ("--set", s)]])

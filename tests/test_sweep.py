@@ -29,3 +29,26 @@ def test_sweep_runs_each_combination_and_goes_on_past_a_failure(tmp_path, capsys
     assert f"| {tmp_path / 'runs' / '0.01-1'} | demo seed 1 |" in captured.out
     assert main(["--config", str(cfg), "--grid", "retrain.lr=0.01", "--grid", "retrain.seed=0,1"]) == 0
     assert "resumed" in capsys.readouterr().err
+
+
+def test_retraining_seeds_share_one_supernet_and_search(tmp_path, capsys):
+    """The papers' protocol: supernet and search once, then more retraining seeds of that result
+    (--stages retrain, retrain.subnet and retrain.supernet pointing at the first run through {key}
+    placeholders). The seed runs train no supernet of their own and report under the same method."""
+    import json
+
+    from engine.report import main as report
+
+    cfg = write_config(tmp_path / "c.yaml", tmp_path / "runs")
+    assert main(["--config", str(cfg), "--grid", "data.demo_classes=4"]) == 0
+    first = tmp_path / "runs" / "4"
+    assert main(["--config", str(cfg), "--grid", "data.demo_classes=4", "--grid", "retrain.seed=1,2", "--stages", "retrain",
+                 "--set", f"retrain.subnet={tmp_path / 'runs'}/{{data.demo_classes}}/search/result.yaml",
+                 "--set", f"retrain.supernet={tmp_path / 'runs'}/{{data.demo_classes}}/supernet.safetensors"]) == 0
+    for seed in ("1", "2"):
+        run = tmp_path / "runs" / f"4-{seed}"
+        assert (run / "retrain" / "merged.safetensors").is_file() and not (run / "supernet.safetensors").exists()
+        assert json.loads((run / "retrain" / "metrics.json").read_text())["subnet"] == str(first / "search" / "result.yaml")
+    capsys.readouterr()
+    assert report([str(tmp_path / "runs"), "--json", str(tmp_path / "r.json")]) == 0
+    assert {r["method"] for r in json.loads((tmp_path / "r.json").read_text())["runs"]} == {"glora large"}
