@@ -8,7 +8,8 @@
 Each combination of the --grid values runs train.py, search.py and retrain.py (or --stages) in this
 process, with `output_dir` set to `<config's output_dir>/<values joined by '-'>`. Every stage
 resumes or skips what is done, so a stopped sweep is continued by running the same command. A
-combination whose stage fails is recorded and the sweep goes on with the next one; a signal
+combination whose stage fails is recorded and the sweep goes on with the next one; a combination
+whose config does not validate stops the sweep before anything runs (all of them are listed); a signal
 (Ctrl-C, SIGTERM) stops the whole sweep after the running stage saved its checkpoint. At the end
 the runs are tabulated by `engine.report`; the exit status is 1 if any combination failed.
 """
@@ -52,6 +53,12 @@ def _fill(setting: str, chosen: dict[str, str]) -> str:
     return setting
 
 
+def _settings(fixed: list[str], grid, values, base: Path) -> list[str]:
+    """The --set list of one combination: the fixed ones (placeholders filled), its grid values, its output_dir."""
+    chosen = {key: value for (key, _), value in zip(grid, values)}
+    return [*[_fill(s, chosen) for s in fixed], *[f"{k}={v}" for k, v in chosen.items()], f"output_dir={base / '-'.join(values)}"]
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m engine.sweep", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -71,6 +78,16 @@ def main(argv=None) -> int:
     if not grid:
         parser.error("--grid is required (e.g. --grid data.task=@vtab1k)")
     combos = list(itertools.product(*[values for _, values in grid]))
+    # Every combination's config is checked before anything runs: a typo must not surface hours in.
+    problems = []
+    for values in combos:
+        try:
+            load_config(args.config, _settings(args.set, grid, values, base))
+        except ValueError as err:  # one line per problem, each naming its combination
+            problems += [f"error: [{'-'.join(values)}] {line}" for line in str(err).splitlines()]
+    if problems:
+        print("\n".join(problems), file=sys.stderr)
+        return 2
     failed: list[str] = []
     say = print if os.environ.get("RANK", "0") == "0" else (lambda *a, **k: None)  # torchrun: rank 0 speaks
     with D.held_process_group():
@@ -94,8 +111,7 @@ def _run_all(args, grid, combos, base: Path, failed: list[str], say) -> int:
     """The stages of every combination; a signal's exit code if one stopped it, else 0."""
     for n, values in enumerate(combos, 1):
         name = "-".join(values)
-        chosen = {key: value for (key, _), value in zip(grid, values)}
-        sets = [*[_fill(s, chosen) for s in args.set], *[f"{k}={v}" for k, v in chosen.items()], f"output_dir={base / name}"]
+        sets = _settings(args.set, grid, values, base)
         say(f"[sweep {n}/{len(combos)}] {name}", file=sys.stderr, flush=True)
         for stage in args.stages:
             code = run_stage(stage, ["--config", args.config, *[a for s in sets for a in ("--set", s)]])

@@ -16,19 +16,29 @@ def test_grid_parsing():
 
 
 def test_sweep_runs_each_combination_and_goes_on_past_a_failure(tmp_path, capsys):
-    """Two seeds of the demo task, and one learning rate that the config refuses: the good runs finish
-    and are tabulated, the bad one is named, exit status 1; a rerun skips the finished runs."""
+    """Two seeds of the demo task, and a demo class count the data refuses when it is built: the good
+    runs finish and are tabulated, the bad one is named, exit status 1; a rerun skips the finished runs."""
     cfg = write_config(tmp_path / "c.yaml", tmp_path / "runs")
-    argv = ["--config", str(cfg), "--grid", "retrain.lr=0.01,-1", "--grid", "retrain.seed=0,1"]
+    argv = ["--config", str(cfg), "--grid", "data.demo_classes=4,9", "--grid", "retrain.seed=0,1"]
     assert main(argv) == 1
     captured = capsys.readouterr()
-    assert "[sweep] 2 of 4 combinations failed: -1-0 (train.py exited with 2); -1-1 (train.py exited with 2)" in captured.err
-    for name in ("0.01-0", "0.01-1"):
+    assert "[sweep] 2 of 4 combinations failed: 9-0 (train.py exited with 2); 9-1 (train.py exited with 2)" in captured.err
+    for name in ("4-0", "4-1"):
         assert (tmp_path / "runs" / name / "retrain" / "metrics.json").is_file()
-        assert yaml.safe_load((tmp_path / "runs" / name / "retrain" / "config.yaml").read_text())["retrain"]["lr"] == 0.01
-    assert f"| {tmp_path / 'runs' / '0.01-1'} | demo seed 1 |" in captured.out
-    assert main(["--config", str(cfg), "--grid", "retrain.lr=0.01", "--grid", "retrain.seed=0,1"]) == 0
+        assert yaml.safe_load((tmp_path / "runs" / name / "retrain" / "config.yaml").read_text())["data"]["demo_classes"] == 4
+    assert f"| {tmp_path / 'runs' / '4-1'} | demo seed 1 |" in captured.out
+    assert main(["--config", str(cfg), "--grid", "data.demo_classes=4", "--grid", "retrain.seed=0,1"]) == 0
     assert "resumed" in capsys.readouterr().err
+
+
+def test_a_combination_whose_config_is_invalid_stops_the_sweep_before_it_starts(tmp_path, capsys):
+    cfg = write_config(tmp_path / "c.yaml", tmp_path / "runs")
+    assert main(["--config", str(cfg), "--grid", "retrain.lr=0.01,-1", "--grid", "train.epochs=1,0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 4 and all(line.startswith("error: [") for line in err), err  # (0.01, 1) is valid
+    assert "[0.01-0]" in err[0] and "train.epochs" in err[0] and "[-1-1]" in err[1] and "retrain.lr" in err[1]
+    assert "[-1-0]" in err[2] and "[-1-0]" in err[3]
+    assert not (tmp_path / "runs").exists()
 
 
 def test_retraining_seeds_share_one_supernet_and_search(tmp_path, capsys):
