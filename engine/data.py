@@ -177,7 +177,7 @@ class TensorImageDataset(Dataset):
         return self.transform(self.images[index]), int(self.labels[index])
 
 
-class CachedImageDataset(Dataset):
+class CachedImageDataset(ImageListDataset):
     """(image path, label) pairs decoded and resized once, up front and on several threads, then kept
     as uint8; each access only converts to float and normalises. The tensors are bit for bit those
     of ``ImageListDataset(samples, build_transform(...))``: no augmentation happens in between
@@ -186,7 +186,7 @@ class CachedImageDataset(Dataset):
 
     def __init__(self, samples: Sequence[Sample], img_size: int, mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
                  std: Sequence[float] = IMAGENET_DEFAULT_STD, threads: int | None = None) -> None:
-        self.samples = list(samples)
+        super().__init__(samples, transforms.Normalize(mean, std))  # the transform left for each access
         self.images = torch.empty((len(self.samples), 3, img_size, img_size), dtype=torch.uint8)
         resize = transforms.Resize((img_size, img_size), interpolation=transforms.InterpolationMode.BICUBIC)
 
@@ -197,18 +197,10 @@ class CachedImageDataset(Dataset):
         # PIL releases the GIL while it decodes and resamples, so threads scale.
         with ThreadPoolExecutor(threads or min(8, os.cpu_count() or 1)) as pool:
             list(pool.map(load, range(len(self.samples))))
-        self.normalize = transforms.Normalize(mean, std)
-
-    @property
-    def targets(self) -> list[int]:
-        return [label for _, label in self.samples]
-
-    def __len__(self) -> int:
-        return len(self.samples)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         # as ToTensor does for uint8 images: float, then divide by 255
-        return self.normalize(self.images[index].float().div(255)), self.samples[index][1]
+        return self.transform(self.images[index].float().div(255)), self.samples[index][1]
 
 
 # --------------------------------------------------------------------------- list files

@@ -286,7 +286,7 @@ def test_corrupt_image_raises_lazily(vtab, payload):
 def test_cached_splits_equal_uncached_bit_for_bit(make, request, monkeypatch):
     """data.cache keeps the resized uint8 pixels; float conversion and normalisation per access give
     exactly the tensors of decoding every time (images of several sizes and modes)."""
-    from engine.data import CachedImageDataset, ImageListDataset
+    from engine.data import CachedImageDataset
 
     cfg = request.getfixturevalue(make)
     for phase in ("search", "final"):
@@ -295,14 +295,14 @@ def test_cached_splits_equal_uncached_bit_for_bit(make, request, monkeypatch):
         cfg.cache = "always"
         cached = build_splits(cfg, phase, IMG, mean=(0.5, 0.4, 0.3), std=(0.2, 0.3, 0.4))
         for a, b in zip(plain[:2], cached[:2]):
-            assert isinstance(a, ImageListDataset) and isinstance(b, CachedImageDataset)
+            assert not isinstance(a, CachedImageDataset) and isinstance(b, CachedImageDataset)
             assert len(a) == len(b) and b.targets == a.targets
             for i in range(len(a)):
                 assert torch.equal(a[i][0], b[i][0]) and a[i][1] == b[i][1]
     cfg.cache = "auto"
     assert isinstance(build_splits(cfg, "search", IMG)[0], CachedImageDataset)
     monkeypatch.setattr("engine.data.CACHE_AUTO_BYTES", 3 * IMG * IMG)  # room for one image: decode on access
-    assert isinstance(build_splits(cfg, "search", IMG)[0], ImageListDataset)
+    assert not isinstance(build_splits(cfg, "search", IMG)[0], CachedImageDataset)
 
 
 def test_fewshot_missing_dataset(fewshot):
