@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -38,6 +39,9 @@ def _parser(doc: str | None) -> argparse.ArgumentParser:
                              "(default: only the folder's classes do, as ImageNet-A and -R are scored)")
     parser.add_argument("--out", metavar="FILE", help="also write the results as a JSON list (written whole, at the end); "
                         "as <output_dir>/retrain/evaluate.json, python -m engine.report tabulates them")
+    parser.add_argument("--batch-size", type=int, metavar="N", help="default: retrain.eval_batch_size, or 128 without --config")
+    parser.add_argument("--workers", type=int, metavar="N",
+                        help="DataLoader workers decoding images; default: data.num_workers, or up to 8 (one per CPU) without --config")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     return parser
 
@@ -63,6 +67,8 @@ def main(doc: str | None = None, argv=None) -> int:
         parser.error("--split and --folder exclude each other: --folder scores the folders instead of a split")
     if not args.folder and (args.classes or args.all_classes):
         parser.error("--classes and --all-classes apply to --folder only")
+    if (args.batch_size is not None and args.batch_size < 1) or (args.workers is not None and args.workers < 0):
+        parser.error("--batch-size must be at least 1 and --workers at least 0")
     if args.out and not Path(args.out).resolve().parent.is_dir():
         parser.error(f"--out {args.out}: its folder does not exist")
     if args.config is None and (not args.folder or args.set):
@@ -79,7 +85,7 @@ def main(doc: str | None = None, argv=None) -> int:
             return _fail(str(err), 2)
         if cfg is None:
             model, img_size, mean, std = _from_checkpoint(args.checkpoint)
-            num_classes, batch_size, precision, workers = model.num_classes, 128, "fp32", 0
+            num_classes, batch_size, precision, workers = model.num_classes, 128, "fp32", min(8, os.cpu_count() or 1)
         else:
             img_size, mean, std = probe_input(cfg)
             data = _data_config(cfg)
@@ -99,6 +105,8 @@ def main(doc: str | None = None, argv=None) -> int:
             # strict, after giving bias-free layers the biases the merge may have created (C or E on them)
             load_merged(model, state, args.checkpoint)
             batch_size, precision, workers = cfg.retrain.eval_batch_size, cfg.retrain.precision, cfg.data.num_workers
+        batch_size = args.batch_size or batch_size
+        workers = workers if args.workers is None else args.workers
         model.to(info.device)
 
         def score(ds, classes=None) -> dict:

@@ -202,3 +202,14 @@ def test_out_writes_the_results(run, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(argv=[*run, "--folder", folder, "--out", str(tmp_path / "no" / "such" / "x.json")])
     assert "its folder does not exist" in capsys.readouterr().err
+
+
+def test_batch_size_and_workers_change_nothing_but_speed(run, tmp_path, capsys):
+    folder = make_folder(tmp_path / "ood", {"n02": 3, "n04": 1})
+    assert main(argv=[*run, "--folder", folder]) == 0
+    (want,) = results(capsys)
+    assert main(argv=[*run, "--folder", folder, "--batch-size", "3", "--workers", "1"]) == 0
+    assert results(capsys) == [want]
+    with pytest.raises(SystemExit):
+        main(argv=[*run, "--folder", folder, "--workers", "-1"])
+    assert "--workers at least 0" in capsys.readouterr().err
