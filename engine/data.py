@@ -576,10 +576,7 @@ def build_folder_eval(folder: str, names: dict[str, int] | None, num_outputs: in
     if beyond:
         raise DataError(f"{folder}: class folder {beyond[0]!r} maps to output {mapping[beyond[0]]}, "
                         f"but the model has {num_outputs} outputs")
-    samples = make_dataset(folder, mapping, extensions=IMAGE_EXTENSIONS, allow_empty=True)
-    if not samples:
-        raise DataError(f"{folder}: no images (expected <class>/<image> with extension in "
-                        f"{' '.join(IMAGE_EXTENSIONS)})")
+    samples = _folder_samples(folder, mapping)
     return FolderEval(ImageListDataset(samples, build_transform(img_size, mean, std)),
                       sorted(set(mapping.values())), mapped_by)
 
