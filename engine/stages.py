@@ -557,7 +557,7 @@ def run_retrain(cfg: RunConfig, info: D.DistInfo, source: str, overwrite: bool =
     topk = (1, 5) if num_classes > 5 else (1,)
     test = evaluate(model, test_loader, info, r.precision, topk=topk)
     if info.is_main:
-        export(model, cfg, rdir, val_ds, info, r.preset)
+        export(model, cfg, rdir, val_ds, info, spec)
         merged_total, merged_added = _merged_file_summary(rdir / "merged.safetensors")
         metrics = {
             "test_top1": test["top1"],
@@ -609,7 +609,8 @@ def _within_roundoff(model: nn.Module, x: torch.Tensor, want: torch.Tensor, got:
     return err_merged <= max(2 * err_unmerged, tol)
 
 
-def export(model: nn.Module, cfg: RunConfig, rdir: Path, val_ds, info: D.DistInfo, preset: str | None) -> None:
+def export(model: nn.Module, cfg: RunConfig, rdir: Path, val_ds, info: D.DistInfo,
+           spec: tuple[int, tuple[float, ...], tuple[float, ...]]) -> None:
     """adapter.safetensors + subnet.yaml, then merged.safetensors once merged == unmerged is verified."""
     model.eval()
     has_glora = any(isinstance(m, GLoraLinear) for m in model.modules())
@@ -631,7 +632,7 @@ def export(model: nn.Module, cfg: RunConfig, rdir: Path, val_ds, info: D.DistInf
     state = {k: v.detach().cpu().contiguous() for k, v in merged.state_dict().items()}
     atomic_write(rdir / "merged.safetensors",
                  lambda tmp: save_file(state, tmp, metadata={"model": cfg.model.name, "kwargs": json.dumps(cfg.model.kwargs),
-                                                             "input": json.dumps(dict(zip(("size", "mean", "std"), probe_input(cfg)))),
+                                                             "input": json.dumps(dict(zip(("size", "mean", "std"), spec))),
                                                              "merge_max_abs_diff": f"{diff:.3g}",
                                                              "added_biases": json.dumps(gained)}))
     if gained and info.is_main:

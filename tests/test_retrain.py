@@ -61,10 +61,10 @@ def test_merged_export_predicts_like_unmerged(tmp_path, monkeypatch):
     captured = {}
     real_export = st.export
 
-    def spy(model, cfg, rdir, val_ds, info, preset):
+    def spy(model, cfg, rdir, val_ds, info, spec):
         captured["model"] = model
         captured["x"] = next(iter(torch.utils.data.DataLoader(val_ds, batch_size=24)))[0]
-        return real_export(model, cfg, rdir, val_ds, info, preset)
+        return real_export(model, cfg, rdir, val_ds, info, spec)
 
     monkeypatch.setattr(st, "export", spy)
     out = tmp_path / "run"
@@ -102,9 +102,9 @@ def test_merge_that_gives_a_bias_free_layer_a_bias(tmp_path, monkeypatch, capsys
     captured = {}
     real_export = st.export
 
-    def spy(model, cfg, rdir, val_ds, info, preset):
+    def spy(model, cfg, rdir, val_ds, info, spec):
         captured["model"], captured["x"] = model, next(iter(torch.utils.data.DataLoader(val_ds, batch_size=8)))[0]
-        return real_export(model, cfg, rdir, val_ds, info, preset)
+        return real_export(model, cfg, rdir, val_ds, info, spec)
 
     monkeypatch.setattr(st, "export", spy)
     out = tmp_path / "swin"
