@@ -12,13 +12,14 @@ from pathlib import Path
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from supernet import AdapterError, WriteError, atomic_write_text, create_merged_model, load_merged, read_metadata
+from supernet import (AdapterError, WriteError, atomic_write_text, create_merged_model, load_merged, read_metadata,
+                      timm_classifier_outputs)
 
 from . import distributed as D
 from .cli import INPUT_ERRORS, _fail
 from .config import ConfigError, load_config
 from .data import DataError, build_folder_eval, build_splits, load_class_names, run_class_names
-from .models import build_model, classifier_outputs, input_size, load_state_file
+from .models import build_model, input_size, load_state_file
 from .stages import _data_config, probe_input
 from .trainer import ShardSampler, evaluate
 
@@ -91,7 +92,7 @@ def main(doc: str | None = None, argv=None) -> int:
             data = _data_config(cfg)
             state = load_state_file(args.checkpoint)
             if args.folder:  # the head's size from the checkpoint: the run's data need not be at hand
-                num_classes = data.num_classes or classifier_outputs(cfg.model, state)
+                num_classes = data.num_classes or timm_classifier_outputs(cfg.model.name, cfg.model.kwargs, state)
                 if names is None:
                     try:
                         names = run_class_names(data)

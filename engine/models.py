@@ -8,7 +8,7 @@ import timm
 import torch
 import torch.nn as nn
 
-from supernet import AdapterError, read_safetensors, state_dict_mismatch, timm_classifier_outputs
+from supernet import AdapterError, read_safetensors, state_dict_mismatch
 
 from .checkpoint import safe_torch_load
 from .config import ModelConfig
@@ -99,12 +99,6 @@ def set_grad_checkpointing(model: nn.Module, key: str) -> None:
         setter(True)
     except (AssertionError, NotImplementedError) as err:  # timm's way of saying a model cannot
         raise ModelError(f"{key}: {type(model).__name__} does not support it ({err or type(err).__name__}); set it to false") from None
-
-
-def classifier_outputs(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> int | None:
-    """The number of classes a full state dict of ``cfg``'s model was saved with (its classifier's
-    weight); None where the model or the state has no classifier to read."""
-    return timm_classifier_outputs(cfg.name, cfg.kwargs, state)
 
 
 def input_size(model: nn.Module) -> int:

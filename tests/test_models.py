@@ -154,8 +154,8 @@ def test_classifier_outputs_read_from_a_state_dict(name, kw):
     """evaluate.py sizes the head from the checkpoint (timm ViT head, ConvNeXt/Swin head.fc)."""
     import timm
 
-    from engine.models import classifier_outputs
+    from supernet import timm_classifier_outputs
 
     state = timm.create_model(name, num_classes=7, **kw).state_dict()
-    assert classifier_outputs(ModelConfig(name=name, kwargs=kw), state) == 7
-    assert classifier_outputs(ModelConfig(name=name, kwargs=kw), {}) is None
+    assert timm_classifier_outputs(name, kw, state) == 7
+    assert timm_classifier_outputs(name, kw, {}) is None
