@@ -75,18 +75,14 @@ def method_label(run_dir: Path, cfg: dict, metrics: dict) -> str:
         return method
     space = cfg.get("space")
     label = "glora " + (Path(space).stem if isinstance(space, str) else "(inline space)")
-    result = run_dir / "search" / "result.yaml"
-    if not metrics.get("subnet_from_search", True):
-        # another run's search result (retraining seeds of one search) counts as that search's method
-        given = Path(str(metrics.get("subnet", "")))
-        doc = _read(given, yaml.safe_load) if given.name == "result.yaml" and given.is_file() else None
-        if not (isinstance(doc, dict) and "budget" in doc):
-            return label + " (given sub-network)"
-        result = given
-    if result.is_file():
-        budget = ((_read(result, yaml.safe_load) or {}).get("budget") or {}).get("max_params")
-        label += f" <={budget:,}" if budget else ""
-    return label
+    own = metrics.get("subnet_from_search", True)
+    # another run's search result (retraining seeds of one search) counts as that search's method
+    result = run_dir / "search" / "result.yaml" if own else Path(str(metrics.get("subnet", "")))
+    doc = _read(result, yaml.safe_load) if result.name == "result.yaml" and result.is_file() else None
+    if isinstance(doc, dict) and "budget" in doc:
+        budget = (doc["budget"] or {}).get("max_params")
+        return label + (f" <={budget:,}" if budget else "")
+    return label if own else label + " (given sub-network)"
 
 
 def load_run(run_dir: Path) -> Run:
@@ -100,14 +96,15 @@ def load_run(run_dir: Path) -> Run:
         raise ReportError(f"{metrics_path}: not a retrain metrics file (no test_top1)")
     data = cfg.get("data") or {}
     kind = data.get("kind", "demo")
+    shots, seed = None, (cfg.get("retrain") or {}).get("seed", 0)
     if kind == "vtab1k":
-        task, shots, seed = VTAB_ALIASES.get(data.get("task"), data.get("task")), None, (cfg.get("retrain") or {}).get("seed", 0)
-    elif kind == "fewshot":
+        task = VTAB_ALIASES.get(data.get("task"), data.get("task"))
+    elif kind == "fewshot":  # the few-shot list seed, not the retraining one
         task, shots, seed = data.get("dataset"), data.get("shots"), data.get("seed", 0)
     elif kind == "imagefolder":
-        task, shots, seed = Path(str(data.get("root"))).name, None, (cfg.get("retrain") or {}).get("seed", 0)
+        task = Path(str(data.get("root"))).name
     else:
-        task, shots, seed = kind, None, (cfg.get("retrain") or {}).get("seed", 0)
+        task = kind
     return Run(str(run_dir), kind, str(task), shots, int(seed), method_label(run_dir, cfg, metrics),
                int(metrics.get("adapter_params", 0)), float(metrics["test_top1"]), metrics.get("test_top5"),
                _evaluations(run_dir / "retrain" / "evaluate.json"))
