@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +43,11 @@ def safe_torch_load(path: str | Path, error: type[Exception], what: str = "file"
     if path.stat().st_size == 0:
         raise error(f"{path}: empty {what}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # Files pickled with protocol 4 (older torch.save, e.g. released pretrained weights) load
+            # fine; torch still warns on each of them, which only alarms a user.
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # unpickling refusals, truncation, wrong format
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise error(f"{path}: refused or unreadable with weights_only=True ({first[:200]})") from None

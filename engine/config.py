@@ -29,6 +29,8 @@ import yaml
 from supernet import SpaceError, load_space
 
 from .compiling import COMPILE_MODES
+from .mnist import MNIST_IMAGES
+from .pretrained import WEIGHT_SUFFIXES, PretrainedError, resolve_checkpoint
 
 CompileMode = Literal[COMPILE_MODES]  # type: ignore[valid-type]  # the tuple's strings, as Literal's arguments
 
@@ -62,14 +64,14 @@ def check(fn):
 class ModelConfig:
     name: str = "vit_base_patch16_224"
     pretrained: bool = False  # timm's own loading (hub tags such as vit_base_patch16_224.augreg_in21k)
-    checkpoint: str | None = None  # local .npz (original ViT format), .safetensors, or .pth/.pt state dict
+    checkpoint: str | None = None  # local .npz (original ViT format), .safetensors, .pth/.pt state dict, or package:NAME
     kwargs: dict = field(default_factory=dict)  # extra timm.create_model arguments (img_size, depth, ...)
     drop_path_rate: float = field(default=0.1, metadata=check(_probability))
 
 
 @dataclass
 class DataSection:
-    kind: Literal["demo", "vtab1k", "fewshot", "imagefolder"] = "demo"
+    kind: Literal["demo", "mnist", "vtab1k", "fewshot", "imagefolder"] = "demo"
     root: str | None = None
     task: str | None = None
     dataset: str | None = None
@@ -83,6 +85,7 @@ class DataSection:
     # Keep the splits a stage reads many times decoded in memory (uint8, after the resize): auto does
     # so for a split of at most 4 GiB. Same tensors either way; it only saves decoding every epoch.
     cache: Literal["auto", "always", "never"] = "auto"
+    # The embedded tasks: demo (generated, 2-4 classes) and mnist (MNIST-5k, 10 classes); split sizes
     demo_classes: int = field(default=4, metadata=check(_positive))
     demo_train: int = field(default=800, metadata=check(_positive))
     demo_val: int = field(default=200, metadata=check(_positive))
@@ -298,9 +301,16 @@ def _semantic_checks(cfg: RunConfig, base_dir: Path, problems: list[str]) -> Non
         if not ok:
             problems.append(f"{key}: {kind} not found: {p}")
 
-    exists(cfg.model.checkpoint, "model.checkpoint")
-    if cfg.model.checkpoint and not str(cfg.model.checkpoint).endswith((".npz", ".safetensors", ".pth", ".pt", ".bin")):
-        problems.append(f"model.checkpoint: expected a .npz, .safetensors, .pth or .pt file, got {cfg.model.checkpoint}")
+    if cfg.model.checkpoint:
+        try:
+            weights = resolve_checkpoint(cfg.model.checkpoint)
+        except PretrainedError as err:
+            problems.append(f"model.checkpoint: {err}")
+        else:
+            exists(str(weights), "model.checkpoint")
+            if weights.suffix not in WEIGHT_SUFFIXES:
+                problems.append(f"model.checkpoint: expected a .npz, .safetensors, .pth or .pt file, or package:NAME, "
+                                f"got {cfg.model.checkpoint}")
     try:
         import timm
 
@@ -319,11 +329,14 @@ def _semantic_checks(cfg: RunConfig, base_dir: Path, problems: list[str]) -> Non
         elif value is None:
             problems.append(f"model.kwargs.{key}: no value (timm would ignore it); give one or remove the key")
     d = cfg.data
-    if d.kind != "demo":
+    if d.kind not in ("demo", "mnist"):
         if not d.root:
             problems.append(f"data.root: required for data.kind {d.kind}")
         else:
             exists(d.root, "data.root", "directory")
+    if d.kind == "mnist" and d.demo_train + d.demo_val + d.demo_test > MNIST_IMAGES:
+        problems.append(f"data.demo_train/demo_val/demo_test: {d.demo_train} + {d.demo_val} + {d.demo_test} images, "
+                        f"but MNIST-5k has {MNIST_IMAGES:,}")
     if d.kind == "vtab1k" and not d.task:
         problems.append("data.task: required for data.kind vtab1k")
     if d.kind == "fewshot" and not d.dataset:

@@ -24,6 +24,8 @@ from torchvision import transforms
 from torchvision.datasets.folder import find_classes, make_dataset
 from torchvision.transforms import v2
 
+from .mnist import MNIST_CLASSES, MNIST_SIZE, mnist_split
+
 __all__ = [
     "DataError",
     "DataConfig",
@@ -48,7 +50,8 @@ IMAGE_EXTENSIONS: tuple[str, ...] = (
 PHASES = ("search", "final")
 CACHE_MODES = ("auto", "always", "never")
 CACHE_AUTO_BYTES = 4 << 30  # cache: auto keeps a split decoded when it takes at most this much memory
-KINDS = ("vtab1k", "fewshot", "imagefolder", "demo")
+EMBEDDED = ("demo", "mnist")  # tasks held in memory, needing no data.root
+KINDS = ("vtab1k", "fewshot", "imagefolder", *EMBEDDED)
 DEMO_SIZE = 32  # native resolution of the generated demo images
 
 Sample = tuple[str, int]
@@ -61,7 +64,7 @@ class DataError(ValueError):
 
 @dataclass
 class DataConfig:
-    kind: str = "demo"  # vtab1k | fewshot | imagefolder | demo
+    kind: str = "demo"  # vtab1k | fewshot | imagefolder | demo | mnist
     root: str | None = None  # dataset root (vtab1k, fewshot, imagefolder)
     task: str | None = None  # vtab1k task folder name
     dataset: str | None = None  # fewshot dataset folder name
@@ -74,7 +77,7 @@ class DataConfig:
     normalize: str = "imagenet"  # the stages turn it into the mean/std given to build_splits (needs the model)
     cache: str = "auto"  # auto | always | never: keep splits decoded in memory (see CachedImageDataset)
     demo_classes: int = 4  # demo task only
-    demo_train: int = 800
+    demo_train: int = 800  # split sizes of the embedded tasks (demo, mnist)
     demo_val: int = 200
     demo_test: int = 400
 
@@ -464,22 +467,37 @@ def make_demo_arrays(seed: int, split: str, n: int, num_classes: int = 4
     return np.clip(images, 0, 255).astype(np.uint8), layout[:, 0].copy()
 
 
-def _demo_dataset(cfg: DataConfig, splits: Sequence[str], img_size: int, norm: Norm) -> TensorImageDataset:
+def _split_arrays(cfg: DataConfig, split: str) -> tuple[np.ndarray, np.ndarray, int]:
+    """(uint8 images [n, H, W, 3] or [n, H, W], int64 labels [n], native size) of an embedded task's split."""
     sizes = {"train": cfg.demo_train, "val": cfg.demo_val, "test": cfg.demo_test}
-    arrays = [make_demo_arrays(cfg.seed, s, sizes[s], cfg.demo_classes) for s in splits]
-    images = torch.from_numpy(np.concatenate([a for a, _ in arrays])).permute(0, 3, 1, 2)
-    labels = torch.from_numpy(np.concatenate([y for _, y in arrays]))
-    return TensorImageDataset(images.contiguous(), labels,
-                              _build_tensor_transform(img_size, DEMO_SIZE, *norm))
+    if cfg.kind == "mnist":
+        try:
+            images, labels = mnist_split(split, sizes, cfg.seed)
+        except ValueError as err:
+            raise DataError(f"data.demo_train/demo_val/demo_test: {err}") from None
+        return images, labels, MNIST_SIZE
+    return (*make_demo_arrays(cfg.seed, split, sizes[split], cfg.demo_classes), DEMO_SIZE)
 
 
-def _build_demo(cfg: DataConfig, phase: str, img_size: int, norm: Norm) -> tuple[Dataset, Dataset, int]:
-    if cfg.num_classes is not None and cfg.demo_classes > cfg.num_classes:
-        raise DataError(f"demo: demo_classes {cfg.demo_classes} > num_classes {cfg.num_classes}")
+def _embedded_dataset(cfg: DataConfig, splits: Sequence[str], img_size: int, norm: Norm) -> TensorImageDataset:
+    arrays = [_split_arrays(cfg, s) for s in splits]
+    images = torch.from_numpy(np.concatenate([a for a, _, _ in arrays]))
+    # grey images (MNIST) are repeated to three channels, as a PIL convert("RGB") would
+    images = images.unsqueeze(-1).expand(*images.shape, 3) if images.ndim == 3 else images
+    labels = torch.from_numpy(np.concatenate([y for _, y, _ in arrays]))
+    return TensorImageDataset(images.permute(0, 3, 1, 2).contiguous(), labels,
+                              _build_tensor_transform(img_size, arrays[0][2], *norm))
+
+
+def _build_embedded(cfg: DataConfig, phase: str, img_size: int, norm: Norm) -> tuple[Dataset, Dataset, int]:
+    """The embedded tasks, held in memory: the generated ``demo`` and the real ``mnist`` (MNIST-5k)."""
+    classes = MNIST_CLASSES if cfg.kind == "mnist" else cfg.demo_classes
+    if cfg.num_classes is not None and classes > cfg.num_classes:
+        raise DataError(f"{cfg.kind}: {classes} classes > num_classes {cfg.num_classes}")
     train_splits, eval_split = {"search": (("train",), "val"),
                                 "final": (("train", "val"), "test")}[phase]
-    num_classes = cfg.num_classes if cfg.num_classes is not None else cfg.demo_classes
-    return (_demo_dataset(cfg, train_splits, img_size, norm), _demo_dataset(cfg, (eval_split,), img_size, norm),
+    num_classes = cfg.num_classes if cfg.num_classes is not None else classes
+    return (_embedded_dataset(cfg, train_splits, img_size, norm), _embedded_dataset(cfg, (eval_split,), img_size, norm),
             num_classes)
 
 
@@ -615,8 +633,8 @@ def build_splits(cfg: DataConfig, phase: str, img_size: int, mean: Sequence[floa
     if cfg.cache not in CACHE_MODES:
         raise DataError(f"data.cache {cfg.cache!r}: expected one of {', '.join(CACHE_MODES)}")
     norm = (tuple(mean), tuple(std))
-    if cfg.kind == "demo":  # generated in memory already
-        return _build_demo(cfg, phase, img_size, norm)
+    if cfg.kind in EMBEDDED:  # in memory already
+        return _build_embedded(cfg, phase, img_size, norm)
     train, evals, num_classes = _SAMPLES[cfg.kind](cfg, phase)
     return (image_dataset(train, img_size, norm, cfg.cache if "train" in cache else "never"),
             image_dataset(evals, img_size, norm, cfg.cache if "eval" in cache else "never"), num_classes)

@@ -12,6 +12,7 @@ from supernet import AdapterError, read_safetensors, state_dict_mismatch
 
 from .checkpoint import safe_torch_load
 from .config import ModelConfig
+from .pretrained import PretrainedError, resolve_checkpoint, to_timm_layout
 
 
 class ModelError(ValueError):
@@ -44,9 +45,14 @@ def load_state_file(path: str | Path) -> dict[str, torch.Tensor]:
 def load_backbone_weights(model: nn.Module, path: str | Path) -> None:
     """Load a local checkpoint into ``model``, skipping its classifier (reset for the task).
 
-    ``.npz`` files in the original ViT format go through timm's own reader.
+    ``path`` may be ``package:NAME`` (the weights file an installed package ships). ``.npz`` files
+    in the original ViT format go through timm's own reader; state dicts of other EfficientNet code
+    are renamed onto timm's keys (:mod:`engine.pretrained`).
     """
-    path = Path(path)
+    try:
+        path = resolve_checkpoint(str(path))
+    except PretrainedError as err:
+        raise ModelError(f"model.checkpoint: {err}") from None
     if path.suffix == ".npz":
         if not hasattr(model, "load_pretrained"):
             raise ModelError(f"{path}: .npz checkpoints are only readable for timm ViT models")
@@ -59,7 +65,12 @@ def load_backbone_weights(model: nn.Module, path: str | Path) -> None:
         return
     state = load_state_file(path)
     heads = _head_prefixes(model)
-    own = {k: v for k, v in model.state_dict().items() if not any(k.startswith(p) for p in heads)}
+    full = model.state_dict()
+    try:
+        state = to_timm_layout(state, full, str(path), frozenset(k for k in full if any(k.startswith(p) for p in heads)))
+    except PretrainedError as err:
+        raise ModelError(str(err)) from None
+    own = {k: v for k, v in full.items() if not any(k.startswith(p) for p in heads)}
     state = {k: v for k, v in state.items() if not any(k.startswith(p) for p in heads)}
     problems = state_dict_mismatch(own, state)
     if problems:

@@ -437,3 +437,43 @@ def test_normalisation_is_the_given_mean_and_std(folder, kind):
     pixels = default * std + mean
     assert torch.allclose(half, (pixels - 0.5) / 0.5, atol=1e-5)
     assert not torch.allclose(half, default, atol=1e-2)
+
+
+# --------------------------------------------------------------------------- mnist task (MNIST-5k, embedded)
+
+
+def mnist_cfg(**kw) -> DataConfig:
+    return DataConfig(kind="mnist", **{"demo_train": 300, "demo_val": 100, "demo_test": 200, **kw})
+
+
+def test_mnist_splits_are_balanced_disjoint_and_real_digits():
+    from engine.mnist import load_mnist5k
+
+    images, labels = load_mnist5k()
+    assert images.shape == (5000, 28, 28) and np.bincount(labels).tolist() == [500] * 10
+    train, val, k = build_splits(mnist_cfg(), "search", IMG)
+    train_f, test, _ = build_splits(mnist_cfg(), "final", IMG)
+    assert (len(train), len(val), len(train_f), len(test), k) == (300, 100, 400, 200, 10)
+    for split, n in ((train, 30), (val, 10), (test, 20)):
+        assert np.bincount(split.targets, minlength=10).tolist() == [n] * 10
+    # the three splits share no image, and the final training set is train then val
+    rows = lambda ds: {bytes(im[0].numpy()) for im in ds.images}  # noqa: E731
+    assert not rows(train) & rows(val) and not (rows(train) | rows(val)) & rows(test)
+    assert torch.equal(train_f.images, torch.cat([train.images, val.images]))
+    # grey digits, repeated to three channels: a dark background and bright strokes
+    assert torch.equal(train.images[:, 0], train.images[:, 1]) and torch.equal(train.images[:, 0], train.images[:, 2])
+    assert train.images.float().mean() < 60 and train.images.max() == 255
+    assert train[0][0].shape == (3, IMG, IMG)
+
+
+def test_mnist_test_split_is_fixed_by_the_seed_alone():
+    _, a, _ = build_splits(mnist_cfg(), "final", IMG)
+    _, b, _ = build_splits(mnist_cfg(demo_train=2000, demo_val=500), "final", IMG)
+    _, c, _ = build_splits(mnist_cfg(seed=1), "final", IMG)
+    assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
+    assert not torch.equal(a.images, c.images)
+
+
+def test_mnist_too_many_images():
+    with raises_data_error("MNIST-5k has 5,000"):
+        build_splits(mnist_cfg(demo_train=4000, demo_val=500, demo_test=1000), "search", IMG)
