@@ -201,3 +201,28 @@ def test_grad_checkpointing_trains_the_same_run_bit_for_bit(tmp_path, monkeypatc
     assert all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(ModelError, match=r"^retrain\.grad_checkpointing: Sequential has no set_grad_checkpointing"):
         set_grad_checkpointing(torch.nn.Sequential(torch.nn.Linear(2, 2)), "retrain.grad_checkpointing")
+
+
+def test_frozen_batch_norms_keep_their_statistics():
+    """A frozen backbone's batch norms stay in eval mode while adapters and head train (their running
+    statistics are not in the adapter files or the merge), through evaluate() too; trainable ones train."""
+    import torch.nn as nn
+
+    from engine.trainer import evaluate, train_mode
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.LazyLinear(2))
+    model(torch.randn(2, 3, 8, 8))
+    model[1].requires_grad_(False)
+    before = model[1].running_mean.clone()
+    train_mode(model)
+    assert model.training and model[0].training and not model[1].training
+    model(torch.randn(4, 3, 8, 8) + 5)
+    assert torch.equal(model[1].running_mean, before)
+    data = torch.utils.data.TensorDataset(torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 0, 1]))
+    evaluate(model, torch.utils.data.DataLoader(data, batch_size=2), INFO)
+    assert model.training and not model[1].training
+    model[1].requires_grad_(True)
+    train_mode(model)
+    assert model[1].training
+    model(torch.randn(4, 3, 8, 8) + 5)
+    assert not torch.equal(model[1].running_mean, before)
