@@ -79,6 +79,9 @@ class DataSection:
     seed: int = 0
     num_classes: int | None = field(default=None, metadata=check(_positive))
     num_workers: int = field(default=0, metadata=check(_non_negative))
+    # The square size images are resized to; null: the model's own (a ViT's img_size, else timm's
+    # pretrained_cfg). A CNN takes any size; a ViT only its own (or with dynamic_img_size).
+    img_size: int | None = field(default=None, metadata=check(_positive))
     # imagenet: ImageNet mean/std, the VTAB-1k protocol of the GLoRA/NOAH papers, whatever the
     # backbone; model: the mean/std the backbone was pre-trained with (timm's pretrained_cfg).
     normalize: Literal["imagenet", "model"] = "imagenet"

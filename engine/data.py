@@ -74,6 +74,7 @@ class DataConfig:
     # checked against it.
     num_classes: int | None = None
     num_workers: int = 0
+    img_size: int | None = None  # the stages resolve it (needs the model) and pass it to build_splits
     normalize: str = "imagenet"  # the stages turn it into the mean/std given to build_splits (needs the model)
     cache: str = "auto"  # auto | always | never: keep splits decoded in memory (see CachedImageDataset)
     demo_classes: int = 4  # demo task only

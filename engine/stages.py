@@ -141,7 +141,8 @@ def _data_config(cfg: RunConfig) -> DataConfig:
 
 
 def probe_input(cfg: RunConfig) -> tuple[int, tuple[float, ...], tuple[float, ...]]:
-    """The backbone's square input size, and the mean/std images are normalised with (data.normalize)."""
+    """The square input size (data.img_size, else the backbone's), and the mean/std images are
+    normalised with (data.normalize)."""
     import timm
     from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
@@ -152,7 +153,7 @@ def probe_input(cfg: RunConfig) -> tuple[int, tuple[float, ...], tuple[float, ..
         mean, std = pretrained.get("mean", IMAGENET_DEFAULT_MEAN), pretrained.get("std", IMAGENET_DEFAULT_STD)
     else:
         mean, std = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-    return input_size(model), tuple(mean), tuple(std)
+    return cfg.data.img_size or input_size(model), tuple(mean), tuple(std)
 
 
 def _write_config(stage_dir: Path, cfg: RunConfig, info: D.DistInfo) -> None:

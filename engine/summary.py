@@ -1,6 +1,9 @@
 """A short, honest summary of a finished pipeline run (what `make demo` prints at the end).
 
-    python -m engine.summary --config configs/demo.yaml
+    python -m engine.summary --config configs/demo.yaml [--baseline runs/demo-lora]
+
+``--baseline DIR`` adds the test accuracy of another finished run beside GLoRA's (the demo
+retrains the LoRA preset there, at the parameter budget GLoRA's search was held to).
 """
 
 from __future__ import annotations
@@ -26,11 +29,27 @@ def choice_counts(subnet: dict[str, dict[str, str]]) -> str:
     return " | ".join(parts)
 
 
-def summarise(output_dir: Path) -> str:
+def _metrics(output_dir: Path) -> dict:
     retrain = output_dir / "retrain" / "metrics.json"
     if not retrain.is_file():
         raise FileNotFoundError(f"{retrain}: not found; run train.py, search.py and retrain.py first")
-    m = json.loads(retrain.read_text())
+    return json.loads(retrain.read_text())
+
+
+def _method(m: dict) -> str:
+    return "GLoRA" if m.get("method", "glora") == "glora" else str(m["method"])
+
+
+def compare(output_dir: Path, baselines: list[Path]) -> list[str]:
+    """One line per run, GLoRA's first: method, test top-1 and trainable adapter parameters."""
+    rows = [(_method(m), m) for m in map(_metrics, [output_dir, *baselines])]
+    width = max(len(name) for name, _ in rows)
+    return [f"compare:  {name:<{width}}  test top-1 {m['test_top1']:6.2f}%  with {m['adapter_params']:>9,} adapter parameters"
+            f" ({m['test_images']} test images)" for name, m in rows]
+
+
+def summarise(output_dir: Path, baselines: list[Path] = ()) -> str:
+    m = _metrics(output_dir)
     lines = ["", "=== GLoRA pipeline summary ==="]
     result = output_dir / "search" / "result.yaml"
     if m.get("method", "glora") != "glora":
@@ -56,19 +75,22 @@ def summarise(output_dir: Path) -> str:
             (output_dir / "search" / "pareto.png", ""),
         ) if path.is_file()),
         f"tensorboard: .venv/bin/tensorboard --logdir {output_dir}",
-        "",
     ]
-    return "\n".join(lines)
+    if baselines:
+        lines += compare(output_dir, list(baselines))
+    return "\n".join(lines + [""])
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--config", required=True)
     parser.add_argument("--set", action="append", default=[])
+    parser.add_argument("--baseline", action="append", default=[], metavar="DIR",
+                        help="another finished run folder to compare with (repeatable)")
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.set)
-        print(summarise(Path(cfg.output_dir)))
+        print(summarise(Path(cfg.output_dir), [Path(b) for b in args.baseline]))
     except (ConfigError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

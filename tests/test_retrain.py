@@ -269,3 +269,21 @@ def test_resuming_a_retrain_of_another_subnetwork_is_refused(tmp_path):
     with pytest.raises(TrainError, match=r"last\.pt: written while retraining another sub-network than .*result\.yaml holds now"):
         run_retrain(config_from_dict(yaml.safe_load(open(cfg))), INFO, cfg)
     assert cli("retrain", ["--config", cfg, "--overwrite"]) == 0
+
+
+def test_summary_compares_with_baseline_runs(tmp_path):
+    """engine.summary --baseline: one line per run, the summarised run first, each with its own
+    test accuracy and adapter count read from its metrics.json."""
+    import json
+
+    from engine.summary import summarise
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert _retrain(a, preset="ssf") == "done" and _retrain(b, preset="lora") == "done"
+    text = summarise(a, [b])
+    rows = [line for line in text.splitlines() if line.startswith("compare:")]
+    ma, mb = (json.loads((d / "retrain" / "metrics.json").read_text()) for d in (a, b))
+    assert len(rows) == 2 and "ssf" in rows[0] and "lora" in rows[1]
+    for row, m in zip(rows, (ma, mb)):
+        assert f"{m['test_top1']:6.2f}%" in row and f"{m['adapter_params']:>9,} adapter" in row
+    assert "compare:" not in summarise(a)
