@@ -97,7 +97,7 @@ class DataSection:
 
 @dataclass
 class TrainConfig:
-    """Optimisation settings; defaults are the paper's ViT-B/16 VTAB-1k recipe (SPEC section 3)."""
+    """Optimisation settings; defaults are the paper's ViT-B/16 VTAB-1k recipe (docs/method.md §3)."""
 
     epochs: int = field(default=500, metadata=check(_positive))
     batch_size: int = field(default=64, metadata=check(_positive))

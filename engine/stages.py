@@ -286,7 +286,7 @@ def load_supernet(cfg: RunConfig, num_classes: int, info: D.DistInfo, source: st
 
 
 class MergedScorer:
-    """Scores candidates by merging their weights into one plain copy of the model (SPEC section 1).
+    """Scores candidates by merging their weights into one plain copy of the model (docs/method.md §1).
 
     The validation set is kept in memory, so a candidate costs one merge (a few small matrix
     products per layer) plus a plain forward pass over the validation images.

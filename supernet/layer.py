@@ -1,4 +1,4 @@
-"""The GLoRA linear layer (SPEC section 1 and 2).
+"""The GLoRA linear layer (docs/method.md §1 and §2).
 
 ``y = (W0 + W0 ⊙ A + B) x + (b0 + b0 ⊙ D + E + W0 C)``
 
@@ -43,7 +43,7 @@ class SupportTensors(NamedTuple):
 
 
 def choice_cost(tensor: str, choice: Choice, out_features: int, in_features: int) -> int:
-    """Parameters a retrained sub-network holds for one tensor of one layer (SPEC section 2)."""
+    """Parameters a retrained sub-network holds for one tensor of one layer (docs/method.md §2)."""
     if choice.kind == "none":
         return 0
     if tensor in ("A", "B"):

@@ -1,4 +1,4 @@
-"""Structural re-parameterisation: fold every GLoRA layer into a plain ``nn.Linear`` (SPEC section 1)."""
+"""Structural re-parameterisation: fold every GLoRA layer into a plain ``nn.Linear`` (docs/method.md §1)."""
 
 from __future__ import annotations
 

@@ -139,7 +139,7 @@ def layer_choices(model: nn.Module) -> dict[str, dict[str, tuple]]:
 
 
 def choice_costs(model: nn.Module) -> dict[str, dict[str, dict[str, int]]]:
-    """Per layer, per tensor, per choice (as a string): the parameters it costs (SPEC section 2)."""
+    """Per layer, per tensor, per choice (as a string): the parameters it costs (docs/method.md §2)."""
     return {
         name: {
             t: {str(c): choice_cost(t, c, layer.out_features, layer.in_features) for c in layer.choices[t]}
@@ -276,7 +276,7 @@ def head_params(model: nn.Module) -> int:
 
 
 def count_params(model: nn.Module, config: Subnet | Mapping[str, Any] | str | None = None) -> ParamCount:
-    """Parameters a retrained sub-network holds (SPEC section 2); ``config`` defaults to the active one."""
+    """Parameters a retrained sub-network holds (docs/method.md §2); ``config`` defaults to the active one."""
     if config is None:
         layers, config = _layers_or_raise(model), get_subnet(model)
     else:

@@ -27,7 +27,7 @@ import yaml
 
 TENSORS = ("A", "B", "C", "D", "E")
 
-# Which kinds of choice each support tensor admits (SPEC section 2).
+# Which kinds of choice each support tensor admits (docs/method.md §2).
 ALLOWED_KINDS: dict[str, tuple[str, ...]] = {
     "A": ("lora", "vector", "scalar", "none"),
     "B": ("lora", "vector", "scalar", "none"),

@@ -72,7 +72,7 @@ def save_subnet(config: Subnet, path: str | os.PathLike) -> None:
 
 
 def sample_config(choices: Mapping[str, Mapping[str, tuple]], generator: torch.Generator) -> Subnet:
-    """Draw each tensor's choice of each layer uniformly from its allowed list (SPEC section 3).
+    """Draw each tensor's choice of each layer uniformly from its allowed list (docs/method.md §3).
 
     Layers are visited in the order given and tensors A..E, so a seeded generator gives the
     same sequence in every process.

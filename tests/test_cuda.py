@@ -1,4 +1,4 @@
-"""The CUDA paths against the CPU ones, which the rest of the suite checks against SPEC.
+"""The CUDA paths against the CPU ones, which the rest of the suite checks against docs/method.md.
 
 Skipped where torch sees no GPU (CI, the development machine); on a GPU machine run
 ``python -m pytest -m cuda``. Covers what differs on CUDA: the fused reductions and mixed-dtype
@@ -40,7 +40,7 @@ def _configs(layer: GLoraLinear):
 
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
 def test_every_configuration_matches_cpu_in_float64(bias):
-    """Output, merged weights and every gradient on CUDA equal the CPU layer's (itself checked against SPEC)."""
+    """Output, merged weights and every gradient on CUDA equal the CPU layer's (itself checked against docs/method.md)."""
     cpu, gen, _, _ = _random_layer(bias, seed=3)
     gpu = copy.deepcopy(cpu).to(CUDA)
     x = torch.randn(3, 4, 7, generator=gen, dtype=torch.float64)

@@ -21,7 +21,7 @@ LAYERS = [DIMS[k] for _ in range(2) for k in ("qkv", "proj", "fc1", "fc2")]
 
 
 def _spec_count(preset: str, r: int = 8) -> int:
-    """SPEC section 2's table, summed over the tiny ViT's 8 linear layers."""
+    """docs/method.md §2's table, summed over the tiny ViT's 8 linear layers."""
     per = {
         "lora": lambda i, o: r * (o + i),
         "ssf": lambda i, o: 3 * o,

@@ -1,4 +1,4 @@
-"""The GLoRA layer against SPEC's dense formula, for every configuration of the largest space."""
+"""The GLoRA layer against the dense formula of docs/method.md §1, for every configuration of the largest space."""
 
 import contextlib
 import itertools
@@ -22,7 +22,7 @@ def _randomise(layer: nn.Module, gen: torch.Generator) -> None:
 
 
 def _expected_support(layer: GLoraLinear, c: LayerChoice):
-    """SPEC section 2's table, written out from the raw shared parameters."""
+    """docs/method.md §2's table, written out from the raw shared parameters."""
     out_f, in_f = layer.out_features, layer.in_features
     dt = layer.weight.dtype
 
@@ -67,7 +67,7 @@ def _random_layer(bias: bool, seed: int):
 
 
 def _dense_output(x, W0, b0, A, B, C, D, E):
-    """SPEC section 1: ``(W0 + W0 ⊙ A + B) x + (b0 + b0 ⊙ D + E + W0 C)``."""
+    """docs/method.md §1: ``(W0 + W0 ⊙ A + B) x + (b0 + b0 ⊙ D + E + W0 C)``."""
     return x @ (W0 + W0 * A + B).T + (b0 + b0 * D + E + (W0 @ C).squeeze(-1))
 
 
@@ -151,7 +151,7 @@ def test_illegal_choice_on_layer_names_tensor():
 
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
 def test_every_configuration_gradients_match_dense_formula(bias):
-    """Input and adapter gradients of the fast paths equal autograd through SPEC's dense formula."""
+    """Input and adapter gradients of the fast paths equal autograd through the dense formula of docs/method.md §1."""
     layer, gen, W0, b0 = _random_layer(bias, seed=2)
     params = layer.adapter_parameters()
     x = torch.randn(3, 4, 7, generator=gen, dtype=torch.float64, requires_grad=True)

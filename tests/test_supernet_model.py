@@ -116,7 +116,7 @@ def test_merge_equals_unmerged(builder):
 @pytest.mark.parametrize("builder", ["vit", "deit", "swin"])
 def test_merged_loads_strictly_into_fresh_timm_model(builder):
     # Swin's patch-merging projection has no bias; adapting it with C or E would add one, so the
-    # export test leaves it out (SPEC: merging then creates a bias, which timm's Swin has no slot for).
+    # export test leaves it out (docs/method.md §1: merging then creates a bias, which timm's Swin has no slot for).
     space = {"targets": "all-linear", "exclude": ["reduction"], "choices": load_space(LARGE_SPACE).to_dict()["choices"]}
     _, model = _adapted(builder, space=space)
     _perturb(model, seed=2)

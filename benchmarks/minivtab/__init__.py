@@ -1,4 +1,4 @@
-"""mini-VTAB: a CPU-scale replica of the GLoRA paper's evaluation protocol (SPEC section 7) on
+"""mini-VTAB: a CPU-scale replica of the GLoRA paper's evaluation protocol (docs/method.md §7) on
 real images available offline (Fashion-MNIST from the Debian package, scikit-learn's digits).
 
     python -m benchmarks.minivtab --quick     # < 15 min on 2 CPU cores

@@ -1,5 +1,5 @@
 """Write the mini-VTAB tasks to disk as PNG files plus list files, in the layouts the project's
-loader reads (SPEC section 7):
+loader reads (docs/method.md §7):
 
     <root>/vtab/<task>/{train800,val200,train800val200,test}.txt    lines: images/<split>/<i:06d>.png <label>
     <root>/vtab/<task>_lrsel/...          learning-rate selection view: "final" = train800 -> val200
