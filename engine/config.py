@@ -289,6 +289,9 @@ def resolve_space(space: str, config_dir: Path) -> str | None:
     return None
 
 
+DEMO_MAX_IMAGES = 1_000_000  # per split: 3 GiB of generated pixels
+
+
 def _semantic_checks(cfg: RunConfig, base_dir: Path, problems: list[str]) -> None:
     def exists(p: str | None, key: str, kind: str = "file") -> None:
         if p is None:
@@ -365,25 +368,26 @@ def _semantic_checks(cfg: RunConfig, base_dir: Path, problems: list[str]) -> Non
         problems.append("retrain.subnet: give either retrain.subnet or retrain.preset, not both")
     exists(cfg.retrain.subnet, "retrain.subnet")
     exists(cfg.retrain.supernet, "retrain.supernet")
-    if not problems and (s.max_params is not None or s.min_params is not None):
-        _check_budget(cfg, problems)
+    if d.kind == "demo" and not 2 <= d.demo_classes <= 4:  # the demo task has four spatial relations
+        problems.append(f"data.demo_classes: must be 2, 3 or 4, got {d.demo_classes}")
+    if d.kind == "demo" and d.num_classes is not None and d.demo_classes > d.num_classes:
+        problems.append(f"data.num_classes: must be >= data.demo_classes ({d.demo_classes}), got {d.num_classes}")
+    for split in ("train", "val", "test"):  # generated in memory, 3 KiB an image (and a float copy per batch)
+        n = getattr(d, f"demo_{split}")
+        if d.kind == "demo" and n > DEMO_MAX_IMAGES:
+            problems.append(f"data.demo_{split}: at most {DEMO_MAX_IMAGES:,} generated images, got {n:,}")
+    # Building the model is the only full check of model.*: timm validates its arguments by failing.
+    # Done whatever else failed in the model or space keys, since those are reported already.
+    if not any(p.startswith(("model.", "space")) for p in problems):
+        from .preflight import check_model
+
+        costs = check_model(cfg, problems)
+        if costs is not None:
+            _check_budget(cfg, *costs, problems)
 
 
-def _check_budget(cfg: "RunConfig", problems: list[str]) -> None:
-    """Reject a budget no configuration can meet, using the model's shapes only (meta device)."""
-    import timm
-
-    from supernet import apply_glora, choice_costs
-
-    try:
-        with torch_meta():
-            model = timm.create_model(cfg.model.name, pretrained=False, num_classes=2, **cfg.model.kwargs)
-            apply_glora(model, cfg.space)
-    except Exception:  # the stages report model/space problems with their own messages
-        return
-    costs = choice_costs(model)
-    low = sum(min(per.values()) for layer in costs.values() for per in layer.values())
-    high = sum(max(per.values()) for layer in costs.values() for per in layer.values())
+def _check_budget(cfg: "RunConfig", low: int, high: int, problems: list[str]) -> None:
+    """Reject a budget no configuration can meet (``low``..``high``: the space's adapter parameter counts)."""
     s = cfg.search
     if s.max_params is not None and s.max_params < low:
         problems.append(f"search.max_params: {s.max_params:,} is below the smallest configuration of this space "
@@ -391,12 +395,6 @@ def _check_budget(cfg: "RunConfig", problems: list[str]) -> None:
     if s.min_params is not None and s.min_params > high:
         problems.append(f"search.min_params: {s.min_params:,} is above the largest configuration of this space "
                         f"({high:,} adapter parameters)")
-
-
-def torch_meta():
-    import torch
-
-    return torch.device("meta")
 
 
 def parse_overrides(overrides: list[str] | None, problems: list[str]) -> list[tuple[str, Any]]:

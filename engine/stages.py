@@ -142,17 +142,9 @@ def _data_config(cfg: RunConfig) -> DataConfig:
 
 def probe_input(cfg: RunConfig) -> tuple[int, tuple[float, ...], tuple[float, ...]]:
     """The backbone's square input size, and the mean/std images are normalised with (data.normalize)."""
-    import timm
-    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+    from .preflight import input_spec, meta_model
 
-    with torch.device("meta"):
-        model = timm.create_model(cfg.model.name, pretrained=False, num_classes=0, **cfg.model.kwargs)
-    pretrained = getattr(model, "pretrained_cfg", None) or {}
-    if cfg.data.normalize == "model":
-        mean, std = pretrained.get("mean", IMAGENET_DEFAULT_MEAN), pretrained.get("std", IMAGENET_DEFAULT_STD)
-    else:
-        mean, std = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-    return input_size(model), tuple(mean), tuple(std)
+    return input_spec(meta_model(cfg.model, 0), cfg.data.normalize)
 
 
 def _write_config(stage_dir: Path, cfg: RunConfig, info: D.DistInfo) -> None:
