@@ -54,6 +54,13 @@ def _probability(v):
     return None if 0 <= v <= 1 else "must be between 0 and 1"
 
 
+def _at_most(limit: int, why: str):
+    """Positive and at most ``limit``: beyond it a run cannot work (it would exhaust memory or processes)."""
+    def checker(v):
+        return "must be > 0" if v <= 0 else f"must be at most {limit:,} ({why})" if v > limit else None
+    return checker
+
+
 def check(fn):
     return {"check": fn}
 
@@ -74,9 +81,10 @@ class DataSection:
     task: str | None = None
     dataset: str | None = None
     shots: int = field(default=16, metadata=check(_positive))
-    seed: int = 0
+    seed: int = field(default=0, metadata=check(_non_negative))  # numpy's generators take no negative seed
     num_classes: int | None = field(default=None, metadata=check(_positive))
-    num_workers: int = field(default=0, metadata=check(_non_negative))
+    num_workers: int = field(default=0, metadata=check(lambda v: _non_negative(v) or (
+        "must be at most 256 (one decoding process each)" if v > 256 else None)))
     # imagenet: ImageNet mean/std, the VTAB-1k protocol of the GLoRA/NOAH papers, whatever the
     # backbone; model: the mean/std the backbone was pre-trained with (timm's pretrained_cfg).
     normalize: Literal["imagenet", "model"] = "imagenet"
@@ -110,7 +118,8 @@ class TrainConfig:
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     seed: int = 0
     eval_every: int = field(default=10, metadata=check(_positive))  # epochs
-    reference_subnets: int = field(default=2, metadata=check(_non_negative))  # random ones, besides largest and smallest
+    reference_subnets: int = field(default=2, metadata=check(lambda v: _non_negative(v) or (
+        "must be at most 1,000 (each is scored at every evaluation)" if v > 1000 else None)))  # random ones, besides largest and smallest
     checkpoint_every: int = field(default=0, metadata=check(_non_negative))  # steps; 0 = end of each epoch only
     log_every: int = field(default=10, metadata=check(_positive))  # steps
     resume: str = "auto"  # auto | never | a checkpoint path
@@ -123,7 +132,7 @@ class TrainConfig:
 
 @dataclass
 class SearchConfig:
-    population: int = field(default=50, metadata=check(_positive))
+    population: int = field(default=50, metadata=check(_at_most(1_000_000, "each candidate is one pass over the validation split")))
     top_k: int = field(default=10, metadata=check(_positive))
     mutation_count: int = field(default=25, metadata=check(_non_negative))
     mutation_prob: float = field(default=0.2, metadata=check(_probability))
@@ -301,6 +310,8 @@ def _semantic_checks(cfg: RunConfig, base_dir: Path, problems: list[str]) -> Non
         if not ok:
             problems.append(f"{key}: {kind} not found: {p}")
 
+    if not cfg.output_dir.strip():  # '' would write the run into the working directory
+        problems.append("output_dir: must name a folder, got an empty string")
     exists(cfg.model.checkpoint, "model.checkpoint")
     if cfg.model.checkpoint and not str(cfg.model.checkpoint).endswith((".npz", ".safetensors", ".pth", ".pt", ".bin")):
         problems.append(f"model.checkpoint: expected a .npz, .safetensors, .pth or .pt file, got {cfg.model.checkpoint}")
@@ -377,8 +388,8 @@ def _semantic_checks(cfg: RunConfig, base_dir: Path, problems: list[str]) -> Non
         if d.kind == "demo" and n > DEMO_MAX_IMAGES:
             problems.append(f"data.demo_{split}: at most {DEMO_MAX_IMAGES:,} generated images, got {n:,}")
     # Building the model is the only full check of model.*: timm validates its arguments by failing.
-    # Done whatever else failed in the model or space keys, since those are reported already.
-    if not any(p.startswith(("model.", "space")) for p in problems):
+    # Done unless the keys it depends on failed already (reported once, not again as a build failure).
+    if not any(p.startswith(("model.", "space", "data.num_classes", "data.demo_classes")) for p in problems):
         from .preflight import check_model
 
         costs = check_model(cfg, problems)

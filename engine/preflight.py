@@ -124,8 +124,8 @@ def _build_and_probe(cfg: "ModelConfig", num_classes: int):
 
     model = meta_model(cfg, num_classes).eval()
     size = input_size(model)
-    with torch.device("meta"), torch.no_grad():
-        out = model(torch.empty(1, 3, size, size))
+    with torch.no_grad():  # not under torch.device("meta"): its mode intercepts every op, 3x slower
+        out = model(torch.empty(1, 3, size, size, device="meta"))
     if tuple(out.shape) != (1, num_classes):  # the loss needs one score per class
         raise ValueError(f"one {size}x{size} image gives an output of shape {tuple(out.shape)}, expected (1, {num_classes})")
     return model
@@ -249,7 +249,10 @@ def _check(key: str) -> tuple[tuple[str, ...], int | None, int | None]:
     try:
         apply_glora(model, k["space"][0])
     except (Exception, _TooSlow) as err:  # SpaceError names the space file and the pattern already
-        problems.append(f"space: {err}" if isinstance(err, SpaceError) else f"space: cannot be applied to {cfg.name} ({_reason(err)})")
+        text = str(err) if isinstance(err, SpaceError) else f"cannot be applied to {cfg.name} ({_reason(err)})"
+        culprit = _space_culprit(cfg, num_classes, k["space"][0])
+        problems.append(f"model.kwargs.{culprit}: with {culprit}: {cfg.kwargs[culprit]!r} the space does not fit the model: {text}"
+                        if culprit else f"space: {text}")
         return tuple(p for p in problems if p), None, None
     problems.append(_too_big(model, "space", "the supernet (backbone and its largest adapters)"))
     if k["subnet"]:
@@ -263,6 +266,21 @@ def _check(key: str) -> tuple[tuple[str, ...], int | None, int | None]:
     low = sum(min(per.values()) for layer in costs.values() for per in layer.values())
     high = sum(max(per.values()) for layer in costs.values() for per in layer.values())
     return tuple(p for p in problems if p), low, high
+
+
+def _space_culprit(cfg: "ModelConfig", num_classes: int, space) -> str | None:
+    """The one model.kwargs key without which the space applies (depth: 0 leaves no layer to adapt)."""
+    from supernet import apply_glora
+
+    for key in cfg.kwargs:
+        try:
+            with _guarded():
+                model = meta_model(dataclasses.replace(cfg, kwargs={k: v for k, v in cfg.kwargs.items() if k != key}), num_classes)
+                apply_glora(model, space)
+            return key
+        except (Exception, _TooSlow):
+            continue
+    return None
 
 
 def _check_preset(cfg: "ModelConfig", num_classes: int, preset: dict) -> str | None:
