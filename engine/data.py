@@ -284,16 +284,25 @@ def _parse_line(line: str, list_path: str, lineno: int) -> Sample:
     return rel_path, label
 
 
+def _read_lines(path: str, what: str) -> list[str]:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return fh.read().splitlines()
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: {what} is not UTF-8 text (byte {err.start})") from None
+    except OSError as err:
+        raise DataError(f"{path}: cannot read {what} ({err.strerror or err})") from None
+
+
 def _read_list(list_path: str) -> list[tuple[int, str, int]]:
     """Parse a list file into (line number, relative path, label); blank lines skipped."""
     if not os.path.isfile(list_path):
         raise DataError(f"{list_path}: list file not found")
     entries = []
-    with open(list_path, encoding="utf-8") as fh:
-        for lineno, raw in enumerate(fh, start=1):
-            line = raw.strip()
-            if line:
-                entries.append((lineno, *_parse_line(line, list_path, lineno)))
+    for lineno, raw in enumerate(_read_lines(list_path, "list file"), start=1):
+        line = raw.strip()
+        if line:
+            entries.append((lineno, *_parse_line(line, list_path, lineno)))
     if not entries:
         raise DataError(f"{list_path}: list file is empty (expected '<image path> <label>' lines)")
     return entries
@@ -562,8 +571,7 @@ def load_class_names(path: str) -> dict[str, int]:
     ``LOC_synset_mapping.txt`` (``n01440764 tench, Tinca tinca``) works as it is."""
     if not os.path.isfile(path):
         raise DataError(f"{path}: class-name file not found")
-    with open(path, encoding="utf-8") as fh:
-        lines = fh.read().splitlines()
+    lines = _read_lines(path, "class-name file")
     while lines and not lines[-1].strip():
         lines.pop()
     names: dict[str, int] = {}
