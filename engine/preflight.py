@@ -223,7 +223,7 @@ def _checkpoint_problem(model, path: str) -> str | None:
 def _check(key: str) -> tuple[tuple[str, ...], int | None, int | None]:
     """(problems, smallest and largest adapter parameter counts of the space) for one JSON-encoded
     set of inputs: a sweep validates the same model for every combination, the tests hundreds of times."""
-    from supernet import SpaceError, apply_glora, choice_costs, set_subnet
+    from supernet import SpaceError, apply_glora, choice_costs, load_subnet, set_subnet
 
     from .config import ModelConfig
 
@@ -257,7 +257,9 @@ def _check(key: str) -> tuple[tuple[str, ...], int | None, int | None]:
     problems.append(_too_big(model, "space", "the supernet (backbone and its largest adapters)"))
     if k["subnet"]:
         try:
-            set_subnet(model, k["subnet"][0])
+            # init: supernet takes its layers (and the choices they allow) from the supernet file,
+            # which the stage compares with this space; there the file's own syntax is checked only.
+            set_subnet(model, k["subnet"][0]) if k["scratch"] else load_subnet(k["subnet"][0])
         except Exception as err:
             problems.append(f"retrain.subnet: {err}" if isinstance(err, SpaceError) else f"retrain.subnet: {_reason(err)}")
     if k["preset"]:
@@ -313,6 +315,7 @@ def check_model(cfg: "RunConfig", problems: list[str]) -> tuple[int, int] | None
     key = json.dumps({
         "model": dataclasses.asdict(cfg.model), "num_classes": num_classes, "num_classes_given": d.num_classes is not None,
         "space": [cfg.space, load_space(cfg.space).to_dict()], "preset": preset, "seconds": BUILD_SECONDS,
+        "scratch": cfg.retrain.init == "scratch",
         # a sub-network file is part of the key with its modification time: edited, it is checked again
         "subnet": [subnet, os.stat(subnet).st_mtime_ns] if subnet and os.path.isfile(subnet) else None,
     }, sort_keys=True, default=str)
