@@ -379,8 +379,6 @@ def _semantic_checks(cfg: RunConfig, base_dir: Path, problems: list[str]) -> Non
         problems.append("retrain.subnet: give either retrain.subnet or retrain.preset, not both")
     exists(cfg.retrain.subnet, "retrain.subnet")
     exists(cfg.retrain.supernet, "retrain.supernet")
-    if d.kind == "demo" and not 2 <= d.demo_classes <= 4:  # the demo task has four spatial relations
-        problems.append(f"data.demo_classes: must be 2, 3 or 4, got {d.demo_classes}")
     if d.kind == "demo" and d.num_classes is not None and d.demo_classes > d.num_classes:
         problems.append(f"data.num_classes: must be >= data.demo_classes ({d.demo_classes}), got {d.num_classes}")
     for split in ("train", "val", "test"):  # generated in memory, 3 KiB an image (and a float copy per batch)

@@ -304,7 +304,8 @@ def check_model(cfg: "RunConfig", problems: list[str]) -> tuple[int, int] | None
     from supernet import load_space
 
     d = cfg.data
-    num_classes = d.num_classes or (d.demo_classes if d.kind == "demo" else 2)
+    # demo_classes outside 2..4 is the demo data's to refuse (one line, when the stage builds it)
+    num_classes = d.num_classes or (min(max(d.demo_classes, 2), 4) if d.kind == "demo" else 2)
     retrain_ok = not any(p.startswith("retrain.") for p in problems)  # else reported already
     subnet = cfg.retrain.subnet if retrain_ok else None
     preset = None

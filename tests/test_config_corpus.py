@@ -114,7 +114,7 @@ def _forward_on_cpu(cfg) -> None:
     from supernet import apply_glora
 
     size = probe_input(cfg)[0]
-    num_classes = cfg.data.num_classes or cfg.data.demo_classes
+    num_classes = cfg.data.num_classes or min(cfg.data.demo_classes, 4)  # more: the demo data refuses it, in the stage
     model = build_model(cfg.model, num_classes)
     apply_glora(model, cfg.space)
     with torch.no_grad():
