@@ -56,6 +56,13 @@ def _probability(v):
     return None if 0 <= v <= 1 else "must be between 0 and 1"
 
 
+def _at_most(limit: int, why: str):
+    """Positive and at most ``limit``: beyond it a run cannot work (it would exhaust memory or processes)."""
+    def checker(v):
+        return "must be > 0" if v <= 0 else f"must be at most {limit:,} ({why})" if v > limit else None
+    return checker
+
+
 def check(fn):
     return {"check": fn}
 
@@ -76,9 +83,10 @@ class DataSection:
     task: str | None = None
     dataset: str | None = None
     shots: int = field(default=16, metadata=check(_positive))
-    seed: int = 0
+    seed: int = field(default=0, metadata=check(_non_negative))  # numpy's generators take no negative seed
     num_classes: int | None = field(default=None, metadata=check(_positive))
-    num_workers: int = field(default=0, metadata=check(_non_negative))
+    num_workers: int = field(default=0, metadata=check(lambda v: _non_negative(v) or (
+        "must be at most 256 (one decoding process each)" if v > 256 else None)))
     # The square size images are resized to; null: the model's own (a ViT's img_size, else timm's
     # pretrained_cfg). A CNN takes any size; a ViT only its own (or with dynamic_img_size).
     img_size: int | None = field(default=None, metadata=check(_positive))
@@ -116,7 +124,8 @@ class TrainConfig:
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     seed: int = 0
     eval_every: int = field(default=10, metadata=check(_positive))  # epochs
-    reference_subnets: int = field(default=2, metadata=check(_non_negative))  # random ones, besides largest and smallest
+    reference_subnets: int = field(default=2, metadata=check(lambda v: _non_negative(v) or (
+        "must be at most 1,000 (each is scored at every evaluation)" if v > 1000 else None)))  # random ones, besides largest and smallest
     checkpoint_every: int = field(default=0, metadata=check(_non_negative))  # steps; 0 = end of each epoch only
     log_every: int = field(default=10, metadata=check(_positive))  # steps
     resume: str = "auto"  # auto | never | a checkpoint path
@@ -129,7 +138,7 @@ class TrainConfig:
 
 @dataclass
 class SearchConfig:
-    population: int = field(default=50, metadata=check(_positive))
+    population: int = field(default=50, metadata=check(_at_most(1_000_000, "each candidate is one pass over the validation split")))
     top_k: int = field(default=10, metadata=check(_positive))
     mutation_count: int = field(default=25, metadata=check(_non_negative))
     mutation_prob: float = field(default=0.2, metadata=check(_probability))
@@ -295,6 +304,9 @@ def resolve_space(space: str, config_dir: Path) -> str | None:
     return None
 
 
+DEMO_MAX_IMAGES = 1_000_000  # per split: 3 GiB of generated pixels
+
+
 def _semantic_checks(cfg: RunConfig, base_dir: Path, problems: list[str]) -> None:
     def exists(p: str | None, key: str, kind: str = "file") -> None:
         if p is None:
@@ -304,6 +316,8 @@ def _semantic_checks(cfg: RunConfig, base_dir: Path, problems: list[str]) -> Non
         if not ok:
             problems.append(f"{key}: {kind} not found: {p}")
 
+    if not cfg.output_dir.strip():  # '' would write the run into the working directory
+        problems.append("output_dir: must name a folder, got an empty string")
     if cfg.model.checkpoint:
         try:
             weights = resolve_checkpoint(cfg.model.checkpoint)
@@ -381,25 +395,24 @@ def _semantic_checks(cfg: RunConfig, base_dir: Path, problems: list[str]) -> Non
         problems.append("retrain.subnet: give either retrain.subnet or retrain.preset, not both")
     exists(cfg.retrain.subnet, "retrain.subnet")
     exists(cfg.retrain.supernet, "retrain.supernet")
-    if not problems and (s.max_params is not None or s.min_params is not None):
-        _check_budget(cfg, problems)
+    if d.kind == "demo" and d.num_classes is not None and d.demo_classes > d.num_classes:
+        problems.append(f"data.num_classes: must be >= data.demo_classes ({d.demo_classes}), got {d.num_classes}")
+    for split in ("train", "val", "test"):  # generated in memory, 3 KiB an image (and a float copy per batch)
+        n = getattr(d, f"demo_{split}")
+        if d.kind == "demo" and n > DEMO_MAX_IMAGES:
+            problems.append(f"data.demo_{split}: at most {DEMO_MAX_IMAGES:,} generated images, got {n:,}")
+    # Building the model is the only full check of model.*: timm validates its arguments by failing.
+    # Done unless the keys it depends on failed already (reported once, not again as a build failure).
+    if not any(p.startswith(("model.", "space", "data.num_classes", "data.demo_classes")) for p in problems):
+        from .preflight import check_model
+
+        costs = check_model(cfg, problems)
+        if costs is not None:
+            _check_budget(cfg, *costs, problems)
 
 
-def _check_budget(cfg: "RunConfig", problems: list[str]) -> None:
-    """Reject a budget no configuration can meet, using the model's shapes only (meta device)."""
-    import timm
-
-    from supernet import apply_glora, choice_costs
-
-    try:
-        with torch_meta():
-            model = timm.create_model(cfg.model.name, pretrained=False, num_classes=2, **cfg.model.kwargs)
-            apply_glora(model, cfg.space)
-    except Exception:  # the stages report model/space problems with their own messages
-        return
-    costs = choice_costs(model)
-    low = sum(min(per.values()) for layer in costs.values() for per in layer.values())
-    high = sum(max(per.values()) for layer in costs.values() for per in layer.values())
+def _check_budget(cfg: "RunConfig", low: int, high: int, problems: list[str]) -> None:
+    """Reject a budget no configuration can meet (``low``..``high``: the space's adapter parameter counts)."""
     s = cfg.search
     if s.max_params is not None and s.max_params < low:
         problems.append(f"search.max_params: {s.max_params:,} is below the smallest configuration of this space "
@@ -407,12 +420,6 @@ def _check_budget(cfg: "RunConfig", problems: list[str]) -> None:
     if s.min_params is not None and s.min_params > high:
         problems.append(f"search.min_params: {s.min_params:,} is above the largest configuration of this space "
                         f"({high:,} adapter parameters)")
-
-
-def torch_meta():
-    import torch
-
-    return torch.device("meta")
 
 
 def parse_overrides(overrides: list[str] | None, problems: list[str]) -> list[tuple[str, Any]]:

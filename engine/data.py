@@ -3,8 +3,9 @@ embedded synthetic ``demo`` task.
 
 Everything that can be checked cheaply (directories, list syntax, labels, image file
 existence) is checked eagerly when a split is built, so a broken dataset fails before a
-long supernet run starts rather than hours into it. Decoding problems (corrupt images) can
-only be seen when an image is opened and are raised lazily from ``__getitem__``. All
+long supernet run starts rather than hours into it. Every image is also decoded once when
+the split is built (kept, with ``data.cache``, else only checked: :func:`check_images`), so
+a corrupt or truncated file fails there too, named with its list line. All
 problems surface as :class:`DataError` with a one-line message naming the offending file.
 """
 
@@ -38,6 +39,7 @@ __all__ = [
     "ImageListDataset",
     "CachedImageDataset",
     "image_dataset",
+    "check_images",
     "TensorImageDataset",
     "make_demo_arrays",
     "IMAGE_EXTENSIONS",
@@ -88,7 +90,7 @@ class DataConfig:
 
 def _to_rgb(img: Image.Image) -> Image.Image:
     # Module-level (not a lambda) so the transform pickles into DataLoader workers.
-    return img if img.mode == "RGB" else img.convert("RGB")
+    return _as_rgb(img)
 
 
 def build_transform(
@@ -125,15 +127,74 @@ def _build_tensor_transform(
 # --------------------------------------------------------------------------- datasets
 
 
+class ListedPath(str):
+    """An image path that remembers the list file and line that named it, for error messages."""
+
+    origin: str = ""
+
+    def __new__(cls, path: str, origin: str):
+        self = super().__new__(cls, path)
+        self.origin = origin
+        return self
+
+    def __reduce__(self):  # DataLoader workers receive it pickled
+        return ListedPath, (str(self), self.origin)
+
+
+def _where(path: str) -> str:
+    origin = getattr(path, "origin", "")
+    return f"{origin}: {path}" if origin else str(path)
+
+
+def _decode_error(path: str, exc: BaseException) -> DataError:
+    reason = " ".join(str(exc).split()) or type(exc).__name__
+    return DataError(f"{_where(path)}: cannot decode image ({type(exc).__name__}: {reason})")
+
+
+_DECODE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+def _as_rgb(img: Image.Image) -> Image.Image:
+    """RGB for any mode. 16- and 32-bit integer images ('I;16' PNGs, 'I') are scaled to 8 bits by
+    their 16-bit range: PIL's own convert clips every value above 255 to white."""
+    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        wide = np.asarray(img, dtype=np.int64)
+        img = Image.fromarray(((np.clip(wide, 0, 65535) * 255 + 32767) // 65535).astype(np.uint8), "L")
+    elif img.mode == "F":  # float images: taken as 0..1
+        img = Image.fromarray((np.clip(np.asarray(img), 0, 1) * 255 + 0.5).astype(np.uint8), "L")
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
 def _load_image(path: str) -> Image.Image:
     try:
         with Image.open(path) as img:
-            # convert() forces the full decode inside the try, so truncated files fail here
+            # _as_rgb forces the full decode inside the try, so truncated files fail here
             # and not later inside the transform.
-            return img.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        reason = " ".join(str(exc).split()) or type(exc).__name__
-        raise DataError(f"{path}: cannot decode image ({type(exc).__name__}: {reason})") from None
+            img.load()
+            return _as_rgb(img)
+    except _DECODE_ERRORS as exc:
+        raise _decode_error(path, exc) from None
+
+
+def _check_image(path: str) -> None:
+    """Read every byte of an image's data without keeping it: JPEGs decoded at 1/8 scale (libjpeg
+    still reads the whole entropy-coded stream, so truncation is found), everything else decoded."""
+    try:
+        with Image.open(path) as img:
+            if img.format == "JPEG":
+                img.draft("RGB", (max(1, img.width // 8), max(1, img.height // 8)))
+            img.load()
+    except _DECODE_ERRORS as exc:
+        raise _decode_error(path, exc) from None
+
+
+def check_images(samples: Sequence[Sample], threads: int | None = None) -> None:
+    """Raise the first decoding problem of ``samples`` (in sample order) before any training: a split
+    decoded at every access would otherwise fail at the first epoch that reaches the broken file."""
+    paths = [p for p, _ in samples]
+    with ThreadPoolExecutor(threads or min(8, os.cpu_count() or 1)) as pool:  # PIL decodes without the GIL
+        for _ in pool.map(_check_image, paths):
+            pass
 
 
 class ImageListDataset(Dataset):
@@ -227,16 +288,25 @@ def _parse_line(line: str, list_path: str, lineno: int) -> Sample:
     return rel_path, label
 
 
+def _read_lines(path: str, what: str) -> list[str]:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return fh.read().splitlines()
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: {what} is not UTF-8 text (byte {err.start})") from None
+    except OSError as err:
+        raise DataError(f"{path}: cannot read {what} ({err.strerror or err})") from None
+
+
 def _read_list(list_path: str) -> list[tuple[int, str, int]]:
     """Parse a list file into (line number, relative path, label); blank lines skipped."""
     if not os.path.isfile(list_path):
         raise DataError(f"{list_path}: list file not found")
     entries = []
-    with open(list_path, encoding="utf-8") as fh:
-        for lineno, raw in enumerate(fh, start=1):
-            line = raw.strip()
-            if line:
-                entries.append((lineno, *_parse_line(line, list_path, lineno)))
+    for lineno, raw in enumerate(_read_lines(list_path, "list file"), start=1):
+        line = raw.strip()
+        if line:
+            entries.append((lineno, *_parse_line(line, list_path, lineno)))
     if not entries:
         raise DataError(f"{list_path}: list file is empty (expected '<image path> <label>' lines)")
     return entries
@@ -251,7 +321,7 @@ def _load_list_split(list_path: str, image_root: str, num_classes: int | None) -
         path = os.path.join(image_root, rel_path)
         if not os.path.isfile(path):
             raise DataError(f"{list_path}: line {lineno}: image not found: {path}")
-        samples.append((path, label))
+        samples.append((ListedPath(path, f"{list_path}: line {lineno}"), label))
     return samples
 
 
@@ -326,6 +396,11 @@ def _folder_samples(split_dir: str, class_to_idx: dict[str, int]) -> list[Sample
     if not samples:
         raise DataError(f"{split_dir}: no images (expected <class>/<image> with extension in "
                         f"{' '.join(IMAGE_EXTENSIONS)})")
+    found = {label for _, label in samples}
+    for name, label in sorted(class_to_idx.items()):  # a folder that is there but empty: a copy gone wrong
+        if label not in found and os.path.isdir(os.path.join(split_dir, name)):
+            raise DataError(f"{os.path.join(split_dir, name)}: empty class folder (no image with extension in "
+                            f"{' '.join(IMAGE_EXTENSIONS)}); add its images or remove it")
     return samples
 
 
@@ -515,8 +590,7 @@ def load_class_names(path: str) -> dict[str, int]:
     ``LOC_synset_mapping.txt`` (``n01440764 tench, Tinca tinca``) works as it is."""
     if not os.path.isfile(path):
         raise DataError(f"{path}: class-name file not found")
-    with open(path, encoding="utf-8") as fh:
-        lines = fh.read().splitlines()
+    lines = _read_lines(path, "class-name file")
     while lines and not lines[-1].strip():
         lines.pop()
     names: dict[str, int] = {}
@@ -596,6 +670,7 @@ def build_folder_eval(folder: str, names: dict[str, int] | None, num_outputs: in
         raise DataError(f"{folder}: class folder {beyond[0]!r} maps to output {mapping[beyond[0]]}, "
                         f"but the model has {num_outputs} outputs")
     samples = _folder_samples(folder, mapping)
+    check_images(samples)
     return FolderEval(ImageListDataset(samples, build_transform(img_size, mean, std)),
                       sorted(set(mapping.values())), mapped_by)
 
@@ -611,6 +686,7 @@ def image_dataset(samples: Sequence[Sample], img_size: int, norm: Norm = (IMAGEN
     ``cache`` is always, or auto and they fit in CACHE_AUTO_BYTES; else decoded at every access."""
     if cache == "always" or (cache == "auto" and len(samples) * 3 * img_size * img_size <= CACHE_AUTO_BYTES):
         return CachedImageDataset(samples, img_size, *norm)
+    check_images(samples)
     return ImageListDataset(samples, build_transform(img_size, *norm))
 
 

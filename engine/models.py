@@ -80,14 +80,10 @@ def load_backbone_weights(model: nn.Module, path: str | Path) -> None:
 
 def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
     """``timm.create_model`` with the task's classifier; weights from timm or ``cfg.checkpoint``."""
-    kwargs = dict(cfg.kwargs)
-    kwargs.setdefault("drop_path_rate", cfg.drop_path_rate)
+    from .preflight import model_kwargs
+
     try:
-        model = timm.create_model(cfg.name, pretrained=cfg.pretrained, num_classes=num_classes, **kwargs)
-    except TypeError as err:
-        raise ModelError(f"model.kwargs: {cfg.name} does not accept these arguments ({err})") from None
-    except RuntimeError as err:
-        raise ModelError(f"model.name: cannot create {cfg.name!r} ({str(err)[:200]})") from None
+        model = timm.create_model(cfg.name, pretrained=cfg.pretrained, num_classes=num_classes, **model_kwargs(cfg))
     except OSError as err:  # the hub's download errors (no network, no such file in the cache, HTTP) are OSErrors
         if not cfg.pretrained:
             raise
@@ -95,6 +91,12 @@ def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
         raise ModelError(f"model.pretrained: cannot fetch the weights of {cfg.name!r} from timm's hub ({type(err).__name__}: {first}); "
                          "without a network, set model.checkpoint to a local .npz/.safetensors/.pth file "
                          "(HF_HUB_OFFLINE=1 makes this fail at once instead of after retries)") from None
+    except TypeError as err:
+        raise ModelError(f"model.kwargs: {cfg.name} does not accept these arguments ({err})") from None
+    except RuntimeError as err:
+        raise ModelError(f"model.name: cannot create {cfg.name!r} ({str(err)[:200]})") from None
+    except Exception as err:  # validation built this model on the meta device already; still never a traceback
+        raise ModelError(f"model.kwargs: {cfg.name} cannot be built with {cfg.kwargs!r} ({type(err).__name__}: {str(err)[:200]})") from None
     if cfg.checkpoint:
         load_backbone_weights(model, cfg.checkpoint)
     return model

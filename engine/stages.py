@@ -143,17 +143,10 @@ def _data_config(cfg: RunConfig) -> DataConfig:
 def probe_input(cfg: RunConfig) -> tuple[int, tuple[float, ...], tuple[float, ...]]:
     """The square input size (data.img_size, else the backbone's), and the mean/std images are
     normalised with (data.normalize)."""
-    import timm
-    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+    from .preflight import input_spec, meta_model
 
-    with torch.device("meta"):
-        model = timm.create_model(cfg.model.name, pretrained=False, num_classes=0, **cfg.model.kwargs)
-    pretrained = getattr(model, "pretrained_cfg", None) or {}
-    if cfg.data.normalize == "model":
-        mean, std = pretrained.get("mean", IMAGENET_DEFAULT_MEAN), pretrained.get("std", IMAGENET_DEFAULT_STD)
-    else:
-        mean, std = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-    return cfg.data.img_size or input_size(model), tuple(mean), tuple(std)
+    size, mean, std = input_spec(meta_model(cfg.model, 0), cfg.data.normalize)
+    return cfg.data.img_size or size, mean, std
 
 
 def _write_config(stage_dir: Path, cfg: RunConfig, info: D.DistInfo) -> None:

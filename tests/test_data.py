@@ -267,19 +267,18 @@ def _truncated_png() -> bytes:
 
 @pytest.mark.parametrize("payload", [b"", b"definitely not an image", _truncated_png()],
                          ids=["zero-byte", "garbage", "truncated"])
-def test_corrupt_image_raises_lazily(vtab, payload):
+def test_corrupt_image_raises_before_training(vtab, payload):
     rel = VTAB_SPLITS["train800"][2][0]
     path = Path(vtab.root) / vtab.task / rel
     path.write_bytes(payload)
-    vtab.cache = "never"
-    train, _, _ = build_splits(vtab, "search", IMG)  # existence is all that is checked eagerly
-    train[0]  # other images still load
-    with raises_data_error(str(path)):
-        train[2]
-    vtab.cache = "auto"  # a cached split decodes everything up front: the same error, before any training
-    with raises_data_error(str(path)):
-        build_splits(vtab, "search", IMG)
-    build_splits(vtab, "search", IMG, cache=("eval",))  # the broken split is not decoded when not cached
+    # Decoded every access (cache: never) or once up front (auto): either way the split is checked
+    # when it is built, before any training, and the error names the list line too.
+    for cache in ("never", "auto"):
+        vtab.cache = cache
+        with raises_data_error(str(path), "train800.txt: line 3"):
+            build_splits(vtab, "search", IMG)
+    with raises_data_error(str(path)):  # a split not cached is checked all the same
+        build_splits(vtab, "search", IMG, cache=("eval",))
 
 
 @pytest.mark.parametrize("make", ["vtab", "fewshot", "folder"])

@@ -90,3 +90,16 @@ def test_real_efficientnet_lite0_recognises_grace_hopper():
     with torch.no_grad():
         top5 = model(x).topk(5).indices[0].tolist()
     assert set(top5[:3]) == {400, 667, 652}  # academic gown, mortarboard, military uniform
+
+
+def test_data_img_size_is_checked_against_the_model():
+    """A CNN takes any data.img_size; a ViT with a fixed size refuses another, named by key."""
+    base = {"model": {"name": "tf_efficientnet_lite0", "drop_path_rate": 0.0}, "data": {"kind": "mnist", "img_size": 48},
+            "space": "conv"}
+    assert config_from_dict(base).data.img_size == 48
+    vit = {"model": {"name": "vit_tiny_patch16_224", "kwargs": {"img_size": 32, "patch_size": 8, "depth": 1}},
+           "data": {"img_size": 48}}
+    with pytest.raises(ConfigError, match=r"data\.img_size: vit_tiny_patch16_224 does not take 48x48 images"):
+        config_from_dict(vit)
+    vit["data"]["img_size"] = 32
+    config_from_dict(vit)
