@@ -86,13 +86,26 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
+def _running_stat_keys(model: nn.Module) -> set[str]:
+    """The state-dict keys of batch-norm running statistics: buffers, not parameters, so training
+    in train mode updates them although the backbone is frozen (a CNN's, not a ViT's: it has none)."""
+    keys = set()
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._NormBase) and module.track_running_stats:
+            keys.update(f"{name}.{b}" if name else b for b, v in module.named_buffers(recurse=False) if v is not None)
+    return keys
+
+
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """GLoRA tensors and the modules to save (the head); never the frozen backbone."""
+    """GLoRA tensors, the modules to save (the head) and batch-norm running statistics (which
+    training updates: without them a CNN's adapters would be loaded onto statistics they were not
+    trained with); never the frozen backbone's weights."""
     keep = list(getattr(model, "glora_modules_to_save", []))
+    stats = _running_stat_keys(model)
     out = {}
     for key, value in model.state_dict().items():
         last = key.rsplit(".", 1)[-1]
-        if last.startswith("glora_") or any(key.startswith(m + ".") for m in keep):
+        if last.startswith("glora_") or key in stats or any(key.startswith(m + ".") for m in keep):
             out[key] = value.detach().contiguous()
     return out
 

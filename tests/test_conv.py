@@ -359,3 +359,25 @@ def test_linear_layers_unchanged_in_all():
     uniform = uniform_subnet(model, dict(A="vector", B="lora4", C="vector", D="vector", E="scalar"))
     set_subnet(model, uniform)
     assert count_params(model).adapter > 0
+
+
+def test_adapter_files_carry_batch_norm_statistics(tmp_path):
+    """Training in train mode moves a CNN's batch-norm running statistics (buffers: the frozen
+    backbone's parameters stay); the adapter file keeps them, so a supernet or sub-network loaded
+    onto a fresh model (search, retrain) is the network that was trained."""
+    base = _cnn("test_efficientnet")
+    model = apply_glora(copy.deepcopy(base), _space("all"))
+    _randomise(model)
+    sample_subnet(model, torch.Generator().manual_seed(0))
+    model.train()
+    with torch.no_grad():
+        model(torch.randn(8, 3, 32, 32) * 3 + 1)
+    model.eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        want = model(x)
+    save_adapter(model, tmp_path / "s.safetensors")
+    loaded = load_adapter(copy.deepcopy(base), tmp_path / "s.safetensors").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), want, rtol=1e-5, atol=1e-5)
+    assert not any(p.requires_grad for n, p in loaded.named_parameters() if "bn" in n)

@@ -1,0 +1,71 @@
+"""train -> search -> retrain through the CLIs on a tiny timm CNN (MobileNetV3 with TF 'SAME' padding:
+depthwise, grouped-free pointwise, squeeze-excite convolutions with biases, timm's Conv2dSame), every
+Conv2d and Linear adapted (configs/space/conv.yaml): the merged export equals the unmerged sub-network
+and loads strictly into plain timm."""
+
+import subprocess
+import sys
+
+import pytest
+import timm
+import torch
+import torch.nn as nn
+
+from conftest import ROOT
+from runcfg import write_config
+
+pytestmark = pytest.mark.slow
+
+MODEL = "tf_mobilenetv3_small_minimal_100"
+
+
+def _run(script, cfg, *extra):
+    proc = subprocess.run([sys.executable, str(ROOT / script), "--config", str(cfg), *extra],
+                          capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    return proc
+
+
+def test_cnn_train_search_retrain_merge(tmp_path):
+    from supernet import GLoraConv2d, create_merged_model, glora_layers, load_adapter, read_metadata
+
+    out = tmp_path / "run"
+    cfg = write_config(tmp_path / "c.yaml", out, model={"name": MODEL, "pretrained": False, "kwargs": {}},
+                       space=str(ROOT / "configs" / "space" / "conv.yaml"),
+                       train={"epochs": 1, "reference_subnets": 0},
+                       search={"population": 4, "top_k": 2, "mutation_count": 1, "crossover_count": 1, "generations": 2})
+    _run("train.py", cfg)
+    _run("search.py", cfg)
+    _run("retrain.py", cfg)
+    merged_path = out / "retrain" / "merged.safetensors"
+    merged = create_merged_model(merged_path)  # plain timm, loaded strictly (with the biases the merge added)
+    assert not any(isinstance(m, GLoraConv2d) or "GLora" in type(m).__name__ for m in merged.modules())
+    fresh = timm.create_model(MODEL, num_classes=4)
+    assert [type(m) for m in merged.modules()] == [type(m) for m in fresh.modules()]
+    # the unmerged sub-network: the base model with the retrained adapter
+    torch.manual_seed(0)
+    base = timm.create_model(MODEL, num_classes=4)
+    base.load_state_dict({k: v for k, v in merged.state_dict().items() if k in base.state_dict()}, strict=False)
+    unmerged = load_adapter(_frozen_backbone_from_retrain(out), out / "retrain" / "adapter.safetensors").eval()
+    convs = [n for n, m in glora_layers(unmerged) if isinstance(m, GLoraConv2d)]
+    assert len(convs) > 20
+    assert any(unmerged.get_submodule(n).groups > 1 for n in convs)  # depthwise convolutions are adapted
+    x = torch.randn(4, 3, 224, 224)
+    with torch.no_grad():
+        want, got = unmerged(x), merged(x)
+    assert (got - want).abs().max().item() <= 1e-4 * max(1.0, want.abs().max().item())
+    assert float(read_metadata(merged_path)["merge_max_abs_diff"]) <= 1e-3
+
+
+def _frozen_backbone_from_retrain(out):
+    """The backbone retrain started from: the supernet file's base weights (train.py saved the whole
+    supernet; its non-GLoRA tensors are the frozen backbone and the trained head, which the adapter
+    file carries again)."""
+    from supernet import read_safetensors
+
+    model = timm.create_model(MODEL, num_classes=4)
+    tensors, _ = read_safetensors(out / "supernet.safetensors")
+    own = model.state_dict()
+    model.load_state_dict({k: v for k, v in tensors.items() if k in own}, strict=False)
+    return model
