@@ -9,7 +9,7 @@ import sys
 import pytest
 import timm
 import torch
-import torch.nn as nn
+from safetensors.torch import load_file
 
 from conftest import ROOT
 from runcfg import write_config
@@ -28,10 +28,16 @@ def _run(script, cfg, *extra):
 
 
 def test_cnn_train_search_retrain_merge(tmp_path):
+    from safetensors.torch import save_file
+
     from supernet import GLoraConv2d, create_merged_model, glora_layers, load_adapter, read_metadata
 
+    # the backbone as a local checkpoint, so the test can rebuild the frozen network retrain started from
+    torch.manual_seed(0)
+    save_file(timm.create_model(MODEL, num_classes=4).state_dict(), str(tmp_path / "backbone.safetensors"))
     out = tmp_path / "run"
-    cfg = write_config(tmp_path / "c.yaml", out, model={"name": MODEL, "pretrained": False, "kwargs": {}},
+    cfg = write_config(tmp_path / "c.yaml", out, model={"name": MODEL, "pretrained": False, "kwargs": {},
+                                                        "checkpoint": str(tmp_path / "backbone.safetensors")},
                        space=str(ROOT / "configs" / "space" / "conv.yaml"),
                        train={"epochs": 1, "reference_subnets": 0},
                        search={"population": 4, "top_k": 2, "mutation_count": 1, "crossover_count": 1, "generations": 2})
@@ -40,32 +46,18 @@ def test_cnn_train_search_retrain_merge(tmp_path):
     _run("retrain.py", cfg)
     merged_path = out / "retrain" / "merged.safetensors"
     merged = create_merged_model(merged_path)  # plain timm, loaded strictly (with the biases the merge added)
-    assert not any(isinstance(m, GLoraConv2d) or "GLora" in type(m).__name__ for m in merged.modules())
     fresh = timm.create_model(MODEL, num_classes=4)
-    assert [type(m) for m in merged.modules()] == [type(m) for m in fresh.modules()]
-    # the unmerged sub-network: the base model with the retrained adapter
-    torch.manual_seed(0)
-    base = timm.create_model(MODEL, num_classes=4)
-    base.load_state_dict({k: v for k, v in merged.state_dict().items() if k in base.state_dict()}, strict=False)
-    unmerged = load_adapter(_frozen_backbone_from_retrain(out), out / "retrain" / "adapter.safetensors").eval()
+    assert [type(m) for m in merged.modules()] == [type(m) for m in fresh.modules()]  # Conv2dSame stays Conv2dSame
+    # the unmerged sub-network: the backbone with the retrained adapter (GLoRA tensors, head, BN statistics)
+    backbone = timm.create_model(MODEL, num_classes=4)
+    backbone.load_state_dict(load_file(tmp_path / "backbone.safetensors"))
+    unmerged = load_adapter(backbone, out / "retrain" / "adapter.safetensors").eval()
     convs = [n for n, m in glora_layers(unmerged) if isinstance(m, GLoraConv2d)]
     assert len(convs) > 20
     assert any(unmerged.get_submodule(n).groups > 1 for n in convs)  # depthwise convolutions are adapted
+    assert any(unmerged.get_submodule(n).same_pad for n in convs)  # and timm's Conv2dSame
     x = torch.randn(4, 3, 224, 224)
     with torch.no_grad():
         want, got = unmerged(x), merged(x)
     assert (got - want).abs().max().item() <= 1e-4 * max(1.0, want.abs().max().item())
     assert float(read_metadata(merged_path)["merge_max_abs_diff"]) <= 1e-3
-
-
-def _frozen_backbone_from_retrain(out):
-    """The backbone retrain started from: the supernet file's base weights (train.py saved the whole
-    supernet; its non-GLoRA tensors are the frozen backbone and the trained head, which the adapter
-    file carries again)."""
-    from supernet import read_safetensors
-
-    model = timm.create_model(MODEL, num_classes=4)
-    tensors, _ = read_safetensors(out / "supernet.safetensors")
-    own = model.state_dict()
-    model.load_state_dict({k: v for k, v in tensors.items() if k in own}, strict=False)
-    return model
