@@ -1,4 +1,4 @@
-"""The GLoRA convolution (docs/convolutions.md): SPEC section 1 on ``nn.Conv2d``.
+"""The GLoRA convolution (docs/convolutions.md): docs/method.md §1 on ``nn.Conv2d``.
 
 A and B act on the weight viewed as the matrix ``(out, in/groups·kh·kw)``, C is ``(in, 1)``, D and E
 are ``(out,)``::
@@ -73,7 +73,7 @@ class GLoraConv2d(GLoraLayer):
     """A frozen ``nn.Conv2d`` (any kernel, stride, padding, dilation, groups, padding mode) plus A-E.
 
     ``weight`` and ``bias`` are the base layer's own frozen parameters (state-dict keys kept).
-    All choices of SPEC section 2 are allowed, for grouped and depthwise convolutions too.
+    All choices of docs/method.md §2 are allowed, for grouped and depthwise convolutions too.
     """
 
     def __init__(self, base: nn.Conv2d, choices: Mapping[str, Sequence[Choice | str]]):

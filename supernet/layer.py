@@ -604,7 +604,7 @@ class GLoraLayer(nn.Module):
         self.active = choice
 
     def choice_cost(self, tensor: str, choice: Choice) -> int:
-        """Parameters ``choice`` of ``tensor`` costs on this layer (SPEC section 2, with this layer's sizes)."""
+        """Parameters ``choice`` of ``tensor`` costs on this layer (docs/method.md §2, with this layer's sizes)."""
         return choice_cost(tensor, choice, self.rows, self.cols, self.c_rows)
 
     def cost(self, choice: LayerChoice | None = None) -> int:

@@ -60,7 +60,7 @@ def _layer(build, bias: bool, seed: int, choices=CHOICES):
 
 
 def _dense_weight_bias(base: nn.Conv2d, s):
-    """SPEC section 1 on the weight viewed (out, in/groups·kh·kw): W0 + W0 ⊙ A + B, and
+    """docs/method.md §1 on the weight viewed (out, in/groups·kh·kw): W0 + W0 ⊙ A + B, and
     b0 + b0 ⊙ D + E + W0 C with (W0 C)[o] summed over o's group's input channels and the kernel."""
     W0 = base.weight
     out, per = W0.shape[0], W0.shape[1]
@@ -264,7 +264,7 @@ def test_cnn_merge_extract_count_and_adapter_files(name, tmp_path):
     with torch.no_grad():
         want = model(x)
         assert (want - base(x)).abs().max() > 1e-4
-        # count_params: the sum of SPEC's table with each layer's sizes, the head apart
+        # count_params: the sum of docs/method.md §2 table with each layer's sizes, the head apart
         n = count_params(model, config)
         assert n.adapter == sum(layer.cost(config[ln]) for ln, layer in glora_layers(model)) > 0
         # extract: only the chosen tensors, same outputs, same count (now every tensor is used whole)
