@@ -150,8 +150,7 @@ class GLoraConv2d(GLoraLayer):
         C = self._matrix("C", c.C)
         D = self._vector("D", c.D)
         E = self._vector("E", c.E)
-        like = self.glora_like()
-        bias = self._bias_term(W0, C, D, E, like.dtype)
+        bias = self._bias_term(W0, C, D, E, W0.dtype)  # the adapters are allocated in the weight's dtype
         lora_b = c.B.kind == "lora"
         if c.A.kind == "lora" or (lora_b and self.groups > 1):
             # the dense weight W0 + W0 ⊙ A + B, one convolution
