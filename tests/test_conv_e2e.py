@@ -1,5 +1,5 @@
-"""train -> search -> retrain through the CLIs on a tiny timm CNN (MobileNetV3 with TF 'SAME' padding:
-depthwise, grouped-free pointwise, squeeze-excite convolutions with biases, timm's Conv2dSame), every
+"""train -> search -> retrain through the CLIs on a tiny timm CNN (MobileNetV3 with TF SAME padding:
+depthwise, pointwise and squeeze-excite convolutions, with and without biases, timm's Conv2dSame), every
 Conv2d and Linear adapted (configs/space/conv.yaml): the merged export equals the unmerged sub-network
 and loads strictly into plain timm."""
 
