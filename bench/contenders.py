@@ -33,7 +33,12 @@ PEFT_GLORA = {
     "vector": dict(config_A_B="vector", config_C="vector", config_D_E="vector"),
 }
 
-TRAIN_CONTENDERS = ("peft_lora", "supernet", "subnet_lora", "peft_glora_lora", "subnet_vector", "peft_glora_vector", "frozen")
+TRAIN_CONTENDERS = ("peft_lora", "supernet", "subnet_lora", "peft_glora_lora", "subnet_vector", "peft_glora_vector", "frozen",
+                    "conv_subnet_lora", "peft_lora_conv")
+
+# The convolution benchmark (docs/convolutions.md): a sub-network with B = lora8 only (LoRA) on
+# every ungrouped convolution of a CNN, against PEFT's LoRA on the same convolutions.
+CONV_SUBNET_LORA = {"A": ["none"], "B": ["lora8"], "C": ["none"], "D": ["none"], "E": ["none"]}
 
 
 @dataclass(frozen=True)
@@ -126,6 +131,34 @@ def merged(base: nn.Module, seed: int = 0) -> nn.Module:
     return merge_glora(model).eval()
 
 
+def conv_target_names(base: nn.Module) -> list[str]:
+    """The ungrouped convolutions outside the classifier: the layers both convolution contenders adapt
+    (PEFT's LoRA has no grouped form)."""
+    space = load_space({"targets": "all-conv", "choices": CONV_SUBNET_LORA})
+    return [n for n in find_targets(base, space) if base.get_submodule(n).groups == 1]
+
+
+def conv_subnet_lora(base: nn.Module) -> nn.Module:
+    """Our sub-network with B = lora8 only on :func:`conv_target_names`: the two-convolution low-rank path."""
+    import re
+
+    names = conv_target_names(base)
+    return apply_glora(copy.deepcopy(base), {"targets": [re.escape(n) for n in names], "choices": CONV_SUBNET_LORA})
+
+
+def peft_lora_conv(base: nn.Module) -> nn.Module:
+    import peft
+
+    return _peft(base, peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=conv_target_names(base)))
+
+
+def merged_conv(base: nn.Module, seed: int = 0) -> nn.Module:
+    """A random sub-network of the supernet over every convolution and linear layer (configs/space/conv.yaml), merged."""
+    model = apply_glora(copy.deepcopy(base), ROOT / "configs" / "space" / "conv.yaml")
+    sample_subnet(model, torch.Generator().manual_seed(seed))
+    return merge_glora(model).eval()
+
+
 def frozen(base: nn.Module) -> nn.Module:
     """The base model with every weight frozen that still back-propagates to its first block.
 
@@ -168,6 +201,10 @@ def _build_train_contender(name: str, base: nn.Module, seed: int = 0) -> Contend
         return Contender(name, peft_glora(base, "vector"))
     if name == "frozen":
         return Contender(name, frozen(base))
+    if name == "conv_subnet_lora":
+        return Contender(name, conv_subnet_lora(base))
+    if name == "peft_lora_conv":
+        return Contender(name, peft_lora_conv(base))
     raise ValueError(f"unknown training contender {name!r}; known: {', '.join(TRAIN_CONTENDERS)}")
 
 

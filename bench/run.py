@@ -50,6 +50,18 @@ TARGETS: dict[str, tuple[str, float]] = {
 }
 KEYS = tuple(TARGETS)
 
+# The convolution benchmark (docs/convolutions.md), on a CNN of its own (CONV_MODEL), kept in the
+# results' "conv" section: a sub-network with B = lora8 only (LoRA) on the ungrouped convolutions
+# against PEFT's LoRA on the same ones, and a merged sub-network of the conv space against the
+# untouched CNN (merged convolutions are plain: ~1.0).
+CONV_TARGETS: dict[str, tuple[str, float]] = {
+    "conv_subnet_vs_peft_lora_step": ("<=", 1.10),
+    "conv_merged_vs_base_forward": ("<=", 1.02),
+}
+CONV_KEYS = tuple(CONV_TARGETS)
+CONV_MODEL = "tf_efficientnet_lite0"
+ALL_TARGETS = {**TARGETS, **CONV_TARGETS}
+
 TRAIN_PAIRS = {
     "supernet_vs_lora_step": ("supernet", "peft_lora"),
     "subnet_vs_peft_glora_step_lora": ("subnet_lora", "peft_glora_lora"),
@@ -82,7 +94,7 @@ class Settings:
     mem_warmup: int = 1
     mem_steps: int = 2
     seed: int = 0
-    keys: tuple[str, ...] = KEYS  # what to measure (--only): a short GPU loan can time just the pairs it needs
+    keys: tuple[str, ...] = KEYS + CONV_KEYS  # what to measure (--only): a short GPU loan can time just the pairs it needs
 
 
 def quick_settings() -> Settings:
@@ -286,6 +298,43 @@ def _bench_merged(base, x, s: Settings, ratios, ci, record, log) -> None:
     log(f"  merged_vs_base_forward: {ratios['merged_vs_base_forward']:.3f}")
 
 
+def bench_conv(spec: ModelSpec, s: Settings, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """The convolution pairs (:data:`CONV_TARGETS`) on the CNN ``spec``, timed as the others are."""
+    dev = s.device
+    base = spec.build(s.seed).to(dev)
+    x, y = make_batch(spec, s.batch, dev, s.seed)
+    ratios: dict[str, float] = {}
+    ci: dict[str, list[float]] = {}
+    medians: dict[str, float] = {}
+    images_per_s: dict[str, float] = {}
+
+    def record(times: dict[str, list[float]], images: int) -> None:
+        for name, t in times.items():
+            medians[name] = statistics.median(t)
+            images_per_s[name] = images / medians[name]
+
+    key = "conv_subnet_vs_peft_lora_step"
+    if key in s.keys:
+        a, b = "conv_subnet_lora", "peft_lora_conv"
+        steps = {n: C.train_step(C.build_train_contender(n, base, s.seed), x, y, s.amp) for n in (a, b)}
+        times = interleave(steps, s.warmup, s.steps, dev)
+        record(times, s.batch)
+        ratios[key], ci[key] = paired_ratio_ci(times[a], times[b])
+        log(f"  {key}: {ratios[key]:.3f} [{ci[key][0]:.3f}, {ci[key][1]:.3f}] ({a} {medians[a]:.3f} s, {b} {medians[b]:.3f} s, "
+            f"{len(C.conv_target_names(base))} convolutions)")
+        del steps, times
+        gc.collect()
+    key = "conv_merged_vs_base_forward"
+    if key in s.keys:
+        merged = C.merged_conv(base, s.seed).to(dev)
+        times = interleave({"conv_merged_forward": C.forward_fn(merged, x, s.amp), "conv_base_forward": C.forward_fn(base, x, s.amp)},
+                           s.fwd_warmup, s.fwd_steps, dev)
+        record(times, s.batch)
+        ratios[key], ci[key] = paired_ratio_ci(times["conv_merged_forward"], times["conv_base_forward"])
+        log(f"  {key}: {ratios[key]:.3f} [{ci[key][0]:.3f}, {ci[key][1]:.3f}]")
+    return dict(ratios=ratios, ci95=ci, median_s=medians, images_per_s=images_per_s, settings=asdict(s), spec=spec.to_json())
+
+
 def _bench_search(spec: ModelSpec, base, s: Settings, ratios, ci, record, log) -> None:
     """Candidates scored per second x images per candidate against plain forward images per second."""
     dev = s.device
@@ -318,7 +367,7 @@ def _bench_memory(spec: ModelSpec, s: Settings, ratios, log) -> dict[str, Any]:
 
 # -- whole run ----------------------------------------------------------------------------------
 def _met(key: str, value: float) -> bool:
-    op, target = TARGETS[key]
+    op, target = ALL_TARGETS[key]
     return value <= target if op == "<=" else value >= target
 
 
@@ -337,8 +386,10 @@ def machine_info() -> dict[str, Any]:
     return dict(machine=info, torch=torch.__version__, timm=timm.__version__, peft=peft_version)
 
 
-def run(specs: list[ModelSpec], settings_for: Callable[[ModelSpec], Settings], out: Path | None, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Benchmark every model in turn; ``out`` is rewritten after each one, so a long run keeps what it measured."""
+def run(specs: list[ModelSpec], settings_for: Callable[[ModelSpec], Settings], out: Path | None, log: Callable[[str], None] = print,
+        conv_spec: ModelSpec | None = None) -> dict[str, Any]:
+    """Benchmark every model in turn; ``out`` is rewritten after each one, so a long run keeps what it measured.
+    ``conv_spec``: the CNN of the convolution pairs (:data:`CONV_TARGETS`), run last, in the results' "conv" section."""
     results: dict[str, Any] = {k: {} for k in KEYS}
     per_model: dict[str, Any] = {}
     t0 = time.perf_counter()
@@ -368,12 +419,28 @@ def run(specs: list[ModelSpec], settings_for: Callable[[ModelSpec], Settings], o
         if out is not None:
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps(doc, indent=2) + "\n")
+    s = settings_for(conv_spec) if conv_spec is not None else None
+    if s is not None and any(k in s.keys for k in CONV_KEYS):
+        if s.device == "cpu":
+            torch.set_num_threads(s.threads)
+        log(f"{conv_spec.label} at {conv_spec.img_size} px, convolutions (batch {s.batch}, {'bf16' if s.amp else 'fp32'}, {s.device})")
+        res = bench_conv(conv_spec, s, log)
+        conv = {k: {conv_spec.label: v} for k, v in res["ratios"].items()}
+        doc["conv"] = dict(conv, targets={k: dict(op=op, value=v) for k, (op, v) in CONV_TARGETS.items()},
+                           met={k: {m: _met(k, v) for m, v in conv[k].items()} for k in conv},
+                           ci95={k: {conv_spec.label: res["ci95"][k]} for k in res["ci95"]}, models={conv_spec.label: res})
+        doc["wall_s"] = time.perf_counter() - t0
+        if not doc.get("machine"):
+            doc.update(machine_info())
+        if out is not None:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(doc, indent=2) + "\n")
     return doc
 
 
 def _within_noise(key: str, interval: list[float] | None) -> bool:
     """Whether the target lies inside the ratio's 95% interval: the verdict could go either way."""
-    return interval is not None and interval[0] <= TARGETS[key][1] <= interval[1]
+    return interval is not None and interval[0] <= ALL_TARGETS[key][1] <= interval[1]
 
 
 def format_table(doc: dict[str, Any]) -> str:
@@ -395,6 +462,14 @@ def format_table(doc: dict[str, Any]) -> str:
             continue  # not measured (--only)
         op, v = TARGETS[k]
         lines.append(f"{k:42} {op + format(v, '.2f'):>8}  " + "  ".join(cell(k, m) for m in models))
+    conv = doc.get("conv")
+    for k in CONV_KEYS if conv else ():
+        for m, v in conv.get(k, {}).items():
+            interval = conv["ci95"].get(k, {}).get(m)
+            ci = f"[{interval[0]:.3f}, {interval[1]:.3f}]" if interval else ""
+            verdict = ("ok" if conv["met"][k][m] else "MISS") + ("~" if _within_noise(k, interval) else " ")
+            op, target = CONV_TARGETS[k]
+            lines.append(f"{k:42} {op + format(target, '.2f'):>8}  {f'{v:.3f} {ci:>16} {verdict:>5}'.rjust(width)}  ({m})")
     for k in sorted({k for m in models for k in doc["models"][m].get("floor", {})}):
         cells = "  ".join(f"{doc['models'][m].get('floor', {}).get(k, math.nan):.3f} {'':>16} {'':>5}".rjust(width) for m in models)
         lines.append(f"{'(floor) ' + k:42} {'':>8}  {cells}")
@@ -408,6 +483,8 @@ def format_table(doc: dict[str, Any]) -> str:
         mem = doc["models"][m]["memory"]
         if mem:
             lines.append(f"  {m} peak step memory (MiB above rest): " + ", ".join(f"{n} {v['peak_delta_bytes'] / 2**20:.0f}" for n, v in mem.items()))
+    for m, res in (conv or {}).get("models", {}).items():
+        lines.append(f"  {m} (convolutions): " + ", ".join(f"{n} {res['median_s'][n]:.3f} ({res['images_per_s'][n]:.1f})" for n in res["median_s"]))
     return "\n".join(lines)
 
 
@@ -428,7 +505,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
                    "(as retrain.compile does ours); the supernet pair, merged inference and search stay eager")
     p.add_argument("--compile-mode", choices=COMPILE_MODES, default="default",
                    help="torch.compile's mode with --compile; reduce-overhead replays CUDA graphs on a GPU")
-    p.add_argument("--only", nargs="+", choices=KEYS, metavar="KEY",
+    p.add_argument("--conv-model", default=CONV_MODEL, help=f"the CNN of the convolution pairs (default {CONV_MODEL})")
+    p.add_argument("--conv-img-size", type=int, help="its input size (default 224; 64 with --quick)")
+    p.add_argument("--only", nargs="+", choices=KEYS + CONV_KEYS, metavar="KEY",
                    help="measure only these keys (default all); a training pair's floor comes with it")
     p.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -438,6 +517,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         return None
     import timm
 
+    if not timm.is_model(args.conv_model):
+        p.error(f"--conv-model: unknown timm model {args.conv_model} (timm.list_models() names them)")
     unknown = [m for m in args.models or [] if not timm.is_model(m)]
     if unknown:
         p.error(f"--models: unknown timm model(s) {', '.join(unknown)} (timm.list_models() names them)")
@@ -470,12 +551,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         if args.compile:
             s = replace(s, compile=True, compile_mode=args.compile_mode)
         if args.only:
-            s = replace(s, keys=tuple(k for k in KEYS if k in args.only))
+            s = replace(s, keys=tuple(k for k in KEYS + CONV_KEYS if k in args.only))
         return s
 
     img_size = int(args.model_kwargs.get("img_size", 224))
     specs = [ModelSpec(m, dict(args.model_kwargs), img_size, args.num_classes) for m in models]
-    doc = run(specs, settings_for, args.out)
+    conv_size = args.conv_img_size or (64 if args.quick and args.device == "cpu" else 224)
+    conv_spec = ModelSpec(args.conv_model, {}, conv_size, args.num_classes)
+    doc = run(specs, settings_for, args.out, conv_spec=conv_spec)
     print()
     print(format_table(doc))
     print(f"\nwrote {args.out} ({doc['wall_s']:.0f} s)")

@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 from search import BudgetError, EvolutionSearch, EvolutionSettings
 from supernet import (
     TENSORS,
-    GLoraLinear,
+    GLoraLayer,
     MergeError,
     SubnetSampler,
     adapter_metadata,
@@ -53,7 +53,6 @@ from supernet import (
     set_subnet,
     subnet_to_dict,
 )
-from supernet.layer import choice_cost
 
 from . import distributed as D
 from .checkpoint import CheckpointError, safe_torch_load
@@ -183,7 +182,7 @@ def reference_subnets(model: nn.Module, seed: int, n_random: int) -> dict[str, A
     def extreme(pick):
         out = {}
         for name, layer in layers.items():
-            out[name] = {t: str(pick(layer.choices[t], key=lambda c: choice_cost(t, c, layer.out_features, layer.in_features)))
+            out[name] = {t: str(pick(layer.choices[t], key=lambda c: layer.choice_cost(t, c)))
                          for t in TENSORS}
         return out
 
@@ -290,9 +289,8 @@ class MergedScorer:
         self.layers = dict(glora_layers(model))
         plain = copy.deepcopy(model)
         for name, layer in self.layers.items():
-            linear = nn.Linear(layer.in_features, layer.out_features, bias=True, device=layer.weight.device, dtype=layer.weight.dtype)
-            parent, _, attr = name.rpartition(".")
-            setattr(plain.get_submodule(parent) if parent else plain, attr, linear)
+            parent, _, attr = name.rpartition(".")  # a plain nn.Linear or convolution of the layer's shape
+            setattr(plain.get_submodule(parent) if parent else plain, attr, layer.plain(bias=True))
         self.plain = plain.eval().requires_grad_(False)
         # Compiled once: each candidate is copied into the same tensors in place, which the
         # compiled graph reads without recompiling.
@@ -527,7 +525,7 @@ def run_retrain(cfg: RunConfig, info: D.DistInfo, source: str, overwrite: bool =
     tracker = Tracker(rdir, enabled=info.is_main)
     warn_slow_precision(r.precision, "retrain.precision", info, tracker)
     subnet = None
-    if any(isinstance(m, GLoraLinear) for m in model.modules()):
+    if any(isinstance(m, GLoraLayer) for m in model.modules()):
         chosen = json.dumps(subnet_to_dict(get_subnet(model)), sort_keys=True)
         subnet = (hashlib.sha256(chosen.encode()).hexdigest()[:16], origin)
     trainer = Trainer(model, train_ds, None, r, rdir, info, tracker, fingerprint=fingerprint(cfg, "retrain"),
@@ -607,7 +605,7 @@ def export(model: nn.Module, cfg: RunConfig, rdir: Path, val_ds, info: D.DistInf
            spec: tuple[int, tuple[float, ...], tuple[float, ...]]) -> None:
     """adapter.safetensors + subnet.yaml, then merged.safetensors once merged == unmerged is verified."""
     model.eval()
-    has_glora = any(isinstance(m, GLoraLinear) for m in model.modules())
+    has_glora = any(isinstance(m, GLoraLayer) for m in model.modules())
     if has_glora:
         save_adapter(model, rdir / "adapter.safetensors", rdir / "subnet.yaml",
                      metadata={"model": cfg.model.name, "kwargs": cfg.model.kwargs})

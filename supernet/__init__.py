@@ -19,8 +19,9 @@ from .io import (
     timm_classifier_outputs,
     WriteError,
 )
-from .layer import GLoraLinear, SupportTensors, choice_cost
-from .merge import MergeError, add_zero_biases, added_biases, merge_glora, merged_bias_slots, merged_linear
+from .conv import GLoraConv2d
+from .layer import GLoraLayer, GLoraLinear, SupportTensors, choice_cost
+from .merge import MergeError, add_zero_biases, added_biases, merge_glora, merged_bias_slots, merged_linear, merged_module
 from .model import (
     ParamCount,
     SubnetSampler,
@@ -30,6 +31,7 @@ from .model import (
     extract_subnet,
     find_targets,
     get_subnet,
+    glora_layer,
     glora_layers,
     head_params,
     layer_choices,

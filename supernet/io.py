@@ -20,9 +20,10 @@ import yaml
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .layer import GLoraLinear
+from .conv import GLoraConv2d, conv_problem
+from .layer import GLoraLayer, GLoraLinear
 from .merge import add_zero_biases, merged_bias_slots
-from .model import _set_submodule, get_subnet, glora_layers, mark_trainable, set_subnet
+from .model import _set_submodule, get_subnet, glora_layer, glora_layers, mark_trainable, set_subnet
 from .space import TENSORS, SpaceError, parse_choice
 from .subnet import subnet_to_dict
 
@@ -85,21 +86,45 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
+def _running_stat_keys(model: nn.Module) -> set[str]:
+    """The state-dict keys of batch-norm running statistics: buffers, not parameters, so training
+    in train mode updates them although the backbone is frozen (a CNN's, not a ViT's: it has none)."""
+    keys = set()
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._NormBase) and module.track_running_stats:
+            keys.update(f"{name}.{b}" if name else b for b, v in module.named_buffers(recurse=False) if v is not None)
+    return keys
+
+
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """GLoRA tensors and the modules to save (the head); never the frozen backbone."""
+    """GLoRA tensors, the modules to save (the head) and batch-norm running statistics (which
+    training updates: without them a CNN's adapters would be loaded onto statistics they were not
+    trained with); never the frozen backbone's weights."""
     keep = list(getattr(model, "glora_modules_to_save", []))
+    stats = _running_stat_keys(model)
     out = {}
     for key, value in model.state_dict().items():
         last = key.rsplit(".", 1)[-1]
-        if last.startswith("glora_") or any(key.startswith(m + ".") for m in keep):
+        if last.startswith("glora_") or key in stats or any(key.startswith(m + ".") for m in keep):
             out[key] = value.detach().contiguous()
     return out
 
 
-def _layer_record(layer: GLoraLinear) -> dict[str, Any]:
+def _geometry(module: nn.Module) -> dict[str, Any]:
+    """What a saved layer records of its base layer's shape: in/out features of a linear layer
+    (the keys files have always had); of a convolution also its kind, kernel, stride, padding,
+    dilation and groups."""
+    if isinstance(module, (nn.Conv2d, GLoraConv2d)):
+        padding = module.padding if isinstance(module.padding, str) else list(module.padding)
+        return {"kind": "conv2d", "in_features": module.in_channels, "out_features": module.out_channels,
+                "kernel_size": list(module.kernel_size), "stride": list(module.stride), "padding": padding,
+                "dilation": list(module.dilation), "groups": module.groups}
+    return {"in_features": module.in_features, "out_features": module.out_features}
+
+
+def _layer_record(layer: GLoraLayer) -> dict[str, Any]:
     return {
-        "in_features": layer.in_features,
-        "out_features": layer.out_features,
+        **_geometry(layer),
         "bias": layer.bias is not None,
         "choices": {t: [str(c) for c in layer.choices[t]] for t in TENSORS},
     }
@@ -270,7 +295,7 @@ def load_adapter(
     """Rebuild the saved GLoRA layers on a freshly built base ``model`` and load their tensors.
 
     Refuses, naming the layer or key, when a saved layer is missing from the model, is not an
-    ``nn.Linear``, or has other shapes. The model is only changed once every check passed.
+    ``nn.Linear`` (an ``nn.Conv2d`` for a saved convolution), or has other shapes. The model is only changed once every check passed.
     """
     path = Path(path)
     tensors, meta = read_safetensors(path)
@@ -282,22 +307,25 @@ def load_adapter(
         if module is None:
             problems.append(f"layer {name} is not in the model")
             continue
-        if isinstance(module, GLoraLinear):
-            module_shape = (module.in_features, module.out_features)
-        elif isinstance(module, nn.Linear):
-            module_shape = (module.in_features, module.out_features)
-        else:
+        conv = rec.get("kind") == "conv2d"
+        if conv and not (isinstance(module, (nn.Conv2d, GLoraConv2d)) and conv_problem(module) is None):
+            problems.append(f"layer {name} is a {type(module).__name__}, not an nn.Conv2d GLoRA can adapt (the file holds a convolution)")
+            continue
+        if not conv and not isinstance(module, (nn.Linear, GLoraLinear)):
             problems.append(f"layer {name} is a {type(module).__name__}, not an nn.Linear")
             continue
-        if module_shape != (rec["in_features"], rec["out_features"]):
-            problems.append(f"layer {name}: model has in/out {module_shape}, file has ({rec['in_features']}, {rec['out_features']})")
+        want = {k: v for k, v in rec.items() if k not in ("bias", "choices")}
+        have = _geometry(module)
+        if have != want:
+            diff = ", ".join(f"{k} {have.get(k)} vs file {want.get(k)}" for k in sorted(set(have) | set(want)) if have.get(k) != want.get(k))
+            problems.append(f"layer {name}: model and file differ: {diff}")
             continue
         try:
             choices = {t: [parse_choice(c, t, f"{name}.{t}") for c in rec["choices"][t]] for t in TENSORS}
         except (SpaceError, KeyError, TypeError) as err:
             problems.append(f"layer {name}: bad choices ({err})")
             continue
-        new_layers[name] = GLoraLinear(module, choices) if not isinstance(module, GLoraLinear) else None
+        new_layers[name] = glora_layer(module, choices) if not isinstance(module, GLoraLayer) else None
     if problems:
         raise AdapterError(f"{path}: does not fit the model: " + "; ".join(problems[:5]))
 

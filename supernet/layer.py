@@ -42,14 +42,19 @@ class SupportTensors(NamedTuple):
     E: torch.Tensor
 
 
-def choice_cost(tensor: str, choice: Choice, out_features: int, in_features: int) -> int:
-    """Parameters a retrained sub-network holds for one tensor of one layer (docs/method.md §2)."""
+def choice_cost(tensor: str, choice: Choice, out_features: int, in_features: int, c_in: int | None = None) -> int:
+    """Parameters a retrained sub-network holds for one tensor of one layer (docs/method.md §2).
+
+    ``in_features`` is the columns of the weight A and B act on and ``c_in`` the rows of C
+    (default ``in_features``): for a convolution ``in/groups·kh·kw`` and ``in`` (docs/convolutions.md).
+    """
     if choice.kind == "none":
         return 0
     if tensor in ("A", "B"):
         return {"lora": choice.rank * (out_features + in_features), "vector": out_features, "scalar": 1}[choice.kind]
     if tensor == "C":
-        return {"lora": choice.rank * (in_features + 1), "vector": in_features}[choice.kind]
+        c_in = in_features if c_in is None else c_in
+        return {"lora": choice.rank * (c_in + 1), "vector": c_in}[choice.kind]
     return {"vector": out_features, "scalar": 1}[choice.kind]
 
 
@@ -520,20 +525,21 @@ class _RebuiltWeightLinear(torch.autograd.Function):
         return gx, None, None, None, gAd, gAu, gBd, gBu, gCd, gCu, gD, gE
 
 
-class GLoraLinear(nn.Module):
-    """A frozen ``nn.Linear`` plus the GLoRA support tensors A-E.
+class GLoraLayer(nn.Module):
+    """What every GLoRA layer shares: the frozen base weight and bias, the allowed choices, the
+    shared (weight-entangled) parameters sized for the largest choice, the active choice.
 
-    ``weight`` and ``bias`` are the base layer's own (frozen) parameters, so the state-dict keys
-    of the base model are kept and only ``glora_*`` keys are added.
+    A and B act on the weight viewed as a ``(rows, cols)`` matrix and C is ``(c_rows, 1)``: for a
+    linear layer ``(out, in)`` and ``in``; for a convolution ``(out, in/groups·kh·kw)`` and ``in``
+    (:class:`supernet.conv.GLoraConv2d`). Subclasses set those sizes before calling
+    :meth:`_setup` and write ``forward`` and ``merged_weight_bias``.
     """
 
-    def __init__(self, base: "nn.Linear | GLoraLinear", choices: Mapping[str, Sequence[Choice | str]]):
-        # ``base`` may itself be a GLoRA layer: extract_subnet re-wraps the same frozen weights.
-        super().__init__()
-        if not isinstance(base, (nn.Linear, GLoraLinear)):
-            raise SpaceError(f"GLoRA can only wrap nn.Linear, got {type(base).__name__}")
-        self.in_features = base.in_features
-        self.out_features = base.out_features
+    rows: int
+    cols: int
+    c_rows: int
+
+    def _setup(self, base: nn.Module, choices: Mapping[str, Sequence[Choice | str]]) -> None:
         self.weight = base.weight
         self.register_parameter("bias", base.bias)  # registered even when None: forward reads both from _parameters
         self.weight.requires_grad_(False)
@@ -556,13 +562,13 @@ class GLoraLinear(nn.Module):
     def _allocate(self) -> None:
         w = self.weight
         kw = dict(device=w.device, dtype=w.dtype if w.dtype.is_floating_point else torch.float32)
-        out_f, in_f = self.out_features, self.in_features
+        out_f, in_f, c_in = self.rows, self.cols, self.c_rows
         for t in TENSORS:
             kinds = {c.kind for c in self.choices[t]}
             rank = max((c.rank for c in self.choices[t] if c.kind == "lora"), default=0)
             down = up = None
             if t in ("A", "B", "C"):
-                rows = out_f if t != "C" else in_f
+                rows = out_f if t != "C" else c_in
                 if rank:
                     down = torch.zeros(rows, rank, **kw)
                     up = torch.empty(rank, in_f if t != "C" else 1, **kw)
@@ -597,13 +603,17 @@ class GLoraLinear(nn.Module):
                 raise SpaceError(f"{name}.{t}: {str(c)!r} is not allowed here; allowed: {allowed}{extra}")
         self.active = choice
 
+    def choice_cost(self, tensor: str, choice: Choice) -> int:
+        """Parameters ``choice`` of ``tensor`` costs on this layer (docs/method.md §2, with this layer's sizes)."""
+        return choice_cost(tensor, choice, self.rows, self.cols, self.c_rows)
+
     def cost(self, choice: LayerChoice | None = None) -> int:
         choice = choice or self.active
-        return sum(choice_cost(t, c, self.out_features, self.in_features) for t, c in choice.items())
+        return sum(self.choice_cost(t, c) for t, c in choice.items())
 
     # -- the support tensors as slices of the shared parameters -----------------------------
     def _matrix(self, t: str, c: Choice) -> torch.Tensor | None:
-        """A/B: (out,in) for lora, (out,1) vector, (1,1) scalar; C: (in,1) lora or vector."""
+        """A/B: (rows, cols) for lora, (rows, 1) vector, (1, 1) scalar; C: (c_rows, 1) lora or vector."""
         return _compose(*_slices(c, getattr(self, f"glora_{t}d"), getattr(self, f"glora_{t}u")))
 
     def _vector(self, t: str, c: Choice) -> torch.Tensor | None:
@@ -619,27 +629,21 @@ class GLoraLinear(nn.Module):
     def active(self, choice: LayerChoice) -> None:
         self._activate(choice, self._plan_of(choice))
 
-    def _plan_of(self, choice: LayerChoice) -> "_Plan":
-        """The plan this layer follows under ``choice`` (already checked against its choices)."""
-        return _plan_for(choice, self._param_shapes, self.out_features, self.in_features)
+    def _plan_of(self, choice: LayerChoice) -> "_Plan | None":
+        """The plan this layer follows under ``choice`` (None: the layer needs none)."""
+        return None
 
-    def _activate(self, choice: LayerChoice, plan: "_Plan") -> None:
+    def _activate(self, choice: LayerChoice, plan: "_Plan | None") -> None:
         """Set ``choice`` with its :meth:`_plan_of` plan, for callers that keep plans (:class:`SubnetSampler`)."""
         # object.__setattr__: nn.Module's own is slower, and this runs for every layer on every supernet step
         object.__setattr__(self, "_plan", plan)
         object.__setattr__(self, "_active", choice)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        plan, p = self._plan, self._parameters
-        if plan.fn is None:
-            return F.linear(x, p["weight"], p["bias"])
-        return plan.fn.apply(x, p["weight"], p["bias"], plan, *[None if n is None else p[n] for n in plan.names])
-
-    # -- dense forms ------------------------------------------------------------------------
     def support_tensors(self) -> SupportTensors:
+        """The dense support tensors of the active choice: A, B broadcast to (rows, cols), C (c_rows, 1), D, E (out,)."""
         c = self.active
         like = self.glora_like()
-        out_f, in_f = self.out_features, self.in_features
+        out_f, c_in = self.rows, self.c_rows
         zeros = lambda *s: torch.zeros(*s, dtype=like.dtype, device=like.device)  # noqa: E731
         A = self._matrix("A", c.A)
         B = self._matrix("B", c.B)
@@ -649,7 +653,7 @@ class GLoraLinear(nn.Module):
         return SupportTensors(
             A=zeros(1, 1) if A is None else A,
             B=zeros(1, 1) if B is None else B,
-            C=zeros(in_f, 1) if C is None else C,
+            C=zeros(c_in, 1) if C is None else C,
             D=zeros(out_f) if D is None else D.expand(out_f),
             E=zeros(out_f) if E is None else E.expand(out_f),
         )
@@ -658,6 +662,58 @@ class GLoraLinear(nn.Module):
         params = self.adapter_parameters()
         return params[0] if params else self.weight
 
+    def plain(self, bias: bool) -> nn.Module:
+        """An empty plain module of the base layer's kind and shape (``bias``: with a bias), on the
+        weight's device and dtype, for the merged weights."""
+        raise NotImplementedError
+
+    def merged_weight_bias(self, dtype=None, out=None):
+        raise NotImplementedError
+
+
+class GLoraLinear(GLoraLayer):
+    """A frozen ``nn.Linear`` plus the GLoRA support tensors A-E.
+
+    ``weight`` and ``bias`` are the base layer's own (frozen) parameters, so the state-dict keys
+    of the base model are kept and only ``glora_*`` keys are added.
+    """
+
+    def __init__(self, base: "nn.Linear | GLoraLinear", choices: Mapping[str, Sequence[Choice | str]]):
+        # ``base`` may itself be a GLoRA layer: extract_subnet re-wraps the same frozen weights.
+        super().__init__()
+        if not isinstance(base, (nn.Linear, GLoraLinear)):
+            raise SpaceError(f"GLoRA can only wrap nn.Linear, got {type(base).__name__}")
+        self.in_features = base.in_features
+        self.out_features = base.out_features
+        self._setup(base, choices)
+
+    @property
+    def rows(self) -> int:
+        return self.out_features
+
+    @property
+    def cols(self) -> int:
+        return self.in_features
+
+    @property
+    def c_rows(self) -> int:
+        return self.in_features
+
+    def _plan_of(self, choice: LayerChoice) -> "_Plan":
+        """The plan this layer follows under ``choice`` (already checked against its choices)."""
+        return _plan_for(choice, self._param_shapes, self.out_features, self.in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        plan, p = self._plan, self._parameters
+        if plan.fn is None:
+            return F.linear(x, p["weight"], p["bias"])
+        return plan.fn.apply(x, p["weight"], p["bias"], plan, *[None if n is None else p[n] for n in plan.names])
+
+    def plain(self, bias: bool) -> nn.Linear:
+        w = self.weight
+        return nn.Linear(self.in_features, self.out_features, bias=bias, device=w.device, dtype=w.dtype)
+
+    # -- dense forms ------------------------------------------------------------------------
     @torch.no_grad()
     def merged_weight_bias(
         self, dtype: torch.dtype | None = None, out: tuple[torch.Tensor, torch.Tensor | None] | None = None

@@ -1,4 +1,4 @@
-"""Structural re-parameterisation: fold every GLoRA layer into a plain ``nn.Linear`` (docs/method.md §1)."""
+"""Structural re-parameterisation: fold every GLoRA layer into a plain ``nn.Linear`` or ``nn.Conv2d`` (docs/method.md §1)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Mapping
 import torch
 import torch.nn as nn
 
-from .layer import GLoraLinear
+from .layer import GLoraLayer
 from .model import _set_submodule, glora_layers
 
 
@@ -16,23 +16,26 @@ class MergeError(RuntimeError):
 
 
 @torch.no_grad()
-def merged_linear(layer: GLoraLinear, name: str = "layer") -> nn.Linear:
-    """A new ``nn.Linear`` equal to ``layer`` under its active configuration."""
+def merged_linear(layer: GLoraLayer, name: str = "layer") -> nn.Module:
+    """A new plain layer (``nn.Linear``, or the convolution's own kind) equal to ``layer`` under its active configuration."""
     W, b = layer.merged_weight_bias()
     if not torch.isfinite(W).all() or (b is not None and not torch.isfinite(b).all()):
         raise MergeError(f"{name}: merged weights are not finite (active choice {layer.active}); nothing was merged")
-    dtype, device = layer.weight.dtype, layer.weight.device
-    linear = nn.Linear(layer.in_features, layer.out_features, bias=b is not None, device=device, dtype=dtype)
-    linear.weight.copy_(W.to(dtype))
+    dtype = layer.weight.dtype
+    plain = layer.plain(bias=b is not None)
+    plain.weight.copy_(W.to(dtype))
     if b is not None:
-        linear.bias.copy_(b.to(dtype))
-    linear.requires_grad_(False)
-    return linear
+        plain.bias.copy_(b.to(dtype))
+    plain.requires_grad_(False)
+    return plain
+
+
+merged_module = merged_linear
 
 
 @torch.no_grad()
 def merge_glora(model: nn.Module) -> nn.Module:
-    """Replace every GLoRA layer by the plain ``nn.Linear`` holding ``W`` and ``b`` of its active choice.
+    """Replace every GLoRA layer by the plain ``nn.Linear`` (``nn.Conv2d``) holding ``W`` and ``b`` of its active choice.
 
     All layers are computed (in float32 or higher) and checked before any is swapped in, so a
     non-finite result raises :class:`MergeError` and leaves the model untouched.
@@ -54,7 +57,7 @@ def added_biases(model: nn.Module) -> list[str]:
 
 
 def merged_bias_slots(model: nn.Module, state: Mapping[str, torch.Tensor]) -> list[str]:
-    """The bias-free ``nn.Linear`` layers of ``model`` for which ``state`` holds a ``<name>.bias`` of
+    """The bias-free ``nn.Linear``/``nn.Conv2d`` layers of ``model`` for which ``state`` holds a ``<name>.bias`` of
     their output size: the biases a merge created (see :func:`added_biases`)."""
     own = model.state_dict()
     names = []
@@ -66,16 +69,16 @@ def merged_bias_slots(model: nn.Module, state: Mapping[str, torch.Tensor]) -> li
             module = model.get_submodule(name)
         except AttributeError:
             continue
-        if isinstance(module, nn.Linear) and module.bias is None and tuple(value.shape) == (module.out_features,):
+        if isinstance(module, (nn.Linear, nn.Conv2d)) and module.bias is None and tuple(value.shape) == (module.weight.shape[0],):
             names.append(name)
     return names
 
 
 @torch.no_grad()
 def add_zero_biases(model: nn.Module, names: list[str]) -> None:
-    """Give each bias-free ``nn.Linear`` named (:func:`merged_bias_slots`) a zero bias, so a merged
+    """Give each bias-free ``nn.Linear``/``nn.Conv2d`` named (:func:`merged_bias_slots`) a zero bias, so a merged
     state dict loads into a freshly built base model with ``strict=True``."""
     for name in names:
         module = model.get_submodule(name)
-        module.bias = nn.Parameter(torch.zeros(module.out_features, dtype=module.weight.dtype, device=module.weight.device),
+        module.bias = nn.Parameter(torch.zeros(module.weight.shape[0], dtype=module.weight.dtype, device=module.weight.device),
                                    requires_grad=module.weight.requires_grad)

@@ -1,4 +1,4 @@
-"""Model surgery: wrap targeted ``nn.Linear`` layers in GLoRA layers, and act on whole networks."""
+"""Model surgery: wrap targeted ``nn.Linear`` and ``nn.Conv2d`` layers in GLoRA layers, and act on whole networks."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ from typing import Any, Iterator, Mapping
 import torch
 import torch.nn as nn
 
-from .layer import GLoraLinear, choice_cost
-from .space import TENSORS, LayerChoice, SearchSpace, SpaceError, any_match, load_space, pattern_matches
+from .conv import GLoraConv2d, conv_problem
+from .layer import GLoraLayer, GLoraLinear
+from .space import TARGET_KINDS, TENSORS, LayerChoice, SearchSpace, SpaceError, any_match, load_space, pattern_matches
 from .subnet import Subnet, load_subnet, sample_config
 
 
@@ -39,18 +40,38 @@ def _preview(names: list[str], n: int = 8) -> str:
     return shown + (f", ... ({len(names)} in all)" if len(names) > n else "") if names else "(none)"
 
 
+def _adaptable_problem(module: nn.Module) -> str | None:
+    """Why ``module`` cannot be a GLoRA target (one line), or None: an nn.Linear or a supported nn.Conv2d."""
+    if isinstance(module, GLoraLayer):
+        return "already a GLoRA layer; apply_glora once per model"
+    if isinstance(module, nn.Linear):
+        return None
+    if isinstance(module, nn.Conv2d):
+        return conv_problem(module)
+    return f"a {type(module).__name__}, not an nn.Linear or nn.Conv2d"
+
+
 def find_targets(model: nn.Module, space: SearchSpace) -> list[str]:
-    """Names of the modules ``space`` targets, validated: every pattern matches, every match is a Linear."""
+    """Names of the modules ``space`` targets, validated: every pattern matches, every match is a
+    Linear or a Conv2d GLoRA can adapt. ``targets: all-linear`` (the default), ``all-conv`` or ``all``
+    take every such layer outside ``exclude`` and the classifier."""
     modules = dict(model.named_modules())
     modules.pop("", None)
     heads = _classifier_names(model)
     excluded = {n for n in modules if any_match(space.exclude, n)}
     excluded |= {n for n in modules for h in heads if n == h or n.startswith(h + ".")}
     linear_names = [n for n, m in modules.items() if isinstance(m, nn.Linear)]
-    if space.targets == "all-linear":
-        names = [n for n in linear_names if n not in excluded]
+    if isinstance(space.targets, str):
+        kinds = TARGET_KINDS[space.targets]
+        types = tuple(t for k, t in (("linear", nn.Linear), ("conv", nn.Conv2d)) if k in kinds)
+        names = [n for n, m in modules.items() if isinstance(m, types) and n not in excluded]
         if not names:
-            raise SpaceError(f"{space.source}: targets: 'all-linear' matched no nn.Linear outside exclude; linear layers: {_preview(linear_names)}")
+            listed = _preview(linear_names) if kinds == ("linear",) else _preview([n for n, m in modules.items() if isinstance(m, types)])
+            what = " or ".join(t.__name__ for t in types)
+            raise SpaceError(f"{space.source}: targets: {space.targets!r} matched no nn.{what} outside exclude; such layers: {listed}")
+        bad = [f"{n} is {p}" for n in names if isinstance(modules[n], nn.Conv2d) and (p := conv_problem(modules[n]))]
+        if bad:
+            raise SpaceError(f"{space.source}: targets: {space.targets!r}: {'; '.join(bad[:3])}" + (f" (+{len(bad) - 3} more)" if len(bad) > 3 else ""))
         return names
     problems, names = [], []
     for i, pat in enumerate(space.targets):
@@ -59,10 +80,10 @@ def find_targets(model: nn.Module, space: SearchSpace) -> list[str]:
             problems.append(f"targets[{i}]: {pat!r} matches no module (outside exclude); linear layers: {_preview(linear_names)}")
             continue
         for n in matched:
-            if isinstance(modules[n], GLoraLinear):
-                problems.append(f"targets[{i}]: {n} is already a GLoRA layer; apply_glora once per model")
-            elif not isinstance(modules[n], nn.Linear):
-                problems.append(f"targets[{i}]: {pat!r} matches {n}, a {type(modules[n]).__name__}, not an nn.Linear")
+            problem = _adaptable_problem(modules[n])
+            if problem is not None:
+                problems.append(f"targets[{i}]: {pat!r} matches {n}, {problem}" if not isinstance(modules[n], GLoraLayer)
+                                else f"targets[{i}]: {n} is {problem}")
             elif n not in names:
                 names.append(n)
     if problems:
@@ -71,14 +92,21 @@ def find_targets(model: nn.Module, space: SearchSpace) -> list[str]:
     return sorted(names, key=order.__getitem__)
 
 
-def glora_layers(model: nn.Module) -> Iterator[tuple[str, GLoraLinear]]:
-    """``(name, layer)`` for every GLoRA layer, in module order."""
+def glora_layer(base: nn.Module, choices) -> GLoraLayer:
+    """The GLoRA layer for ``base`` (an nn.Linear, an nn.Conv2d, or a GLoRA layer to re-wrap) with ``choices``."""
+    if isinstance(base, (nn.Conv2d, GLoraConv2d)):
+        return GLoraConv2d(base, choices)
+    return GLoraLinear(base, choices)
+
+
+def glora_layers(model: nn.Module) -> Iterator[tuple[str, GLoraLayer]]:
+    """``(name, layer)`` for every GLoRA layer (linear and convolution), in module order."""
     for name, module in model.named_modules():
-        if isinstance(module, GLoraLinear):
+        if isinstance(module, GLoraLayer):
             yield name, module
 
 
-def _layers_or_raise(model: nn.Module) -> dict[str, GLoraLinear]:
+def _layers_or_raise(model: nn.Module) -> dict[str, GLoraLayer]:
     layers = dict(glora_layers(model))
     if not layers:
         raise SpaceError("the model has no GLoRA layers; call apply_glora(model, space) first")
@@ -116,7 +144,8 @@ def apply_glora(
     space: SearchSpace | Mapping[str, Any] | str | os.PathLike,
     modules_to_save: Any = "auto",
 ) -> nn.Module:
-    """Wrap every targeted ``nn.Linear`` of ``model`` in a :class:`GLoraLinear` and freeze the rest.
+    """Wrap every targeted ``nn.Linear`` (``nn.Conv2d``) of ``model`` in a :class:`GLoraLinear`
+    (:class:`GLoraConv2d`) and freeze the rest.
 
     ``space`` is a :class:`SearchSpace`, its YAML content as a dict, or a path to the YAML.
     ``modules_to_save`` stay fully trainable: ``"auto"`` is a timm model's classifier
@@ -127,7 +156,7 @@ def apply_glora(
     targets = find_targets(model, space)
     keep = _resolve_modules_to_save(model, modules_to_save)
     for name in targets:
-        _set_submodule(model, name, GLoraLinear(model.get_submodule(name), space.choices))
+        _set_submodule(model, name, glora_layer(model.get_submodule(name), space.choices))
     mark_trainable(model, keep)
     model.glora_space = space
     return model
@@ -142,7 +171,7 @@ def choice_costs(model: nn.Module) -> dict[str, dict[str, dict[str, int]]]:
     """Per layer, per tensor, per choice (as a string): the parameters it costs (docs/method.md §2)."""
     return {
         name: {
-            t: {str(c): choice_cost(t, c, layer.out_features, layer.in_features) for c in layer.choices[t]}
+            t: {str(c): layer.choice_cost(t, c) for c in layer.choices[t]}
             for t in TENSORS
         }
         for name, layer in _layers_or_raise(model).items()
@@ -154,7 +183,7 @@ def get_subnet(model: nn.Module) -> Subnet:
     return {name: layer.active for name, layer in _layers_or_raise(model).items()}
 
 
-def _check_subnet(model: nn.Module, config: Any) -> tuple[dict[str, GLoraLinear], Subnet]:
+def _check_subnet(model: nn.Module, config: Any) -> tuple[dict[str, GLoraLayer], Subnet]:
     layers = _layers_or_raise(model)
     source = f"{config}: sub-network" if isinstance(config, (str, os.PathLike)) else "sub-network configuration"
     config = load_subnet(config)
@@ -297,7 +326,7 @@ def extract_subnet(model: nn.Module, config: Subnet | Mapping[str, Any] | str | 
         layers, config = _check_subnet(model, config)
     for name, layer in layers.items():
         choice = config[name]
-        small = GLoraLinear(layer, {t: (choice[t],) for t in TENSORS})
+        small = glora_layer(layer, {t: (choice[t],) for t in TENSORS})
         for pname, p in small.named_parameters(recurse=False):
             if pname.startswith("glora_"):
                 src = getattr(layer, pname)

@@ -1,8 +1,8 @@
-"""Search spaces: which linear layers GLoRA adapts and which choices each support tensor may take.
+"""Search spaces: which layers GLoRA adapts and which choices each support tensor may take.
 
 A space is written in YAML (or given as the same dict)::
 
-    targets: all-linear          # or a list of regular expressions over module names
+    targets: all-linear          # all-conv, all (linear and conv), or a list of regular expressions over module names
     exclude: [head]              # never adapted (the classifier is always excluded)
     choices:
       A: [lora8, lora4, vector, scalar, none]
@@ -37,6 +37,9 @@ ALLOWED_KINDS: dict[str, tuple[str, ...]] = {
 }
 
 SPACE_KEYS = ("targets", "exclude", "choices")
+# The targets that name a kind of layer rather than list patterns, and the kinds each takes.
+TARGET_KINDS: dict[str, tuple[str, ...]] = {"all-linear": ("linear",), "all-conv": ("conv",), "all": ("linear", "conv")}
+_TARGET_WORDS = "'all-linear', 'all-conv', 'all'"
 _CHOICE_RE = re.compile(r"^(lora|constant|scalar|vector|none)(.*)$")
 
 
@@ -163,16 +166,16 @@ class SearchSpace:
 
 
 def _validate_patterns(value: Any, key: str, problems: list[str], allow_all: bool) -> list[str] | str | None:
-    if allow_all and value == "all-linear":
+    if allow_all and isinstance(value, str) and value in TARGET_KINDS:
         return value
     if isinstance(value, str):
         value = [value]
     if not isinstance(value, (list, tuple)):
-        expect = "'all-linear' or a list of regular expressions" if allow_all else "a list of regular expressions"
+        expect = f"{_TARGET_WORDS} or a list of regular expressions" if allow_all else "a list of regular expressions"
         problems.append(f"{key}: expected {expect}, got {type(value).__name__}")
         return None
     if allow_all and not value:
-        problems.append(f"{key}: empty list; expected 'all-linear' or at least one regular expression")
+        problems.append(f"{key}: empty list; expected {_TARGET_WORDS} or at least one regular expression")
         return None
     out = []
     for i, pat in enumerate(value):

@@ -194,3 +194,24 @@ def test_loader_bench_writes_both_contenders(tmp_path):
     (row,) = result["rows"]
     assert row["workers"] == 0 and row["speedup"] > 0 and len(row["epoch_s"]["cached"]) == 1
     assert result["cache_fill_s"] > 0
+
+
+def test_conv_pairs_are_recorded_in_their_own_section(tmp_path, capsys):
+    """The convolution pairs (docs/convolutions.md) on a tiny CNN: LoRA on its convolutions against
+    PEFT's, and its merged conv-space sub-network against it, in the results' "conv" section."""
+    out = tmp_path / "conv.json"
+    argv = ["--quick", "--out", str(out), "--models", "vit_tiny_patch16_224", "--model-kwargs", json.dumps(TINY), "--warmup", "1",
+            "--steps", "2", "--num-classes", "5", "--conv-model", "test_efficientnet", "--conv-img-size", "32",
+            "--only", *bench_run.CONV_KEYS]
+    bench_run.main(argv)
+    doc = json.loads(out.read_text())
+    assert not any(doc[k] for k in bench_run.KEYS)
+    conv = doc["conv"]
+    for key in bench_run.CONV_KEYS:
+        value = conv[key]["test_efficientnet"]
+        assert math.isfinite(value) and value > 0 and isinstance(conv["met"][key]["test_efficientnet"], bool)
+        lo, hi = conv["ci95"][key]["test_efficientnet"]
+        assert lo <= value <= hi
+    assert set(conv["models"]["test_efficientnet"]["median_s"]) == {"conv_subnet_lora", "peft_lora_conv", "conv_merged_forward", "conv_base_forward"}
+    table = capsys.readouterr().out
+    assert all(k in table for k in bench_run.CONV_KEYS)

@@ -21,7 +21,7 @@ def test_shipped_spaces_load(path):
     space = load_space(path)
     assert [str(c) for c in space.choices["D"]] == ["vector", "scalar", "none"]
     ranks = {c.rank for c in space.choices["A"] if c.kind == "lora"}
-    assert ranks == {"large": {8, 4}, "middle": {4, 2}, "small": {2}}[path.stem]
+    assert ranks == {"large": {8, 4}, "middle": {4, 2}, "small": {2}, "conv": {8, 4}}[path.stem]
 
 
 @pytest.mark.parametrize(
@@ -87,8 +87,11 @@ def test_target_matching_nothing_lists_layers():
 
 
 def test_target_that_is_not_linear():
-    with pytest.raises(SpaceError, match=r"targets\[0\].*patch_embed\.proj, a Conv2d, not an nn\.Linear"):
-        apply_glora(models.vit(), {"targets": ["patch_embed.proj"], "choices": GOOD})
+    # Since GLoRA adapts convolutions (issue 22) a pattern naming a Conv2d adapts it; it used to be refused
+    m = apply_glora(models.vit(), {"targets": ["patch_embed.proj"], "choices": GOOD})
+    assert type(m.patch_embed.proj).__name__ == "GLoraConv2d"
+    with pytest.raises(SpaceError, match=r"targets\[0\].*norm1, a LayerNorm, not an nn\.Linear or nn\.Conv2d"):
+        apply_glora(models.vit(), {"targets": [r"blocks\.0\.norm1"], "choices": GOOD})
     with pytest.raises(SpaceError, match=r"norm.*LayerNorm"):
         apply_glora(models.vit(), {"targets": [r"blocks\.0\.norm1"], "choices": GOOD})
 
