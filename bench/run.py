@@ -11,6 +11,9 @@ Peak memory (``*_peak_mem``) is the extra memory one training step needs above t
 threshold pinned (so freed tensors go back to the OS) and the peak RSS (``VmHWM``, reset through
 ``/proc/self/clear_refs``) is read after the warm-up steps; on CUDA it is
 ``max_memory_allocated`` above ``memory_allocated``.
+
+The convolution pairs (:data:`CONV_TARGETS`, docs/convolutions.md) run once, on a CNN of their own
+(``--conv-model``), and are kept in the results' ``conv`` section.
 """
 
 from __future__ import annotations

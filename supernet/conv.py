@@ -155,7 +155,7 @@ class GLoraConv2d(GLoraLayer):
         if c.A.kind == "lora" or (lora_b and self.groups > 1):
             # the dense weight W0 + W0 ⊙ A + B, one convolution
             B = self._matrix("B", c.B)
-            Wm = W0.view(self.rows, self.cols)
+            Wm = W0.reshape(self.rows, self.cols)  # a copy only for a non-contiguous (channels_last) weight
             if A is not None:
                 Wm = torch.addcmul(Wm, Wm, A)
             if B is not None:

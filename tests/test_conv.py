@@ -417,3 +417,15 @@ def test_compiled_conv_layers_match_eager():
     for eager, compiled in zip(*results):
         assert eager.norm() > 0
         torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5 * eager.abs().max().item())
+
+
+def test_channels_last_model():
+    """timm trains CNNs in channels_last: a non-contiguous frozen weight takes every path."""
+    model = apply_glora(_cnn("test_efficientnet"), _space("all"))
+    _randomise(model)
+    x = torch.randn(2, 3, 32, 32)
+    for seed in range(3):
+        sample_subnet(model, torch.Generator().manual_seed(seed))
+        want = model(x)
+        got = copy.deepcopy(model).to(memory_format=torch.channels_last)(x.to(memory_format=torch.channels_last))
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
