@@ -74,6 +74,10 @@ class ModelConfig:
     checkpoint: str | None = None  # local .npz (original ViT format), .safetensors, .pth/.pt state dict, or package:NAME
     kwargs: dict = field(default_factory=dict)  # extra timm.create_model arguments (img_size, depth, ...)
     drop_path_rate: float = field(default=0.1, metadata=check(_probability))
+    # The task's new classifier: timm's own initialisation, or zero (as BiT does): the first steps then
+    # train the head alone, since no gradient reaches the adapters through a zero head. On a frozen CNN
+    # a random head's large initial logits drive the adapters of wide layers off at once (the demo).
+    head_init: Literal["timm", "zero"] = "timm"
 
 
 @dataclass

@@ -99,6 +99,10 @@ def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
         raise ModelError(f"model.kwargs: {cfg.name} cannot be built with {cfg.kwargs!r} ({type(err).__name__}: {str(err)[:200]})") from None
     if cfg.checkpoint:
         load_backbone_weights(model, cfg.checkpoint)
+    if cfg.head_init == "zero":
+        for name in _head_prefixes(model):
+            for p in model.get_submodule(name.rstrip(".")).parameters():
+                nn.init.zeros_(p)
     return model
 
 
