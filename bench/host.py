@@ -29,7 +29,7 @@ from . import contenders as C
 from .contenders import ModelSpec
 from .run import FLOORS, ROOT, TARGETS, TRAIN_PAIRS, _met, interleave, machine_info, make_batch, paired_ratio
 
-DEFAULT_OUT = ROOT / "bench" / "results-host.json"
+DEFAULT_OUT = ROOT / "runs" / "bench" / "results-host.json"
 # Views and allocations: no kernel on a GPU (they still cost dispatch, which the timing sees).
 VIEWS = frozenset({
     "view", "_unsafe_view", "reshape", "_reshape_alias", "t", "transpose", "permute", "expand", "as_strided",
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--warmup", type=int, default=HostSettings.warmup)
     p.add_argument("--depth", type=int, default=None, help="transformer blocks (default: the model's own)")
     p.add_argument("--amp", action="store_true", help="bf16 autocast, as on the GPU (default: fp32)")
-    p.add_argument("--out", type=Path, default=None, help="default: bench/results-host.json (results-host-amp.json with --amp)")
+    p.add_argument("--out", type=Path, default=None, help="default: runs/bench/results-host.json (results-host-amp.json with --amp)")
     args = p.parse_args(argv)
     out = args.out or (DEFAULT_OUT.with_name("results-host-amp.json") if args.amp else DEFAULT_OUT)
     return run(HostSettings(rounds=args.rounds, warmup=args.warmup, depth=args.depth, amp=args.amp), out)

@@ -26,7 +26,7 @@ from engine.data import CachedImageDataset, ImageListDataset, build_transform, m
 
 from .run import ROOT, machine_info
 
-DEFAULT_OUT = ROOT / "bench" / "results-loader.json"
+DEFAULT_OUT = ROOT / "runs" / "bench" / "results-loader.json"
 
 
 def write_jpegs(folder: Path, n: int) -> list[tuple[str, int]]:
@@ -77,6 +77,7 @@ def main(argv=None) -> int:
     print(f"filling the cache: {fill_s:.2f} s for {args.images} images "
           f"({cached.images.numel() / 2**20:.0f} MiB of uint8)")
     result = {"images": args.images, "size": args.size, "cache_fill_s": fill_s, "rows": rows, "machine": machine_info()}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     return 0
 

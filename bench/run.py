@@ -40,7 +40,7 @@ from . import contenders as C
 from .contenders import ModelSpec
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_OUT = ROOT / "bench" / "results.json"
+DEFAULT_OUT = ROOT / "runs" / "bench" / "results.json"
 
 # key -> (numerator, denominator, comparison, target)
 TARGETS: dict[str, tuple[str, float]] = {
