@@ -355,8 +355,10 @@ def _semantic_checks(cfg: RunConfig, base_dir: Path, problems: list[str]) -> Non
             problems.append(f"data.root: required for data.kind {d.kind}")
         else:
             exists(d.root, "data.root", "directory")
-    if d.kind == "mnist" and d.demo_train + d.demo_val + d.demo_test > MNIST_IMAGES:
-        problems.append(f"data.demo_train/demo_val/demo_test: {d.demo_train} + {d.demo_val} + {d.demo_test} images, "
+    sizes = {"demo_train": d.demo_train, "demo_val": d.demo_val, "demo_test": d.demo_test}
+    if d.kind == "mnist" and sum(sizes.values()) > MNIST_IMAGES:
+        largest = max(sizes, key=sizes.get)  # the one to lower, most likely
+        problems.append(f"data.{largest}: train + val + test = {' + '.join(f'{v:,}' for v in sizes.values())} images, "
                         f"but MNIST-5k has {MNIST_IMAGES:,}")
     if d.kind == "vtab1k" and not d.task:
         problems.append("data.task: required for data.kind vtab1k")

@@ -10,6 +10,7 @@ output_dir or anything in the working directory."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 from pathlib import Path
 
@@ -107,14 +108,19 @@ def _run(call) -> tuple[int, str]:
     return code, err.getvalue()
 
 
-def _forward_on_cpu(cfg) -> None:
-    """The model a validated demo config describes, built for real and run on one batch."""
+def _forward_on_cpu(cfg, seen: set) -> None:
+    """The model a validated demo config describes, built for real and run on one batch (once per
+    distinct model, space, size and class count: most edits change none of them)."""
     from engine.models import build_model
     from engine.stages import probe_input
     from supernet import apply_glora
 
     size = probe_input(cfg)[0]
     num_classes = cfg.data.num_classes or min(cfg.data.demo_classes, 4)  # more: the demo data refuses it, in the stage
+    key = yaml.safe_dump([dataclasses.asdict(cfg.model), cfg.space, size, num_classes])
+    if key in seen:
+        return
+    seen.add(key)
     model = build_model(cfg.model, num_classes)
     apply_glora(model, cfg.space)
     with torch.no_grad():
@@ -128,7 +134,7 @@ def test_every_single_edit_of_a_shipped_config(shipped, tmp_path, monkeypatch):
     cwd.mkdir()
     monkeypatch.chdir(cwd)  # nothing may be written relative to the working directory either
     out = tmp_path / "out"
-    accepted, rejected, failures = [], [], []
+    accepted, rejected, failures, built = [], [], [], set()
     for key, what, data in corpus(shipped, root):
         if data.get("output_dir") == "runs/" + shipped.stem:  # the shipped one; kept when output_dir is the mutated key
             data["output_dir"] = str(out)
@@ -141,7 +147,7 @@ def test_every_single_edit_of_a_shipped_config(shipped, tmp_path, monkeypatch):
         if cfg is not None:
             accepted.append(what)
             if shipped.stem == "demo":
-                _forward_on_cpu(cfg)
+                _forward_on_cpu(cfg, built)
             continue
         rejected.append(what)
         for name, call in _entry_points(cfg_path, out):
