@@ -15,7 +15,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from supernet import (AdapterError, WriteError, atomic_write_text, create_merged_model, load_merged, read_metadata,
                       timm_classifier_outputs)
 
-from . import distributed as D
+from . import distributed as dist
 from .cli import INPUT_ERRORS, _fail
 from .config import ConfigError, load_config
 from .data import DataError, build_folder_eval, build_splits, load_class_names, run_class_names
@@ -79,7 +79,7 @@ def main(doc: str | None = None, argv=None) -> int:
     try:
         if args.config is not None:
             cfg = load_config(args.config, args.set)
-        info = D.setup(cfg.retrain.device if cfg else "auto", "retrain.device")
+        info = dist.setup(cfg.retrain.device if cfg else "auto", "retrain.device")
         try:
             names = load_class_names(args.classes) if args.classes else None
         except DataError as err:  # the file named on the command line, not the config, is at fault
@@ -131,7 +131,7 @@ def main(doc: str | None = None, argv=None) -> int:
     except INPUT_ERRORS as err:  # as the stage CLIs: the config first, unless the error is the config's own
         return _fail(str(err) if isinstance(err, ConfigError) or cfg is None else f"{args.config}: {err}", 2)
     finally:
-        D.cleanup()
+        dist.cleanup()
     if info.is_main and not args.folder:
         print(json.dumps(results[0]))
     if info.is_main and args.out:

@@ -54,7 +54,7 @@ from supernet import (
     subnet_to_dict,
 )
 
-from . import distributed as D
+from . import distributed as dist
 from .checkpoint import CheckpointError, safe_torch_load
 from .compiling import compile_errors, compile_model, uses_cuda_graphs
 from .config import ConfigError, RunConfig
@@ -148,12 +148,12 @@ def probe_input(cfg: RunConfig) -> tuple[int, tuple[float, ...], tuple[float, ..
     return cfg.data.img_size or size, mean, std
 
 
-def _write_config(stage_dir: Path, cfg: RunConfig, info: D.DistInfo) -> None:
+def _write_config(stage_dir: Path, cfg: RunConfig, info: dist.DistInfo) -> None:
     if info.is_main:
         atomic_write_text(stage_dir / "config.yaml", cfg.to_yaml())
 
 
-def remove_stale(folder: Path, names: tuple[str, ...], info: D.DistInfo) -> None:
+def remove_stale(folder: Path, names: tuple[str, ...], info: dist.DistInfo) -> None:
     """A stage starting afresh: the outputs an earlier run left in ``folder`` must not outlive it, or
     a run stopped now would leave them to the next stage (or to a reader) as this run's."""
     if info.is_main:
@@ -161,7 +161,7 @@ def remove_stale(folder: Path, names: tuple[str, ...], info: D.DistInfo) -> None
             (folder / name).unlink(missing_ok=True)
 
 
-def warn_slow_precision(precision: str, key: str, info: D.DistInfo, tracker: Tracker) -> None:
+def warn_slow_precision(precision: str, key: str, info: dist.DistInfo, tracker: Tracker) -> None:
     """fp16 is a GPU format: most CPUs have no fp16 matrix units, and PyTorch's fallback there is
     two orders of magnitude slower than fp32 (2.0 s against 11 ms for a 1024² product on this
     machine's AVX-512 CPU, where bf16 takes 2.7 ms)."""
@@ -198,7 +198,7 @@ def subnet_tag(config) -> int:
     return int(hashlib.sha256(text.encode()).hexdigest()[:8], 16)
 
 
-def run_train(cfg: RunConfig, info: D.DistInfo, source: str, overwrite: bool = False) -> str:
+def run_train(cfg: RunConfig, info: dist.DistInfo, source: str, overwrite: bool = False) -> str:
     out = Path(cfg.output_dir)
     t = cfg.train
     _stage_setup(cfg, "train", out, source, overwrite, t.seed)
@@ -246,12 +246,12 @@ def run_train(cfg: RunConfig, info: D.DistInfo, source: str, overwrite: bool = F
                                "config": _relevant(cfg.to_dict(), "train")})
         tracker.print(f"supernet written to {out / 'supernet.safetensors'}")
     tracker.close()
-    D.barrier()
+    dist.barrier()
     return status
 
 
 # --------------------------------------------------------------------------- stage 2
-def load_supernet(cfg: RunConfig, num_classes: int, info: D.DistInfo, source: str, same_training: bool = True,
+def load_supernet(cfg: RunConfig, num_classes: int, info: dist.DistInfo, source: str, same_training: bool = True,
                   path: str | None = None) -> nn.Module:
     """The trained supernet of ``cfg.output_dir`` (or the file ``path``). Refused when the run config
     no longer describes it: the search (``same_training``) needs the model, data, space and train
@@ -260,7 +260,7 @@ def load_supernet(cfg: RunConfig, num_classes: int, info: D.DistInfo, source: st
     key = "retrain.supernet" if path else "output_dir"
     path = Path(path) if path else Path(cfg.output_dir) / "supernet.safetensors"
     if not path.is_file():
-        hint = f" ({D.SHARED_FS_HINT})" if info.enabled else ""
+        hint = f" ({dist.SHARED_FS_HINT})" if info.enabled else ""
         raise ConfigError(source, [f"{key}: {path}: no trained supernet; run train.py with this config first{hint}"])
     # The supernet comes from the file: a config changed since train.py (its space above all, whose
     # choices the file's layers would silently keep) would describe a supernet that was never trained.
@@ -284,7 +284,7 @@ class MergedScorer:
     products per layer) plus a plain forward pass over the validation images.
     """
 
-    def __init__(self, model: nn.Module, loader, info: D.DistInfo, precision: str = "fp32", compile: bool = False, compile_mode: str = "default"):
+    def __init__(self, model: nn.Module, loader, info: dist.DistInfo, precision: str = "fp32", compile: bool = False, compile_mode: str = "default"):
         self.model, self.info, self.precision = model, info, precision
         self.layers = dict(glora_layers(model))
         plain = copy.deepcopy(model)
@@ -372,7 +372,7 @@ def _pareto_plot(history: list[dict], best: dict, settings: EvolutionSettings, p
     plt.close(fig)
 
 
-def run_search(cfg: RunConfig, info: D.DistInfo, source: str, overwrite: bool = False) -> str:
+def run_search(cfg: RunConfig, info: dist.DistInfo, source: str, overwrite: bool = False) -> str:
     out = Path(cfg.output_dir)
     sdir = out / "search"
     s = cfg.search
@@ -394,9 +394,9 @@ def run_search(cfg: RunConfig, info: D.DistInfo, source: str, overwrite: bool = 
         if state.get("fingerprint") not in (fingerprint(cfg, "search"), fingerprint(cfg, "search", legacy=True)):
             raise ConfigError(source, [f"output_dir: {state_path} is from a search with another configuration; pass --overwrite"])
         search.load_state_dict(state["search"], generations=s.generations)
-    if not D.same_on_all_ranks(search.generation, info.device):  # ranks would ask for different candidates
+    if not dist.same_on_all_ranks(search.generation, info.device):  # ranks would ask for different candidates
         raise CheckpointError(f"{state_path}: the ranks do not resume the search from the same generation "
-                              f"(rank {info.rank} is at {search.generation}); {D.SHARED_FS_HINT}")
+                              f"(rank {info.rank} is at {search.generation}); {dist.SHARED_FS_HINT}")
     _write_config(sdir, cfg, info)
     if search.generation == 0:  # starting afresh (--overwrite, or no state to resume)
         remove_stale(sdir, ("result.yaml", "pareto.png"), info)  # else retrain.py could train that result
@@ -415,7 +415,7 @@ def run_search(cfg: RunConfig, info: D.DistInfo, source: str, overwrite: bool = 
         # no per-batch communication, and each score is computed exactly as in one process.
         mine = {i: scorer.accuracy(c) for i, c in enumerate(cands) if i % info.world_size == info.rank}
         merged_scores: dict[int, float] = {}
-        for part in D.all_gather_object(mine):
+        for part in dist.all_gather_object(mine):
             merged_scores.update(part)
         search.tell([merged_scores[i] for i in range(len(cands))])
         gen = search.generation
@@ -450,7 +450,7 @@ def run_search(cfg: RunConfig, info: D.DistInfo, source: str, overwrite: bool = 
         tracker.print(f"best sub-network: {acc:.2f}% validation accuracy, {params:,} adapter parameters "
                       f"-> {sdir / 'result.yaml'}")
     tracker.close()
-    D.barrier()
+    dist.barrier()
     return "done"
 
 
@@ -470,7 +470,7 @@ def preset_space(cfg: RunConfig) -> dict:
     return {"targets": base["targets"], "exclude": base["exclude"], "choices": {t: [c] for t, c in choice.items()}}
 
 
-def prepare_retrain_model(cfg: RunConfig, num_classes: int, info: D.DistInfo, source: str) -> tuple[nn.Module, str]:
+def prepare_retrain_model(cfg: RunConfig, num_classes: int, info: dist.DistInfo, source: str) -> tuple[nn.Module, str]:
     r = cfg.retrain
     if r.preset in ("linear", "full"):
         model = build_model(cfg.model, num_classes)
@@ -487,7 +487,7 @@ def prepare_retrain_model(cfg: RunConfig, num_classes: int, info: D.DistInfo, so
         return model, r.preset
     subnet_path = Path(r.subnet) if r.subnet else Path(cfg.output_dir) / "search" / "result.yaml"
     if not subnet_path.is_file():
-        hint = f" ({D.SHARED_FS_HINT})" if info.enabled else ""
+        hint = f" ({dist.SHARED_FS_HINT})" if info.enabled else ""
         raise ConfigError(source, [f"retrain.subnet: {subnet_path} not found; run search.py first, or set retrain.subnet or retrain.preset{hint}"])
     load_subnet(subnet_path)  # a broken file stops here, before the supernet is loaded
     if r.init == "supernet":
@@ -509,7 +509,7 @@ def adapter_params(model: nn.Module, preset: str | None) -> int:
     return count_params(model).adapter
 
 
-def run_retrain(cfg: RunConfig, info: D.DistInfo, source: str, overwrite: bool = False) -> str:
+def run_retrain(cfg: RunConfig, info: dist.DistInfo, source: str, overwrite: bool = False) -> str:
     out = Path(cfg.output_dir)
     rdir = out / "retrain"
     r = cfg.retrain
@@ -570,7 +570,7 @@ def run_retrain(cfg: RunConfig, info: D.DistInfo, source: str, overwrite: bool =
         tracker.log(trainer.step, {"top1": test["top1"], **({"top5": test["top5"]} if "top5" in test else {})}, kind="test")
         tracker.print(f"test accuracy {test['top1']:.2f}% -> {rdir / 'metrics.json'}")
     tracker.close()
-    D.barrier()
+    dist.barrier()
     return "done"
 
 
@@ -601,7 +601,7 @@ def _within_roundoff(model: nn.Module, x: torch.Tensor, want: torch.Tensor, got:
     return err_merged <= max(2 * err_unmerged, tol)
 
 
-def export(model: nn.Module, cfg: RunConfig, rdir: Path, val_ds, info: D.DistInfo,
+def export(model: nn.Module, cfg: RunConfig, rdir: Path, val_ds, info: dist.DistInfo,
            spec: tuple[int, tuple[float, ...], tuple[float, ...]]) -> None:
     """adapter.safetensors + subnet.yaml, then merged.safetensors once merged == unmerged is verified."""
     model.eval()

@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from engine import distributed as D  # noqa: E402
+from engine import distributed as dist  # noqa: E402
 from engine import stages  # noqa: E402
 from engine.config import load_config  # noqa: E402
 
@@ -20,7 +20,7 @@ from engine.config import load_config  # noqa: E402
 def main() -> None:
     stage, config, dump = sys.argv[1], sys.argv[2], Path(sys.argv[3])
     cfg = load_config(config)
-    info = D.setup("cpu")
+    info = dist.setup("cpu")
     tags = []
     if stage == "crash":
         # rank 1 fails at its second step; rank 0 would wait in the next all-reduce forever if the
@@ -61,7 +61,7 @@ def main() -> None:
     else:
         status = stages.run_search(cfg, info, config)
     (dump / f"rank{info.rank}.json").write_text(json.dumps({"status": status, "tags": tags, "rank": info.rank}))
-    D.cleanup()
+    dist.cleanup()
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import torch.nn as nn
 from safetensors.torch import load_file
 
 import models
-from engine import distributed as D
+from engine import distributed as dist
 from engine.config import config_from_dict
 from engine.optim import adamw
 from engine.stages import run_retrain, run_search, run_train
@@ -113,7 +113,7 @@ def test_fused_adamw_on_cuda_matches_per_tensor_adamw():
 @pytest.mark.parametrize("precision", ["bf16", "fp16", "fp32"])
 def test_pipeline_on_cuda(tmp_path, precision):
     """train -> search -> retrain with the model on the GPU; the merged export is an ordinary timm state dict."""
-    info = D.setup("cuda")
+    info = dist.setup("cuda")
     assert info.device.type == "cuda"
     sections = dict(train={"device": "cuda", "precision": precision}, retrain={"device": "cuda", "precision": precision})
     cfg = config_from_dict(tiny_config(tmp_path / "run", **sections))
@@ -148,7 +148,7 @@ def test_compiled_retrain_on_cuda(tmp_path, mode):
     generator, so the compiled run drops other samples than the eager one (expected upstream:
     pytorch/pytorch#141645; on a CPU the compiled drop masks equal eager's, and the CPU test keeps
     drop-path)."""
-    info = D.setup("cuda")
+    info = dist.setup("cuda")
     adapters = {}
     for name, precision, compiled in (("eager", "fp32", False), ("compiled", "fp32", True), ("bf16", "bf16", True)):
         retrain = {"device": "cuda", "precision": precision, "preset": "ssf", "epochs": 2, "compile": compiled, "compile_mode": mode}
@@ -169,7 +169,7 @@ def test_compiled_scorer_on_cuda(mode):
     from engine.stages import MergedScorer
     from conftest import tiny_vit
 
-    info = D.setup("cuda")
+    info = dist.setup("cuda")
     torch.manual_seed(0)
     model = apply_glora(tiny_vit(num_classes=4), LARGE_SPACE, modules_to_save="auto").cuda()
     with torch.no_grad():

@@ -7,7 +7,7 @@ import pickle
 import pytest
 import torch
 
-from engine import distributed as D
+from engine import distributed as dist
 from engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from engine.cli import main
 from engine.config import config_from_dict
@@ -15,7 +15,7 @@ from engine.stages import run_retrain, run_train
 from runcfg import tiny_config, write_config
 from supernet import MergeError, WriteError, glora_layers
 
-INFO = D.DistInfo()
+INFO = dist.DistInfo()
 
 
 def _state(v):

@@ -8,14 +8,14 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import needs_cxx
-from engine import distributed as D
+from engine import distributed as dist
 from engine.config import config_from_dict
 from engine.stages import run_retrain, run_search, run_train
 from engine.trainer import TrainError
 from runcfg import tiny_config
 from supernet import MergeError
 
-INFO = D.DistInfo()
+INFO = dist.DistInfo()
 DIMS = {"qkv": (32, 96), "proj": (32, 32), "fc1": (32, 128), "fc2": (128, 32)}  # (in, out) of the tiny ViT
 LAYERS = [DIMS[k] for _ in range(2) for k in ("qkv", "proj", "fc1", "fc2")]
 

@@ -7,13 +7,13 @@ import torch
 import yaml
 
 from conftest import needs_cxx
-from engine import distributed as D
+from engine import distributed as dist
 from engine.config import ConfigError, config_from_dict
 from engine.stages import MergedScorer, load_supernet, run_search, run_train
 from runcfg import tiny_config
 from supernet import count_params, load_subnet, sample_subnet
 
-INFO = D.DistInfo()
+INFO = dist.DistInfo()
 
 
 @pytest.fixture(scope="module")
@@ -189,8 +189,8 @@ def test_ranks_resuming_the_search_from_different_generations_stop(trained, monk
 
     cfg = _cfg(trained, max_params=20000, generations=2, seed=7)
     assert run_search(cfg, INFO, "t.yaml", overwrite=True) == "done"  # state.pt at generation 2
-    monkeypatch.setattr(D.dist, "is_initialized", lambda: True)
-    monkeypatch.setattr(D.dist, "get_world_size", lambda: 2)
-    monkeypatch.setattr(D, "all_reduce_sum", lambda t: t + torch.tensor([0.0, 0.0], dtype=t.dtype))  # the peer starts afresh
+    monkeypatch.setattr(dist.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist.dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(dist, "all_reduce_sum", lambda t: t + torch.tensor([0.0, 0.0], dtype=t.dtype))  # the peer starts afresh
     with pytest.raises(CheckpointError, match=r"state\.pt: the ranks do not resume the search from the same generation \(rank 0 is at 2\)"):
         run_search(cfg, INFO, "t.yaml")

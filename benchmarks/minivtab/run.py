@@ -148,7 +148,7 @@ class Runner:
 
     # ------------------------------------------------------------------ one pipeline run
     def supernet(self, method: str, out: Path, data: dict, epochs: int, lr: float) -> dict:
-        from engine import distributed as D
+        from engine import distributed as dist
         from engine.config import config_from_dict
         from engine.stages import run_search, run_train
 
@@ -158,15 +158,15 @@ class Runner:
         d["search"] = {**self.m["search"], "max_params": self.budgets[spec["budget"]], "seed": 0}
         t0 = time.time()
         if not (out / "supernet.safetensors").is_file():
-            run_train(config_from_dict(d), D.DistInfo(), "minivtab")
+            run_train(config_from_dict(d), dist.DistInfo(), "minivtab")
         t1 = time.time()
         if not (out / "search" / "result.yaml").is_file():
-            run_search(config_from_dict(d), D.DistInfo(), "minivtab")
+            run_search(config_from_dict(d), dist.DistInfo(), "minivtab")
         return {"supernet_s": round(t1 - t0, 1), "search_s": round(time.time() - t1, 1)}
 
     def retrain(self, method: str, out: Path, data: dict, epochs: int, lr: float, seed: int,
                 supernet_dir: Path | None = None, warmup: float = 1) -> dict:
-        from engine import distributed as D
+        from engine import distributed as dist
         from engine.config import config_from_dict
         from engine.stages import run_retrain
 
@@ -184,7 +184,7 @@ class Runner:
                     shutil.copyfile(supernet_dir / f, out / f)
                 r.update(subnet=str(supernet_dir / "search" / "result.yaml"), init="supernet")
             d["retrain"] = r
-            run_retrain(config_from_dict(d), D.DistInfo(), "minivtab")
+            run_retrain(config_from_dict(d), dist.DistInfo(), "minivtab")
         m = json.loads(metrics_path.read_text())
         return {"test_top1": m["test_top1"], "adapter_params": m["adapter_params"], "head_params": m["head_params"],
                 "trainable_params": m["trainable_params"], "wall_s": round(time.time() - t0, 1), "lr": lr, "seed": seed}
@@ -263,7 +263,7 @@ class Runner:
     def evaluate_merged(self, run_dir: Path, dataset: str, shots: int, seed: int) -> float:
         import torch
 
-        from engine import distributed as D
+        from engine import distributed as dist
         from engine.config import config_from_dict
         from engine.data import build_splits
         from engine.models import build_model, load_state_file
@@ -276,7 +276,7 @@ class Runner:
         _, ds, n = build_splits(_data_config(cfg), "final", *probe_input(cfg))
         model = build_model(cfg.model, n)
         model.load_state_dict(load_state_file(run_dir / "retrain" / "merged.safetensors"), strict=True)
-        return evaluate(model, torch.utils.data.DataLoader(ds, batch_size=256), D.DistInfo())["top1"]
+        return evaluate(model, torch.utils.data.DataLoader(ds, batch_size=256), dist.DistInfo())["top1"]
 
     # ------------------------------------------------------------------ work list
     def cells(self, phase: str) -> list[tuple]:
