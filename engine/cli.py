@@ -41,7 +41,9 @@ def _fail(msg: str, code: int) -> int:
 
 def main(stage: str, argv=None, doc: str | None = None) -> int:
     from . import distributed as dist
-    from .stages import run_retrain, run_search, run_train
+    from .recipes.retrain import run_retrain
+    from .recipes.search import run_search
+    from .recipes.train import run_train
 
     args = parse_args(stage, argv, doc)
     runner = {"train": run_train, "search": run_search, "retrain": run_retrain}[stage]

@@ -110,7 +110,7 @@ def _run(call) -> tuple[int, str]:
 def _forward_on_cpu(cfg) -> None:
     """The model a validated demo config describes, built for real and run on one batch."""
     from engine.models import build_model
-    from engine.stages import probe_input
+    from engine.recipes.common import probe_input
     from supernet import apply_glora
 
     size = probe_input(cfg)[0]

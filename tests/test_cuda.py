@@ -20,7 +20,9 @@ import models
 from engine import distributed as dist
 from engine.config import config_from_dict
 from engine.optim import adamw
-from engine.stages import run_retrain, run_search, run_train
+from engine.recipes.retrain import run_retrain
+from engine.recipes.search import run_search
+from engine.recipes.train import run_train
 from runcfg import tiny_config
 from supernet import TENSORS, GLoraLinear, LayerChoice, apply_glora, merge_glora, sample_subnet
 from test_supernet_layer import _random_layer, check_autocast_gradients, check_compiled_layers
@@ -166,7 +168,7 @@ def test_compiled_scorer_on_cuda(mode):
     """search.compile on the GPU: each candidate merged in place into the one compiled plain model
     is scored with its own weights; with reduce-overhead the compiled graph is a CUDA graph, replayed
     for every batch and candidate, and its logits must still follow the weights."""
-    from engine.stages import MergedScorer
+    from engine.recipes.search import MergedScorer
     from conftest import tiny_vit
 
     info = dist.setup("cuda")

@@ -9,7 +9,9 @@ import yaml
 from conftest import needs_cxx
 from engine import distributed as dist
 from engine.config import ConfigError, config_from_dict
-from engine.stages import MergedScorer, load_supernet, run_search, run_train
+from engine.recipes.common import load_supernet
+from engine.recipes.search import MergedScorer, run_search
+from engine.recipes.train import run_train
 from runcfg import tiny_config
 from supernet import count_params, load_subnet, sample_subnet
 
@@ -109,7 +111,7 @@ def test_search_is_deterministic(trained):
 
 
 def test_search_resume_after_interruption(trained, monkeypatch):
-    import engine.stages as st
+    import engine.recipes.search as st
 
     cfg = _cfg(trained, max_params=20000, generations=3, seed=5)
     run_search(cfg, INFO, "t.yaml", overwrite=True)
@@ -146,7 +148,7 @@ def test_a_finished_search_resumed_with_more_generations_goes_on(trained):
     assert [(trained / "search" / name).read_text() for name in ("history.jsonl", "result.yaml")] == want
     # a state written before generations could change carries the digest that included them: it still
     # resumes with its own count (as before; going on longer needs a state written since)
-    from engine.stages import fingerprint
+    from engine.rundir import fingerprint
 
     state = torch.load(trained / "search" / "state.pt", weights_only=True)
     state["fingerprint"] = fingerprint(_cfg(trained, max_params=20000, generations=3, seed=7), "search", legacy=True)

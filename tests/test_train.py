@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from engine import distributed as dist
 from engine.config import config_from_dict
 from engine.rng import get_rng_state, set_rng_state
-from engine.stages import run_train
+from engine.recipes.train import run_train
 from engine.trainer import TrainError
 from runcfg import tiny_config
 

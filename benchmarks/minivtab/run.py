@@ -1,5 +1,5 @@
 """The mini-VTAB driver: every task x method x seed through the project's own pipeline stages
-(engine.stages.run_train / run_search / run_retrain, in-process), results written incrementally.
+(engine.recipes' run_train / run_search / run_retrain, in-process), results written incrementally.
 
 Protocol (the same for every method): AdamW, cosine schedule with 1 warm-up epoch, weight decay
 1e-4, batch 64, ``epochs`` epochs, no augmentation, fp32, CPU. The learning rate is chosen per
@@ -115,7 +115,7 @@ class Results:
 def lora_budget(ckpt: str, rank: int, num_classes: int = 10) -> int:
     import timm
 
-    from engine.stages import PRESETS
+    from engine.recipes.retrain import PRESETS
     from supernet import apply_glora, count_params
 
     from . import MODEL_KWARGS, MODEL_NAME
@@ -150,7 +150,8 @@ class Runner:
     def supernet(self, method: str, out: Path, data: dict, epochs: int, lr: float) -> dict:
         from engine import distributed as dist
         from engine.config import config_from_dict
-        from engine.stages import run_search, run_train
+        from engine.recipes.search import run_search
+        from engine.recipes.train import run_train
 
         spec = METHODS[method]
         d = self.base(out, data, spec["space"])
@@ -168,7 +169,7 @@ class Runner:
                 supernet_dir: Path | None = None, warmup: float = 1) -> dict:
         from engine import distributed as dist
         from engine.config import config_from_dict
-        from engine.stages import run_retrain
+        from engine.recipes.retrain import run_retrain
 
         spec = METHODS[method]
         metrics_path = out / "retrain" / "metrics.json"
@@ -267,13 +268,13 @@ class Runner:
         from engine.config import config_from_dict
         from engine.data import build_splits
         from engine.models import build_model, load_state_file
-        from engine.stages import _data_config, probe_input
+        from engine.recipes.common import data_config, probe_input
         from engine.trainer import evaluate
 
         d = self.base(run_dir, {"kind": "fewshot", "root": str(self.root / "fewshot"), "dataset": dataset, "shots": shots, "seed": seed})
         d["model"]["checkpoint"] = None
         cfg = config_from_dict(d)
-        _, ds, n = build_splits(_data_config(cfg), "final", *probe_input(cfg))
+        _, ds, n = build_splits(data_config(cfg), "final", *probe_input(cfg))
         model = build_model(cfg.model, n)
         model.load_state_dict(load_state_file(run_dir / "retrain" / "merged.safetensors"), strict=True)
         return evaluate(model, torch.utils.data.DataLoader(ds, batch_size=256), dist.DistInfo())["top1"]
