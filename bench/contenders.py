@@ -285,7 +285,7 @@ def forward_fn(model: nn.Module, x: torch.Tensor, amp: bool = False) -> Callable
 
 
 class CandidateScorer:
-    """The search stage's own scorer (:class:`engine.stages.MergedScorer`) on a fresh supernet.
+    """The search stage's own scorer (:class:`engine.recipes.search.MergedScorer`) on a fresh supernet.
 
     ``score(cfg)`` merges the candidate into the plain model built once and counts correct
     predictions over the validation batches; ``evaluate(model)`` runs the same prediction loop
@@ -294,7 +294,7 @@ class CandidateScorer:
 
     def __init__(self, base: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], amp: bool = False):
         from engine.distributed import DistInfo
-        from engine.stages import MergedScorer
+        from engine.recipes.search import MergedScorer
 
         device = batches[0][0].device
         self.supernet = supernet(base).to(device).eval()

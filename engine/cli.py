@@ -40,8 +40,10 @@ def _fail(msg: str, code: int) -> int:
 
 
 def main(stage: str, argv=None, doc: str | None = None) -> int:
-    from . import distributed as D
-    from .stages import run_retrain, run_search, run_train
+    from . import distributed as dist
+    from .recipes.retrain import run_retrain
+    from .recipes.search import run_search
+    from .recipes.train import run_train
 
     args = parse_args(stage, argv, doc)
     runner = {"train": run_train, "search": run_search, "retrain": run_retrain}[stage]
@@ -49,7 +51,7 @@ def main(stage: str, argv=None, doc: str | None = None) -> int:
     try:
         cfg = load_config(args.config, args.set)
         section = {"train": cfg.train, "retrain": cfg.retrain, "search": cfg.train}[stage]
-        info = D.setup(section.device, f"{'retrain' if stage == 'retrain' else 'train'}.device")
+        info = dist.setup(section.device, f"{'retrain' if stage == 'retrain' else 'train'}.device")
         status = runner(cfg, info, args.config, overwrite=args.overwrite)
     except INPUT_ERRORS as err:
         return _fail(str(err) if isinstance(err, ConfigError) else f"{args.config}: {err}", 2)
@@ -60,7 +62,7 @@ def main(stage: str, argv=None, doc: str | None = None) -> int:
     except KeyboardInterrupt:
         return _fail("interrupted", 130)
     finally:
-        D.cleanup()
+        dist.cleanup()
     if status != "done":
         print(f"{stage}: stopped by {status}; a checkpoint was saved, rerun the same command to resume", file=sys.stderr)
         return 128 + int(getattr(signal, status, signal.SIGTERM))

@@ -12,15 +12,15 @@ from pathlib import Path
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from supernet import (AdapterError, WriteError, atomic_write_text, create_merged_model, load_merged, read_metadata,
+from supernet import (WriteError, atomic_write_text, create_merged_model, load_merged, merged_input_spec,
                       timm_classifier_outputs)
 
-from . import distributed as D
+from . import distributed as dist
 from .cli import INPUT_ERRORS, _fail
 from .config import ConfigError, load_config
 from .data import DataError, build_folder_eval, build_splits, load_class_names, run_class_names
 from .models import build_model, input_size, load_state_file
-from .stages import _data_config, probe_input
+from .recipes.common import data_config, probe_input
 from .trainer import ShardSampler, evaluate
 
 
@@ -51,12 +51,7 @@ def _from_checkpoint(path: str) -> tuple[torch.nn.Module, int, tuple, tuple]:
     """Without a run config: the model from the merged file's metadata, the input size and mean/std it
     was trained with (files from before that metadata: the model's size and ImageNet's statistics)."""
     model = create_merged_model(path)
-    try:
-        spec = json.loads(read_metadata(path).get("input") or "{}")
-    except ValueError:
-        spec = None
-    if not isinstance(spec, dict):
-        raise AdapterError(f"{path}: metadata 'input' is not a JSON object with size, mean and std")
+    spec = merged_input_spec(path)
     return (model, int(spec.get("size") or input_size(model)), tuple(spec.get("mean") or IMAGENET_DEFAULT_MEAN),
             tuple(spec.get("std") or IMAGENET_DEFAULT_STD))
 
@@ -79,7 +74,7 @@ def main(doc: str | None = None, argv=None) -> int:
     try:
         if args.config is not None:
             cfg = load_config(args.config, args.set)
-        info = D.setup(cfg.retrain.device if cfg else "auto", "retrain.device")
+        info = dist.setup(cfg.retrain.device if cfg else "auto", "retrain.device")
         try:
             names = load_class_names(args.classes) if args.classes else None
         except DataError as err:  # the file named on the command line, not the config, is at fault
@@ -89,7 +84,7 @@ def main(doc: str | None = None, argv=None) -> int:
             num_classes, batch_size, precision, workers = model.num_classes, 128, "fp32", min(8, os.cpu_count() or 1)
         else:
             img_size, mean, std = probe_input(cfg)
-            data = _data_config(cfg)
+            data = data_config(cfg)
             state = load_state_file(args.checkpoint)
             if args.folder:  # the head's size from the checkpoint: the run's data need not be at hand
                 num_classes = data.num_classes or timm_classifier_outputs(cfg.model.name, cfg.model.kwargs, state)
@@ -131,7 +126,7 @@ def main(doc: str | None = None, argv=None) -> int:
     except INPUT_ERRORS as err:  # as the stage CLIs: the config first, unless the error is the config's own
         return _fail(str(err) if isinstance(err, ConfigError) or cfg is None else f"{args.config}: {err}", 2)
     finally:
-        D.cleanup()
+        dist.cleanup()
     if info.is_main and not args.folder:
         print(json.dumps(results[0]))
     if info.is_main and args.out:

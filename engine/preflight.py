@@ -322,7 +322,7 @@ def check_model(cfg: "RunConfig", problems: list[str]) -> tuple[int, int] | None
     subnet = cfg.retrain.subnet if retrain_ok else None
     preset = None
     if retrain_ok and cfg.retrain.preset not in (None, "linear", "full"):
-        from .stages import preset_space
+        from .recipes.retrain import preset_space
 
         preset = preset_space(cfg)
     key = json.dumps({

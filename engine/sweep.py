@@ -22,7 +22,7 @@ import os
 import sys
 from pathlib import Path
 
-from . import distributed as D
+from . import distributed as dist
 from .cli import main as run_stage
 from .config import load_config
 from .report import VTAB_GROUPS, ReportError, find_runs, report
@@ -90,7 +90,7 @@ def main(argv=None) -> int:
         return 2
     failed: list[str] = []
     say = print if os.environ.get("RANK", "0") == "0" else (lambda *a, **k: None)  # torchrun: rank 0 speaks
-    with D.held_process_group():
+    with dist.held_process_group():
         code = _run_all(args, grid, combos, base, failed, say)
     if code:
         return code

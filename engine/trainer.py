@@ -20,7 +20,7 @@ from timm.scheduler import CosineLRScheduler
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from tqdm import tqdm
 
-from . import distributed as D
+from . import distributed as dist
 from .checkpoint import load_checkpoint, save_checkpoint
 from .compiling import compile_errors, compile_model, uses_cuda_graphs
 from .config import TrainConfig
@@ -40,7 +40,7 @@ class ResumableSampler(Sampler):
     uninterrupted run would have seen.
     """
 
-    def __init__(self, dataset: Dataset, info: D.DistInfo, seed: int):
+    def __init__(self, dataset: Dataset, info: dist.DistInfo, seed: int):
         self.inner = DistributedSampler(dataset, num_replicas=info.world_size, rank=info.rank, shuffle=True, seed=seed)
         self.skip = 0
 
@@ -58,7 +58,7 @@ class ResumableSampler(Sampler):
 class ShardSampler(Sampler):
     """Every index exactly once across ranks (no padding, so evaluation counts are exact)."""
 
-    def __init__(self, n: int, info: D.DistInfo):
+    def __init__(self, n: int, info: dist.DistInfo):
         self.indices = list(range(info.rank, n, info.world_size))
 
     def __iter__(self):
@@ -94,7 +94,7 @@ def train_mode(model: nn.Module, mode: bool = True) -> nn.Module:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, info: D.DistInfo, precision: str = "fp32", topk=(1,),
+def evaluate(model: nn.Module, loader: DataLoader, info: dist.DistInfo, precision: str = "fp32", topk=(1,),
              classes: Sequence[int] | None = None) -> dict[str, float]:
     """Top-k accuracy over the loader's shard, summed over ranks. ``classes``: only these outputs
     compete (the ImageNet-A/-R protocol for a test set holding some of the model's classes);
@@ -118,7 +118,7 @@ def evaluate(model: nn.Module, loader: DataLoader, info: D.DistInfo, precision: 
         for i, kk in enumerate(topk):
             counts[i] += hit[:, :kk].any(dim=1).sum().item()
         counts[-1] += y.numel()
-    counts = D.all_reduce_sum(counts.to(info.device)).cpu()
+    counts = dist.all_reduce_sum(counts.to(info.device)).cpu()
     train_mode(model, was_training)
     total = max(counts[-1].item(), 1.0)
     return {f"top{k}": 100.0 * counts[i].item() / total for i, k in enumerate(topk)} | {"n": int(counts[-1].item())}
@@ -132,7 +132,7 @@ class Trainer:
         eval_ds: Dataset | None,
         cfg: TrainConfig,
         out_dir: Path,
-        info: D.DistInfo,
+        info: dist.DistInfo,
         tracker: Tracker,
         before_step: Callable[[int], None] | None = None,
         on_eval: Callable[[int, int], dict[str, float]] | None = None,
@@ -267,9 +267,9 @@ class Trainer:
 
     def _check_ranks_agree(self, path: Path, step: int | None) -> None:
         """Every rank must resume from the same step (or all start afresh): called once by each."""
-        if not D.same_on_all_ranks(-1 if step is None else step, self.info.device):
+        if not dist.same_on_all_ranks(-1 if step is None else step, self.info.device):
             mine = "found none" if step is None else f"found step {step}"
-            raise TrainError(f"{path}: the ranks do not resume from the same checkpoint (rank {self.info.rank} {mine}); {D.SHARED_FS_HINT}")
+            raise TrainError(f"{path}: the ranks do not resume from the same checkpoint (rank {self.info.rank} {mine}); {dist.SHARED_FS_HINT}")
 
     # -- the loop ----------------------------------------------------------------------------
     def _should_stop(self) -> bool:
@@ -280,7 +280,7 @@ class Trainer:
         if not self.info.enabled:
             return self.stop_requested is not None
         flag = torch.tensor([1.0 if self.stop_requested else 0.0], device=self.info.device)
-        return D.all_reduce_sum(flag).item() > 0
+        return dist.all_reduce_sum(flag).item() > 0
 
     def _sync_flags(self, loss: torch.Tensor, tag: int) -> tuple[float, bool]:
         """One all-reduce per step: mean loss, any non-finite loss, and a check that every rank
@@ -291,7 +291,7 @@ class Trainer:
         h = float(tag % (1 << 20))
         flags = torch.tensor([torch.nan_to_num(value, nan=0.0, posinf=0.0, neginf=0.0).item(), bad, h, h * h],
                              dtype=torch.float64, device=value.device)
-        flags = D.all_reduce_sum(flags).cpu()
+        flags = dist.all_reduce_sum(flags).cpu()
         w = self.info.world_size
         if flags[2].item() != w * h or flags[3].item() != w * h * h:
             raise TrainError(f"ranks sampled different sub-networks at step {self.step} (rank {self.info.rank})")
@@ -331,7 +331,7 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             raise TrainError(f"non-finite loss at step {self.step} (epoch {self.epoch}); "
                              f"nothing was written after the last good checkpoint")
-        D.average_gradients(self.params, self.info.world_size)
+        dist.average_gradients(self.params, self.info.world_size)
         if cfg.grad_clip:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_([p for p in self.params if p.grad is not None], cfg.grad_clip)

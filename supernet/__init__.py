@@ -9,9 +9,7 @@ from .io import (
     adapter_state_dict,
     atomic_write,
     atomic_write_text,
-    create_merged_model,
     load_adapter,
-    load_merged,
     read_metadata,
     read_safetensors,
     save_adapter,
@@ -20,8 +18,10 @@ from .io import (
     WriteError,
 )
 from .conv import GLoraConv2d
+from .export import MERGE_TOLERANCE, create_merged_model, load_merged, merged_file_summary, merged_input_spec, write_merged
 from .layer import GLoraLayer, GLoraLinear, SupportTensors, choice_cost
-from .merge import MergeError, add_zero_biases, added_biases, merge_glora, merged_bias_slots, merged_linear, merged_module
+from .merge import (MergeError, MergedCopy, add_zero_biases, added_biases, merge_glora, merged_bias_slots, merged_linear,
+                    merged_module)
 from .model import (
     ParamCount,
     SubnetSampler,

@@ -22,7 +22,6 @@ from safetensors.torch import save_file
 
 from .conv import GLoraConv2d, conv_problem
 from .layer import GLoraLayer, GLoraLinear
-from .merge import add_zero_biases, merged_bias_slots
 from .model import _set_submodule, get_subnet, glora_layer, glora_layers, mark_trainable, set_subnet
 from .space import TENSORS, SpaceError, parse_choice
 from .subnet import subnet_to_dict
@@ -216,26 +215,6 @@ def state_dict_mismatch(own: Mapping[str, torch.Tensor], state: Mapping[str, tor
     return "; ".join(parts)
 
 
-def load_merged(model: nn.Module, source: str | os.PathLike | Mapping[str, torch.Tensor], name: str | None = None) -> nn.Module:
-    """Load a merged checkpoint (``retrain/merged.safetensors``, or its state dict) into a freshly
-    built base ``model`` with ``strict=True``, first giving a bias to the bias-free layers the merge
-    gave one (C or E chosen on them, see :func:`added_biases`). Raises :class:`AdapterError` naming
-    ``name`` (default: the path) and the keys that do not fit, with the model unchanged."""
-    if isinstance(source, Mapping):
-        tensors, label = source, name or "state dict"
-    else:
-        tensors, _ = read_safetensors(source)
-        label = name or str(source)
-    layers = merged_bias_slots(model, tensors)
-    slots = {layer + ".bias" for layer in layers}
-    problems = state_dict_mismatch(model.state_dict(), {k: v for k, v in tensors.items() if k not in slots})
-    if problems:
-        raise AdapterError(f"{label}: does not fit {type(model).__name__}: {problems}")
-    add_zero_biases(model, layers)
-    model.load_state_dict(tensors, strict=True)
-    return model
-
-
 def timm_classifier_outputs(name: str, kwargs: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> int | None:
     """How many classes a full state dict of the timm model ``name`` (built with ``kwargs``) was
     saved with, read from its classifier's weight; None where there is none to read."""
@@ -253,29 +232,6 @@ def timm_classifier_outputs(name: str, kwargs: Mapping[str, Any], tensors: Mappi
         if weight is not None and weight.ndim >= 1:
             return int(weight.shape[0])
     return None
-
-
-def create_merged_model(path: str | os.PathLike) -> nn.Module:
-    """The ordinary timm model in ``retrain.py``'s ``merged.safetensors``, from the file alone: the
-    architecture from its metadata (``model``, ``kwargs``), the classifier's size from its weights,
-    loaded strictly (with any biases the merge added, see :func:`load_merged`), in eval mode."""
-    import timm
-
-    tensors, meta = read_safetensors(path)
-    name = meta.get("model")
-    if not name:
-        raise AdapterError(f"{path}: its metadata names no model (retrain.py's merged.safetensors does); "
-                           "build the model yourself and use load_merged(model, path)")
-    try:
-        kwargs = json.loads(meta.get("kwargs") or "{}")
-    except ValueError:
-        raise AdapterError(f"{path}: metadata 'kwargs' is not JSON: {meta['kwargs'][:100]!r}") from None
-    num_classes = timm_classifier_outputs(name, kwargs, tensors)
-    try:
-        model = timm.create_model(name, pretrained=False, **({"num_classes": num_classes} if num_classes else {}), **kwargs)
-    except (TypeError, RuntimeError) as err:
-        raise AdapterError(f"{path}: cannot create its model {name!r} with {kwargs} ({str(err)[:200]})") from None
-    return load_merged(model, tensors, str(path)).eval()
 
 
 def adapter_metadata(path: str | os.PathLike, yaml_path: str | os.PathLike | None = None) -> dict[str, Any]:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Mapping
 
 import torch
 import torch.nn as nn
 
 from .layer import GLoraLayer
-from .model import _set_submodule, glora_layers
+from .model import _set_submodule, glora_layers, set_subnet
 
 
 class MergeError(RuntimeError):
@@ -82,3 +83,28 @@ def add_zero_biases(model: nn.Module, names: list[str]) -> None:
         module = model.get_submodule(name)
         module.bias = nn.Parameter(torch.zeros(module.weight.shape[0], dtype=module.weight.dtype, device=module.weight.device),
                                    requires_grad=module.weight.requires_grad)
+
+
+class MergedCopy:
+    """One plain copy of a GLoRA ``model`` (each GLoRA layer a plain ``nn.Linear`` or convolution of its
+    shape, with a bias), into whose tensors :meth:`load` merges a sub-network in place: no model is
+    built per sub-network, and a compiled :attr:`plain` keeps reading the same tensors."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.layers = dict(glora_layers(model))
+        plain = copy.deepcopy(model)
+        for name, layer in self.layers.items():
+            parent, _, attr = name.rpartition(".")  # a plain nn.Linear or convolution of the layer's shape
+            setattr(plain.get_submodule(parent) if parent else plain, attr, layer.plain(bias=True))
+        self.plain = plain.eval().requires_grad_(False)
+        self.targets = {n: self.plain.get_submodule(n) for n in self.layers}
+
+    @torch.no_grad()
+    def load(self, config) -> nn.Module:
+        """Activate ``config`` on the GLoRA model and copy its merged weights into :attr:`plain` (returned)."""
+        set_subnet(self.model, config)
+        for name, layer in self.layers.items():
+            target = self.targets[name]
+            layer.merged_weight_bias(out=(target.weight, target.bias))
+        return self.plain

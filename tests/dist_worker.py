@@ -12,42 +12,43 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from engine import distributed as D  # noqa: E402
-from engine import stages  # noqa: E402
+from engine import distributed as dist  # noqa: E402
+from engine.recipes import search as search_recipe  # noqa: E402
+from engine.recipes import train as train_recipe  # noqa: E402
 from engine.config import load_config  # noqa: E402
 
 
 def main() -> None:
     stage, config, dump = sys.argv[1], sys.argv[2], Path(sys.argv[3])
     cfg = load_config(config)
-    info = D.setup("cpu")
+    info = dist.setup("cpu")
     tags = []
     if stage == "crash":
         # rank 1 fails at its second step; rank 0 would wait in the next all-reduce forever if the
         # launcher did not end the job.
-        original_step = stages.Trainer.train_step
+        original_step = train_recipe.Trainer.train_step
 
         def failing(self, x, y):
             if info.rank == 1 and self.step == 1:
                 raise RuntimeError("injected failure on rank 1")
             return original_step(self, x, y)
 
-        stages.Trainer.train_step = failing
-        stages.run_train(cfg, info, config)
+        train_recipe.Trainer.train_step = failing
+        train_recipe.run_train(cfg, info, config)
         return
     if stage == "train":
         # record the sub-network every step on every rank
-        original = stages.SubnetSampler.__call__
+        original = train_recipe.SubnetSampler.__call__
 
         def recording(self, gen, activate=True):
             out = original(self, gen, activate)
             if activate:
-                tags.append(stages.subnet_tag(out))
+                tags.append(train_recipe.subnet_tag(out))
             return out
 
-        stages.SubnetSampler.__call__ = recording
+        train_recipe.SubnetSampler.__call__ = recording
         captured = {}
-        original_fit = stages.Trainer.fit
+        original_fit = train_recipe.Trainer.fit
 
         def fit(self):
             status = original_fit(self)
@@ -55,13 +56,13 @@ def main() -> None:
             captured["__epochs_indices__"] = torch.tensor(list(self.sampler.inner))
             return status
 
-        stages.Trainer.fit = fit
-        status = stages.run_train(cfg, info, config)
+        train_recipe.Trainer.fit = fit
+        status = train_recipe.run_train(cfg, info, config)
         torch.save(captured, dump / f"rank{info.rank}.pt")
     else:
-        status = stages.run_search(cfg, info, config)
+        status = search_recipe.run_search(cfg, info, config)
     (dump / f"rank{info.rank}.json").write_text(json.dumps({"status": status, "tags": tags, "rank": info.rank}))
-    D.cleanup()
+    dist.cleanup()
 
 
 if __name__ == "__main__":

@@ -82,10 +82,10 @@ def test_one_visible_gpu_per_process_is_used_whatever_the_local_rank(monkeypatch
     visible while LOCAL_RANK counts up: that device is used, not an invalid ordinal."""
     import torch
 
-    from engine import distributed as D
+    from engine import distributed as dist
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(torch.cuda, "set_device", lambda dev: None)
     monkeypatch.setenv("LOCAL_RANK", "3")
-    assert D.setup("cuda").device == torch.device("cuda", 0)
+    assert dist.setup("cuda").device == torch.device("cuda", 0)

@@ -141,15 +141,16 @@ def test_data_normalize_resolves_and_keeps_older_runs_resumable(tmp_path):
     (the default) ImageNet's. A run written before the key existed compares equal to one at the default,
     so its fingerprint and resumption do not change; another value is a difference."""
     from engine.config import config_from_dict
-    from engine.stages import _relevant, config_differences, fingerprint, probe_input
+    from engine.recipes.common import probe_input
+    from engine.rundir import config_differences, fingerprint, relevant_config
     from runcfg import tiny_config
 
     cfg = config_from_dict(tiny_config(tmp_path))
     assert probe_input(cfg)[1:] == ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
     old = cfg.to_dict()
     del old["data"]["normalize"]
-    assert config_differences(_relevant(old, "train"), _relevant(cfg.to_dict(), "train")) == []
+    assert config_differences(relevant_config(old, "train"), relevant_config(cfg.to_dict(), "train")) == []
     other = config_from_dict(tiny_config(tmp_path, data={"normalize": "model"}))
     assert probe_input(other)[1:] == ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
-    assert config_differences(_relevant(old, "train"), _relevant(other.to_dict(), "train")) == ["data.normalize"]
+    assert config_differences(relevant_config(old, "train"), relevant_config(other.to_dict(), "train")) == ["data.normalize"]
     assert fingerprint(other, "train") != fingerprint(cfg, "train")

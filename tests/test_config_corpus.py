@@ -112,7 +112,7 @@ def _forward_on_cpu(cfg, seen: set) -> None:
     """The model a validated demo config describes, built for real and run on one batch (once per
     distinct model, space, size and class count: most edits change none of them)."""
     from engine.models import build_model
-    from engine.stages import probe_input
+    from engine.recipes.common import probe_input
     from supernet import apply_glora
 
     size = probe_input(cfg)[0]

@@ -17,10 +17,12 @@ import torch.nn as nn
 from safetensors.torch import load_file
 
 import models
-from engine import distributed as D
+from engine import distributed as dist
 from engine.config import config_from_dict
 from engine.optim import adamw
-from engine.stages import run_retrain, run_search, run_train
+from engine.recipes.retrain import run_retrain
+from engine.recipes.search import run_search
+from engine.recipes.train import run_train
 from runcfg import tiny_config
 from supernet import TENSORS, GLoraLinear, LayerChoice, apply_glora, merge_glora, sample_subnet
 from test_supernet_layer import _random_layer, check_autocast_gradients, check_compiled_layers
@@ -113,7 +115,7 @@ def test_fused_adamw_on_cuda_matches_per_tensor_adamw():
 @pytest.mark.parametrize("precision", ["bf16", "fp16", "fp32"])
 def test_pipeline_on_cuda(tmp_path, precision):
     """train -> search -> retrain with the model on the GPU; the merged export is an ordinary timm state dict."""
-    info = D.setup("cuda")
+    info = dist.setup("cuda")
     assert info.device.type == "cuda"
     sections = dict(train={"device": "cuda", "precision": precision}, retrain={"device": "cuda", "precision": precision})
     cfg = config_from_dict(tiny_config(tmp_path / "run", **sections))
@@ -148,7 +150,7 @@ def test_compiled_retrain_on_cuda(tmp_path, mode):
     generator, so the compiled run drops other samples than the eager one (expected upstream:
     pytorch/pytorch#141645; on a CPU the compiled drop masks equal eager's, and the CPU test keeps
     drop-path)."""
-    info = D.setup("cuda")
+    info = dist.setup("cuda")
     adapters = {}
     for name, precision, compiled in (("eager", "fp32", False), ("compiled", "fp32", True), ("bf16", "bf16", True)):
         retrain = {"device": "cuda", "precision": precision, "preset": "ssf", "epochs": 2, "compile": compiled, "compile_mode": mode}
@@ -166,10 +168,10 @@ def test_compiled_scorer_on_cuda(mode):
     """search.compile on the GPU: each candidate merged in place into the one compiled plain model
     is scored with its own weights; with reduce-overhead the compiled graph is a CUDA graph, replayed
     for every batch and candidate, and its logits must still follow the weights."""
-    from engine.stages import MergedScorer
+    from engine.recipes.search import MergedScorer
     from conftest import tiny_vit
 
-    info = D.setup("cuda")
+    info = dist.setup("cuda")
     torch.manual_seed(0)
     model = apply_glora(tiny_vit(num_classes=4), LARGE_SPACE, modules_to_save="auto").cuda()
     with torch.no_grad():

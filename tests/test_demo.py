@@ -11,7 +11,7 @@ def test_demo_budget_is_the_lora_baseline_count():
     be that LoRA's adapter count, computed here from the model's shapes, so neither can drift."""
     import timm
 
-    from engine.stages import preset_space
+    from engine.recipes.retrain import preset_space
     from supernet import apply_glora, count_params, get_subnet
 
     cfg = load_config(ROOT / "configs" / "demo.yaml")

@@ -7,15 +7,16 @@ import pickle
 import pytest
 import torch
 
-from engine import distributed as D
+from engine import distributed as dist
 from engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from engine.cli import main
 from engine.config import config_from_dict
-from engine.stages import run_retrain, run_train
+from engine.recipes.retrain import run_retrain
+from engine.recipes.train import run_train
 from runcfg import tiny_config, write_config
 from supernet import MergeError, WriteError, glora_layers
 
-INFO = D.DistInfo()
+INFO = dist.DistInfo()
 
 
 def _state(v):
@@ -135,7 +136,7 @@ def test_truncated_or_empty_checkpoint(tmp_path, content, needle):
 
 
 def test_inf_adapter_blocks_merged_export(tmp_path, monkeypatch):
-    import engine.stages as st
+    import engine.recipes.retrain as st
 
     real = st.export
 

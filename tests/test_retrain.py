@@ -8,14 +8,16 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import needs_cxx
-from engine import distributed as D
+from engine import distributed as dist
 from engine.config import config_from_dict
-from engine.stages import run_retrain, run_search, run_train
+from engine.recipes.retrain import run_retrain
+from engine.recipes.search import run_search
+from engine.recipes.train import run_train
 from engine.trainer import TrainError
 from runcfg import tiny_config
 from supernet import MergeError
 
-INFO = D.DistInfo()
+INFO = dist.DistInfo()
 DIMS = {"qkv": (32, 96), "proj": (32, 32), "fc1": (32, 128), "fc2": (128, 32)}  # (in, out) of the tiny ViT
 LAYERS = [DIMS[k] for _ in range(2) for k in ("qkv", "proj", "fc1", "fc2")]
 
@@ -56,7 +58,7 @@ def test_presets(tmp_path, preset):
 
 
 def test_merged_export_predicts_like_unmerged(tmp_path, monkeypatch):
-    import engine.stages as st
+    import engine.recipes.retrain as st
 
     captured = {}
     real_export = st.export
@@ -93,7 +95,7 @@ def test_merge_that_gives_a_bias_free_layer_a_bias(tmp_path, monkeypatch, capsys
     """Swin's patch-merging reduction has no bias; bitfit's E on it gives the merged layer one, a key
     a fresh timm Swin lacks. The export says which layers, supernet.load_merged adds them and loads
     strictly with the retrained model's outputs, and evaluate.py scores the file as retrain did."""
-    import engine.stages as st
+    import engine.recipes.retrain as st
     from safetensors import safe_open
 
     from engine.evaluate import main as evaluate_main
@@ -132,7 +134,7 @@ def test_merge_that_gives_a_bias_free_layer_a_bias(tmp_path, monkeypatch, capsys
 
 
 def test_refuses_to_write_when_merge_disagrees(tmp_path, monkeypatch):
-    import engine.stages as st
+    import supernet.export as st  # export merges with the merge_glora it imports
 
     def bad_merge(model):
         from supernet import merge_glora
@@ -216,7 +218,7 @@ def test_retrain_from_the_supernet_needs_only_its_space(tmp_path):
     whose train section changed since train.py retrains; one whose space changed is refused."""
     from conftest import ROOT
     from engine.config import ConfigError
-    from engine.stages import load_supernet
+    from engine.recipes.common import load_supernet
     from supernet import sample_subnet, save_subnet
 
     out = tmp_path / "run"

@@ -7,13 +7,15 @@ import torch
 import yaml
 
 from conftest import needs_cxx
-from engine import distributed as D
+from engine import distributed as dist
 from engine.config import ConfigError, config_from_dict
-from engine.stages import MergedScorer, load_supernet, run_search, run_train
+from engine.recipes.common import load_supernet
+from engine.recipes.search import MergedScorer, run_search
+from engine.recipes.train import run_train
 from runcfg import tiny_config
 from supernet import count_params, load_subnet, sample_subnet
 
-INFO = D.DistInfo()
+INFO = dist.DistInfo()
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +111,7 @@ def test_search_is_deterministic(trained):
 
 
 def test_search_resume_after_interruption(trained, monkeypatch):
-    import engine.stages as st
+    import engine.recipes.search as st
 
     cfg = _cfg(trained, max_params=20000, generations=3, seed=5)
     run_search(cfg, INFO, "t.yaml", overwrite=True)
@@ -146,7 +148,7 @@ def test_a_finished_search_resumed_with_more_generations_goes_on(trained):
     assert [(trained / "search" / name).read_text() for name in ("history.jsonl", "result.yaml")] == want
     # a state written before generations could change carries the digest that included them: it still
     # resumes with its own count (as before; going on longer needs a state written since)
-    from engine.stages import fingerprint
+    from engine.rundir import fingerprint
 
     state = torch.load(trained / "search" / "state.pt", weights_only=True)
     state["fingerprint"] = fingerprint(_cfg(trained, max_params=20000, generations=3, seed=7), "search", legacy=True)
@@ -189,8 +191,8 @@ def test_ranks_resuming_the_search_from_different_generations_stop(trained, monk
 
     cfg = _cfg(trained, max_params=20000, generations=2, seed=7)
     assert run_search(cfg, INFO, "t.yaml", overwrite=True) == "done"  # state.pt at generation 2
-    monkeypatch.setattr(D.dist, "is_initialized", lambda: True)
-    monkeypatch.setattr(D.dist, "get_world_size", lambda: 2)
-    monkeypatch.setattr(D, "all_reduce_sum", lambda t: t + torch.tensor([0.0, 0.0], dtype=t.dtype))  # the peer starts afresh
+    monkeypatch.setattr(dist.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist.dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(dist, "all_reduce_sum", lambda t: t + torch.tensor([0.0, 0.0], dtype=t.dtype))  # the peer starts afresh
     with pytest.raises(CheckpointError, match=r"state\.pt: the ranks do not resume the search from the same generation \(rank 0 is at 2\)"):
         run_search(cfg, INFO, "t.yaml")

@@ -8,14 +8,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from engine import distributed as D
+from engine import distributed as dist
 from engine.config import config_from_dict
 from engine.rng import get_rng_state, set_rng_state
-from engine.stages import run_train
+from engine.recipes.train import run_train
 from engine.trainer import TrainError
 from runcfg import tiny_config
 
-INFO = D.DistInfo()
+INFO = dist.DistInfo()
 
 
 def _train(out, source="test.yaml", **sections):
@@ -98,21 +98,21 @@ def test_resume_with_another_number_of_processes_is_refused(tmp_path):
     assert torch.load(out / "checkpoints/last.pt", weights_only=True)["world_size"] == 1
     cfg = config_from_dict(tiny_config(out))
     with pytest.raises(TrainError, match=r"last\.pt: written by a run of 1 process\(es\), resumed with 2; resume with 1"):
-        run_train(cfg, D.DistInfo(rank=0, world_size=2), "test.yaml")
+        run_train(cfg, dist.DistInfo(rank=0, world_size=2), "test.yaml")
     assert _train(out) == "done"  # the same number of processes resumes
 
 
 def _other_rank(monkeypatch, value):
     """Make this process look like rank 0 of 2 whose peer passed ``value`` to same_on_all_ranks."""
-    monkeypatch.setattr(D.dist, "is_initialized", lambda: True)
-    monkeypatch.setattr(D.dist, "get_world_size", lambda: 2)
-    monkeypatch.setattr(D, "all_reduce_sum", lambda t: t + torch.tensor([float(value), float(value) ** 2], dtype=t.dtype))
+    monkeypatch.setattr(dist.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist.dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(dist, "all_reduce_sum", lambda t: t + torch.tensor([float(value), float(value) ** 2], dtype=t.dtype))
 
 
 @pytest.mark.parametrize("peer,agree", [(5, True), (4, False), (-1, False)])
 def test_same_on_all_ranks(monkeypatch, peer, agree):
     _other_rank(monkeypatch, peer)
-    assert D.same_on_all_ranks(5, torch.device("cpu")) is agree
+    assert dist.same_on_all_ranks(5, torch.device("cpu")) is agree
 
 
 @pytest.mark.parametrize("peer", [-1, 1])  # the peer found no checkpoint / another (older) one

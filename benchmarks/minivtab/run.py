@@ -1,5 +1,5 @@
 """The mini-VTAB driver: every task x method x seed through the project's own pipeline stages
-(engine.stages.run_train / run_search / run_retrain, in-process), results written incrementally.
+(engine.recipes' run_train / run_search / run_retrain, in-process), results written incrementally.
 
 Protocol (the same for every method): AdamW, cosine schedule with 1 warm-up epoch, weight decay
 1e-4, batch 64, ``epochs`` epochs, no augmentation, fp32, CPU. The learning rate is chosen per
@@ -115,7 +115,7 @@ class Results:
 def lora_budget(ckpt: str, rank: int, num_classes: int = 10) -> int:
     import timm
 
-    from engine.stages import PRESETS
+    from engine.recipes.retrain import PRESETS
     from supernet import apply_glora, count_params
 
     from . import MODEL_KWARGS, MODEL_NAME
@@ -148,9 +148,10 @@ class Runner:
 
     # ------------------------------------------------------------------ one pipeline run
     def supernet(self, method: str, out: Path, data: dict, epochs: int, lr: float) -> dict:
-        from engine import distributed as D
+        from engine import distributed as dist
         from engine.config import config_from_dict
-        from engine.stages import run_search, run_train
+        from engine.recipes.search import run_search
+        from engine.recipes.train import run_train
 
         spec = METHODS[method]
         d = self.base(out, data, spec["space"])
@@ -158,17 +159,17 @@ class Runner:
         d["search"] = {**self.m["search"], "max_params": self.budgets[spec["budget"]], "seed": 0}
         t0 = time.time()
         if not (out / "supernet.safetensors").is_file():
-            run_train(config_from_dict(d), D.DistInfo(), "minivtab")
+            run_train(config_from_dict(d), dist.DistInfo(), "minivtab")
         t1 = time.time()
         if not (out / "search" / "result.yaml").is_file():
-            run_search(config_from_dict(d), D.DistInfo(), "minivtab")
+            run_search(config_from_dict(d), dist.DistInfo(), "minivtab")
         return {"supernet_s": round(t1 - t0, 1), "search_s": round(time.time() - t1, 1)}
 
     def retrain(self, method: str, out: Path, data: dict, epochs: int, lr: float, seed: int,
                 supernet_dir: Path | None = None, warmup: float = 1) -> dict:
-        from engine import distributed as D
+        from engine import distributed as dist
         from engine.config import config_from_dict
-        from engine.stages import run_retrain
+        from engine.recipes.retrain import run_retrain
 
         spec = METHODS[method]
         metrics_path = out / "retrain" / "metrics.json"
@@ -184,7 +185,7 @@ class Runner:
                     shutil.copyfile(supernet_dir / f, out / f)
                 r.update(subnet=str(supernet_dir / "search" / "result.yaml"), init="supernet")
             d["retrain"] = r
-            run_retrain(config_from_dict(d), D.DistInfo(), "minivtab")
+            run_retrain(config_from_dict(d), dist.DistInfo(), "minivtab")
         m = json.loads(metrics_path.read_text())
         return {"test_top1": m["test_top1"], "adapter_params": m["adapter_params"], "head_params": m["head_params"],
                 "trainable_params": m["trainable_params"], "wall_s": round(time.time() - t0, 1), "lr": lr, "seed": seed}
@@ -263,20 +264,20 @@ class Runner:
     def evaluate_merged(self, run_dir: Path, dataset: str, shots: int, seed: int) -> float:
         import torch
 
-        from engine import distributed as D
+        from engine import distributed as dist
         from engine.config import config_from_dict
         from engine.data import build_splits
         from engine.models import build_model, load_state_file
-        from engine.stages import _data_config, probe_input
+        from engine.recipes.common import data_config, probe_input
         from engine.trainer import evaluate
 
         d = self.base(run_dir, {"kind": "fewshot", "root": str(self.root / "fewshot"), "dataset": dataset, "shots": shots, "seed": seed})
         d["model"]["checkpoint"] = None
         cfg = config_from_dict(d)
-        _, ds, n = build_splits(_data_config(cfg), "final", *probe_input(cfg))
+        _, ds, n = build_splits(data_config(cfg), "final", *probe_input(cfg))
         model = build_model(cfg.model, n)
         model.load_state_dict(load_state_file(run_dir / "retrain" / "merged.safetensors"), strict=True)
-        return evaluate(model, torch.utils.data.DataLoader(ds, batch_size=256), D.DistInfo())["top1"]
+        return evaluate(model, torch.utils.data.DataLoader(ds, batch_size=256), dist.DistInfo())["top1"]
 
     # ------------------------------------------------------------------ work list
     def cells(self, phase: str) -> list[tuple]:

@@ -1,0 +1,165 @@
+"""Stage 3: retrain one sub-network (the search's, a given one, or a preset) from scratch or from
+the supernet's slices, test it, and export it (retrain.py).
+
+Writes ``adapter.safetensors`` and ``subnet.yaml``, then ``merged.safetensors`` once the merged
+model is verified to predict as the unmerged one (:func:`supernet.write_merged`), and ``metrics.json``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from supernet import (GLoraLayer, apply_glora, atomic_write_text, count_params, extract_subnet, get_subnet, head_params,
+                      load_space, load_subnet, merged_file_summary, save_adapter, set_subnet, subnet_to_dict, write_merged)
+
+from .. import distributed as dist
+from ..config import ConfigError, RunConfig
+from ..data import build_splits
+from ..models import build_model, set_grad_checkpointing
+from ..rng import seed_everything
+from ..rundir import fingerprint, guard_output_dir, remove_stale, write_config
+from ..tracker import Tracker
+from ..trainer import ShardSampler, Trainer, evaluate
+from .common import data_config, load_supernet, probe_input, warn_slow_precision
+
+# The presets retrain.preset names: one choice per tensor, through the GLoRA code path.
+PRESETS = {
+    "lora": lambda r: dict(A="none", B=f"lora{r}", C="none", D="none", E="none"),
+    "ssf": lambda r: dict(A="vector", B="none", C="none", D="vector", E="vector"),
+    "bitfit": lambda r: dict(A="none", B="none", C="none", D="none", E="vector"),
+    "prompt": lambda r: dict(A="none", B="none", C="vector", D="none", E="none"),
+}
+
+
+def preset_space(cfg: RunConfig) -> dict:
+    """A space whose lists hold one choice each: the preset, through the same GLoRA code path."""
+    base = load_space(cfg.space).to_dict()
+    choice = PRESETS[cfg.retrain.preset](cfg.retrain.rank)
+    return {"targets": base["targets"], "exclude": base["exclude"], "choices": {t: [c] for t, c in choice.items()}}
+
+
+def prepare_retrain_model(cfg: RunConfig, num_classes: int, info: dist.DistInfo, source: str) -> tuple[nn.Module, str]:
+    r = cfg.retrain
+    if r.preset in ("linear", "full"):
+        model = build_model(cfg.model, num_classes)
+        from supernet.model import _classifier_names
+
+        heads = _classifier_names(model)
+        for name, p in model.named_parameters():
+            p.requires_grad_(r.preset == "full" or any(name.startswith(h + ".") for h in heads))
+        model.glora_modules_to_save = heads
+        return model, r.preset
+    if r.preset is not None:
+        model = build_model(cfg.model, num_classes)
+        apply_glora(model, preset_space(cfg))
+        return model, r.preset
+    subnet_path = Path(r.subnet) if r.subnet else Path(cfg.output_dir) / "search" / "result.yaml"
+    if not subnet_path.is_file():
+        hint = f" ({dist.SHARED_FS_HINT})" if info.enabled else ""
+        raise ConfigError(source, [f"retrain.subnet: {subnet_path} not found; run search.py first, or set retrain.subnet or retrain.preset{hint}"])
+    load_subnet(subnet_path)  # a broken file stops here, before the supernet is loaded
+    if r.init == "supernet":
+        model = load_supernet(cfg, num_classes, info, source, same_training=False, path=r.supernet).train()
+    else:
+        model = build_model(cfg.model, num_classes)
+        apply_glora(model, cfg.space)
+    config = set_subnet(model, subnet_path)  # given the path, its errors name the file
+    extract_subnet(model, config)
+    return model, str(subnet_path)
+
+
+def adapter_params(model: nn.Module, preset: str | None) -> int:
+    if preset == "full":
+        heads = getattr(model, "glora_modules_to_save", [])
+        return sum(p.numel() for n, p in model.named_parameters() if not any(n.startswith(h + ".") for h in heads))
+    if preset == "linear":
+        return 0
+    return count_params(model).adapter
+
+
+def run_retrain(cfg: RunConfig, info: dist.DistInfo, source: str, overwrite: bool = False) -> str:
+    out = Path(cfg.output_dir)
+    rdir = out / "retrain"
+    r = cfg.retrain
+    guard_output_dir(rdir, cfg, "retrain", source, overwrite)
+    seed_everything(r.seed)
+    spec = probe_input(cfg)
+    train_ds, test_ds, num_classes = build_splits(data_config(cfg), "final", *spec, cache=("train",))
+    _, val_ds, _ = build_splits(data_config(cfg), "search", *spec, cache=())  # one batch, for the merge check
+    model, origin = prepare_retrain_model(cfg, num_classes, info, source)
+    if r.grad_checkpointing:
+        set_grad_checkpointing(model, "retrain.grad_checkpointing")
+    model.to(info.device)
+    write_config(rdir, cfg, info)
+    tracker = Tracker(rdir, enabled=info.is_main)
+    warn_slow_precision(r.precision, "retrain.precision", info, tracker)
+    subnet = None
+    if any(isinstance(m, GLoraLayer) for m in model.modules()):
+        chosen = json.dumps(subnet_to_dict(get_subnet(model)), sort_keys=True)
+        subnet = (hashlib.sha256(chosen.encode()).hexdigest()[:16], origin)
+    trainer = Trainer(model, train_ds, None, r, rdir, info, tracker, fingerprint=fingerprint(cfg, "retrain"),
+                      subnet=subnet, num_workers=cfg.data.num_workers, desc="retrain")
+    if trainer.resume("never" if overwrite else r.resume):
+        tracker.print(f"resumed from {trainer.ckpt_path} at epoch {trainer.epoch}, step {trainer.step}")
+    else:
+        remove_stale(rdir, ("merged.safetensors", "metrics.json", "adapter.safetensors", "subnet.yaml"), info)
+    n_adapter = adapter_params(model, r.preset)
+    n_head = head_params(model)
+    tracker.print(f"retrain ({origin}): {n_adapter:,} adapter + {n_head:,} head parameters, "
+                  f"{len(train_ds)} train / {len(test_ds)} test images, {trainer.total_steps} steps")
+    trainer.install_signal_handlers()
+    t0 = time.time()
+    status = trainer.fit()
+    if status != "done":
+        tracker.close()
+        return status
+    test_loader = torch.utils.data.DataLoader(test_ds, batch_size=r.eval_batch_size,
+                                              sampler=ShardSampler(len(test_ds), info), num_workers=cfg.data.num_workers)
+    topk = (1, 5) if num_classes > 5 else (1,)
+    test = evaluate(model, test_loader, info, r.precision, topk=topk)
+    if info.is_main:
+        export(model, cfg, rdir, val_ds, info, spec)
+        merged_total, merged_added = merged_file_summary(rdir / "merged.safetensors")
+        metrics = {
+            "test_top1": test["top1"],
+            **({"test_top5": test["top5"]} if "top5" in test else {}),
+            "test_images": test["n"],
+            "adapter_params": n_adapter,
+            "head_params": n_head,
+            "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "merged_model_params": merged_total,
+            "merged_added_biases": merged_added,
+            "method": r.preset or "glora",
+            "subnet": origin,
+            "subnet_from_search": r.preset is None and not r.subnet,  # this output_dir's search/result.yaml
+            "epochs": r.epochs,
+            "wall_time_s": round(time.time() - t0, 1),
+        }
+        atomic_write_text(rdir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+        tracker.log(trainer.step, {"top1": test["top1"], **({"top5": test["top5"]} if "top5" in test else {})}, kind="test")
+        tracker.print(f"test accuracy {test['top1']:.2f}% -> {rdir / 'metrics.json'}")
+    tracker.close()
+    dist.barrier()
+    return "done"
+
+
+def export(model: nn.Module, cfg: RunConfig, rdir: Path, val_ds, info: dist.DistInfo,
+           spec: tuple[int, tuple[float, ...], tuple[float, ...]]) -> None:
+    """adapter.safetensors + subnet.yaml, then merged.safetensors once merged == unmerged is verified."""
+    model.eval()
+    if any(isinstance(m, GLoraLayer) for m in model.modules()):
+        save_adapter(model, rdir / "adapter.safetensors", rdir / "subnet.yaml",
+                     metadata={"model": cfg.model.name, "kwargs": cfg.model.kwargs})
+    x = next(iter(torch.utils.data.DataLoader(val_ds, batch_size=min(32, len(val_ds)))))[0].to(info.device)
+    gained = write_merged(model, rdir / "merged.safetensors", x, cfg.model.name, cfg.model.kwargs, spec)
+    if gained and info.is_main:
+        print(f"note: {len(gained)} layer(s) without a bias gained one in the merge (C or E chosen on them: "
+              f"{', '.join(gained[:3])}{' ...' if len(gained) > 3 else ''}); {rdir / 'merged.safetensors'} loads into a "
+              f"fresh model with supernet.load_merged(model, path), which adds them (evaluate.py does)", file=sys.stderr, flush=True)

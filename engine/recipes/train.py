@@ -1,0 +1,103 @@
+"""Stage 1: train the GLoRA supernet, one random sub-network per step (train.py).
+
+Writes ``supernet.safetensors`` and ``supernet.yaml`` into ``output_dir`` once training is done.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch.nn as nn
+
+from supernet import (TENSORS, SubnetSampler, apply_glora, count_params, glora_layers, load_space, sample_subnet,
+                      save_adapter, set_subnet, subnet_to_dict)
+
+from .. import distributed as dist
+from ..config import RunConfig
+from ..data import build_splits
+from ..models import build_model, set_grad_checkpointing
+from ..rng import seed_everything, step_generator
+from ..rundir import fingerprint, guard_output_dir, relevant_config, remove_stale, write_config
+from ..tracker import Tracker
+from ..trainer import Trainer, evaluate
+from .common import data_config, probe_input, warn_slow_precision
+
+
+def reference_subnets(model: nn.Module, seed: int, n_random: int) -> dict[str, Any]:
+    """The largest and smallest sub-networks plus ``n_random`` fixed random ones."""
+    layers = dict(glora_layers(model))
+
+    def extreme(pick):
+        out = {}
+        for name, layer in layers.items():
+            out[name] = {t: str(pick(layer.choices[t], key=lambda c: layer.choice_cost(t, c)))
+                         for t in TENSORS}
+        return out
+
+    refs = {"largest": extreme(max), "smallest": extreme(min)}
+    for i in range(n_random):
+        refs[f"random{i}"] = sample_subnet(model, step_generator(seed, i, stream=1), activate=False)
+    return refs
+
+
+def subnet_tag(config) -> int:
+    """A short stable hash of a configuration, logged per step and compared across ranks."""
+    text = json.dumps(subnet_to_dict(config), sort_keys=True)
+    return int(hashlib.sha256(text.encode()).hexdigest()[:8], 16)
+
+
+def run_train(cfg: RunConfig, info: dist.DistInfo, source: str, overwrite: bool = False) -> str:
+    out = Path(cfg.output_dir)
+    t = cfg.train
+    guard_output_dir(out, cfg, "train", source, overwrite)
+    seed_everything(t.seed)
+    train_ds, val_ds, num_classes = build_splits(data_config(cfg), "search", *probe_input(cfg))
+    model = build_model(cfg.model, num_classes)
+    apply_glora(model, cfg.space)
+    if t.grad_checkpointing:
+        set_grad_checkpointing(model, "train.grad_checkpointing")
+    model.to(info.device)
+    write_config(out, cfg, info)
+    tracker = Tracker(out, enabled=info.is_main)
+    warn_slow_precision(t.precision, "train.precision", info, tracker)
+    refs = reference_subnets(model, t.seed, t.reference_subnets)
+
+    sampler = SubnetSampler(model)
+
+    def before_step(step: int) -> int:
+        config = sampler(step_generator(t.seed, step))
+        return subnet_tag(config)
+
+    trainer = Trainer(model, train_ds, val_ds, t, out, info, tracker, before_step=before_step,
+                      fingerprint=fingerprint(cfg, "train"), num_workers=cfg.data.num_workers, desc="supernet")
+
+    def on_eval(epoch: int, step: int) -> dict[str, float]:
+        scores = {}
+        for name, ref in refs.items():
+            set_subnet(model, ref)
+            scores[f"acc_{name}"] = evaluate(model, trainer.eval_loader, info, t.precision)["top1"]
+        return scores
+
+    trainer.on_eval = on_eval
+    if trainer.resume("never" if overwrite else t.resume):
+        tracker.print(f"resumed from {trainer.ckpt_path} at epoch {trainer.epoch}, step {trainer.step}")
+    else:
+        remove_stale(out, ("supernet.safetensors", "supernet.yaml"), info)  # else search.py could search it
+    pc = count_params(model, refs["largest"])
+    tracker.print(f"supernet: {len(refs['largest'])} GLoRA layers, {sum(p.numel() for p in trainer.params):,} trainable "
+                  f"tensors' parameters (largest sub-network {pc.adapter:,} adapter + {pc.head:,} head), "
+                  f"{len(train_ds)} train / {len(val_ds)} val images, {trainer.total_steps} steps")
+    trainer.install_signal_handlers()
+    status = trainer.fit()
+    if status == "done" and info.is_main:
+        save_adapter(model, out / "supernet.safetensors", out / "supernet.yaml",
+                     metadata={"model": cfg.model.name, "num_classes": num_classes, "space": load_space(cfg.space).to_dict(),
+                               "config": relevant_config(cfg.to_dict(), "train")})
+        tracker.print(f"supernet written to {out / 'supernet.safetensors'}")
+    tracker.close()
+    dist.barrier()
+    return status
+

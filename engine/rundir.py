@@ -1,0 +1,105 @@
+"""Run folders: a stage refuses to run into a folder that holds a run of a different configuration
+(unless --overwrite), writes its config.yaml there, and removes the outputs an earlier run left.
+
+What a stage's result depends on is its relevant config sections (:data:`STAGE_SECTIONS`), less
+the keys that may change between a run and its resumption; :func:`fingerprint` digests them for
+the checkpoints and states that must only be resumed by the same configuration.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import yaml
+
+from supernet import atomic_write_text
+
+from . import distributed as dist
+from .config import ConfigError, RunConfig
+
+
+# Which config sections each stage depends on: a finished stage refuses to be re-run into the
+# same folder with different values there (a typo must never overwrite a finished run).
+STAGE_SECTIONS = {
+    "train": ("model", "data", "space", "train"),
+    "search": ("model", "data", "space", "train", "search"),
+    "retrain": ("model", "data", "space", "retrain"),
+}
+_VOLATILE = {"resume", "device", "compile", "compile_mode", "stop_at_step", "fail_at_step", "cache",
+             "micro_batch_size", "grad_checkpointing"}  # may change between a run and its resumption
+
+
+# Keys added after runs existed, with the value that reproduces how such runs behaved: at that
+# value a key is left out of fingerprints and comparisons, so those runs still resume.
+_ADDED_KEYS = {("data", "normalize"): "imagenet"}
+
+
+# May differ between a run and its resumption because nothing done so far depends on them: a search
+# resumed with more generations goes on where it stopped. (Not train.epochs: the schedule depends on it.)
+_EXTENDABLE = {("search", "generations")}
+
+
+def relevant_config(cfg_dict: dict, stage: str, legacy: bool = False) -> dict:
+    out = {}
+    for section in STAGE_SECTIONS[stage]:
+        value = cfg_dict.get(section)
+        if isinstance(value, dict):
+            value = {k: v for k, v in value.items()
+                     if k not in _VOLATILE and not ((section, k) in _ADDED_KEYS and _ADDED_KEYS[section, k] == v)
+                     and (legacy or (section, k) not in _EXTENDABLE)}
+        out[section] = value
+    return out
+
+
+def fingerprint(cfg: RunConfig, stage: str, legacy: bool = False) -> str:
+    """A digest of what a stage's result depends on. ``legacy``: as computed before _EXTENDABLE keys
+    were left out, which the states of runs started then carry."""
+    blob = json.dumps(relevant_config(cfg.to_dict(), stage, legacy), sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def guard_output_dir(stage_dir: Path, cfg: RunConfig, stage: str, source: str, overwrite: bool) -> None:
+    """Refuse to run into a folder that holds a run of a different configuration."""
+    previous = stage_dir / "config.yaml"
+    section = {"train": cfg.train, "retrain": cfg.retrain, "search": cfg.search}[stage]
+    explicit_resume = section.resume not in ("auto", "never")  # the user named the checkpoint to continue
+    if overwrite or explicit_resume or not previous.is_file():
+        return
+    try:
+        old = yaml.safe_load(previous.read_text()) or {}
+    except yaml.YAMLError:
+        old = {}
+    diffs = config_differences(relevant_config(old, stage), relevant_config(cfg.to_dict(), stage))
+    if diffs:
+        raise ConfigError(source, [f"output_dir: {stage_dir} holds a {stage} run with a different configuration "
+                                   f"({', '.join(diffs[:5])}); choose another output_dir or pass --overwrite"])
+
+
+def config_differences(old: dict, new: dict) -> list[str]:
+    """The keys (``section.key``, or a whole section) where two relevant configurations differ,
+    compared as JSON would store them (a YAML round trip turns tuples into lists)."""
+    old, new = json.loads(json.dumps(old, default=str)), json.loads(json.dumps(new, default=str))
+    diffs = []
+    for section in new:
+        a, b = old.get(section), new.get(section)
+        if isinstance(a, dict) and isinstance(b, dict):
+            diffs += [f"{section}.{k}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+        elif a != b:
+            diffs.append(section)
+    return diffs
+
+
+def write_config(stage_dir: Path, cfg: RunConfig, info: dist.DistInfo) -> None:
+    """The run config, as the stage runs it, into its folder (by the main process)."""
+    if info.is_main:
+        atomic_write_text(stage_dir / "config.yaml", cfg.to_yaml())
+
+
+def remove_stale(folder: Path, names: tuple[str, ...], info: dist.DistInfo) -> None:
+    """A stage starting afresh: the outputs an earlier run left in ``folder`` must not outlive it, or
+    a run stopped now would leave them to the next stage (or to a reader) as this run's."""
+    if info.is_main:
+        for name in names:
+            (folder / name).unlink(missing_ok=True)
