@@ -474,7 +474,7 @@ def prepare_retrain_model(cfg: RunConfig, num_classes: int, info: D.DistInfo, so
     r = cfg.retrain
     if r.preset in ("linear", "full"):
         model = build_model(cfg.model, num_classes)
-        from supernet.model import _classifier_names
+        from supernet import classifier_names as _classifier_names
 
         heads = _classifier_names(model)
         for name, p in model.named_parameters():

@@ -3,12 +3,11 @@
     from supernet import apply_glora, sample_subnet, set_subnet, count_params, extract_subnet, merge_glora
 """
 
+from .atomic import WriteError, atomic_write, atomic_write_text
 from .io import (
     AdapterError,
     adapter_metadata,
     adapter_state_dict,
-    atomic_write,
-    atomic_write_text,
     create_merged_model,
     load_adapter,
     load_merged,
@@ -17,7 +16,6 @@ from .io import (
     save_adapter,
     state_dict_mismatch,
     timm_classifier_outputs,
-    WriteError,
 )
 from .conv import GLoraConv2d
 from .layer import GLoraLayer, GLoraLinear, SupportTensors, choice_cost
@@ -27,6 +25,7 @@ from .model import (
     SubnetSampler,
     apply_glora,
     choice_costs,
+    classifier_names,
     count_params,
     extract_subnet,
     find_targets,
@@ -37,6 +36,7 @@ from .model import (
     layer_choices,
     mark_trainable,
     sample_subnet,
+    set_submodule,
     set_subnet,
     uniform_subnet,
 )
