@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from engine.compiling import compile_model, uses_cuda_graphs
 from engine.optim import adamw
-from supernet import SubnetSampler, apply_glora, extract_subnet, merge_glora, sample_subnet, uniform_subnet
+from supernet import SubnetSampler, apply_glora, classifier_names, extract_subnet, merge_glora, sample_subnet, uniform_subnet
 from supernet.model import find_targets
 from supernet.space import load_space
 
@@ -83,9 +83,7 @@ def target_names(base: nn.Module) -> list[str]:
 
 
 def head_names(base: nn.Module) -> list[str]:
-    from supernet.model import _classifier_names
-
-    return _classifier_names(base)
+    return classifier_names(base)
 
 
 def _train_only(model: nn.Module, heads: list[str], extra: Callable[[str], bool]) -> nn.Module:

@@ -136,8 +136,11 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     compile: bool = False  # torch.compile the training step (retrain only: the supernet changes sub-network every step)
     compile_mode: CompileMode = "default"  # with compile: true; reduce-overhead replays CUDA graphs on a GPU
-    fail_at_step: int | None = None  # testing aid: inject a NaN loss at this step
-    stop_at_step: int | None = None  # testing aid: behave as if SIGTERM arrived at this step
+
+
+# Testing aids that left the schema for environment variables (engine/trainer.py). A null value,
+# as every config.yaml written before holds, still loads; any other is refused with this line.
+_MOVED_TO_ENV = {"fail_at_step": "GLORA_TEST_FAIL_AT_STEP", "stop_at_step": "GLORA_TEST_STOP_AT_STEP"}
 
 
 @dataclass
@@ -256,6 +259,10 @@ def _build(cls, data: Any, prefix: str, problems: list[str]):
     kwargs = {}
     for key, value in data.items():
         path = f"{prefix}.{key}" if prefix else str(key)
+        if key not in fields and key in _MOVED_TO_ENV and issubclass(cls, TrainConfig):
+            if value is not None:
+                problems.append(f"{path}: a testing aid that moved to the {_MOVED_TO_ENV[key]} environment variable")
+            continue
         if key not in fields:
             close = difflib.get_close_matches(str(key), list(fields), n=1)
             hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(fields)}"

@@ -8,7 +8,7 @@ import timm
 import torch
 import torch.nn as nn
 
-from supernet import AdapterError, read_safetensors, state_dict_mismatch
+from supernet import AdapterError, classifier_names, read_safetensors, state_dict_mismatch
 
 from .checkpoint import safe_torch_load
 from .config import ModelConfig
@@ -20,9 +20,7 @@ class ModelError(ValueError):
 
 
 def _head_prefixes(model: nn.Module) -> list[str]:
-    from supernet.model import _classifier_names
-
-    return [n + "." for n in _classifier_names(model)]
+    return [n + "." for n in classifier_names(model)]
 
 
 def load_state_file(path: str | Path) -> dict[str, torch.Tensor]:

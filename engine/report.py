@@ -22,7 +22,7 @@ from pathlib import Path
 
 import yaml
 
-from supernet.io import WriteError, atomic_write_text
+from supernet import WriteError, atomic_write_text
 
 # VTAB-1k's 19 tasks under the folder names of the common layout (NOAH's), in the order papers print them.
 VTAB_GROUPS = {

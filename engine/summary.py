@@ -16,6 +16,8 @@ from pathlib import Path
 
 import yaml
 
+from supernet import TENSORS
+
 from .config import ConfigError, load_config
 
 
@@ -23,7 +25,7 @@ def choice_counts(subnet: dict[str, dict[str, str]]) -> str:
     """How often each choice was picked per support tensor across the layers, e.g.
     ``A: lora4 x5, vector x3 | B: ...`` (the paper's layer-wise configuration, in one line)."""
     parts = []
-    for tensor in ("A", "B", "C", "D", "E"):
+    for tensor in TENSORS:
         counts = Counter(str(choices.get(tensor, "none")) for choices in subnet.values())
         parts.append(f"{tensor}: " + ", ".join(f"{c} x{n}" for c, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))))
     return " | ".join(parts)

@@ -8,6 +8,7 @@ sets ``stop_requested`` and the loop saves and returns at the next step boundary
 from __future__ import annotations
 
 import math
+import os
 import signal
 import time
 from contextlib import nullcontext
@@ -31,6 +32,16 @@ from .tracker import Tracker
 
 class TrainError(RuntimeError):
     """Training cannot go on (a non-finite loss, a checkpoint from another run)."""
+
+
+# Test hooks, read when a Trainer is made (as GLORA_TEST_PAUSE_IN_CHECKPOINT_WRITE in checkpoint.py):
+FAIL_AT_STEP_ENV = "GLORA_TEST_FAIL_AT_STEP"  # inject a NaN loss at this step
+STOP_AT_STEP_ENV = "GLORA_TEST_STOP_AT_STEP"  # behave as if SIGTERM arrived at this step
+
+
+def _env_step(name: str) -> int | None:
+    value = os.environ.get(name, "")
+    return int(value) if value else None
 
 
 class ResumableSampler(Sampler):
@@ -146,6 +157,7 @@ class Trainer:
         self.ckpt_path = self.out_dir / "checkpoints" / "last.pt"
         self.before_step, self.on_eval = before_step, on_eval
         self.fingerprint, self.desc = fingerprint, desc
+        self.fail_at_step, self.stop_at_step = _env_step(FAIL_AT_STEP_ENV), _env_step(STOP_AT_STEP_ENV)  # test hooks
         # (digest of the fixed sub-network being trained, where it came from): a checkpoint of another
         # sub-network must not be resumed into this one (retrain after the search was rerun)
         self.subnet = subnet
@@ -275,7 +287,7 @@ class Trainer:
     def _should_stop(self) -> bool:
         """Whether any rank was signalled; checked before a step touches any random state, so the
         checkpoint written on stopping resumes exactly where an uninterrupted run would be."""
-        if self.cfg.stop_at_step is not None and self.step == self.cfg.stop_at_step:
+        if self.stop_at_step is not None and self.step == self.stop_at_step:
             self.stop_requested = "SIGTERM"
         if not self.info.enabled:
             return self.stop_requested is not None
@@ -321,7 +333,7 @@ class Trainer:
                 loss = self.criterion(logits.float(), ys)
             if len(ys) != len(y):
                 loss = loss * (len(ys) / len(y))
-            if cfg.fail_at_step is not None and self.step == cfg.fail_at_step:
+            if self.fail_at_step is not None and self.step == self.fail_at_step:
                 loss = loss * float("nan")
             self.scaler.scale(loss).backward()
             total = loss.detach() if total is None else total + loss.detach()

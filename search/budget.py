@@ -20,10 +20,10 @@ from typing import Mapping, Sequence
 
 import torch
 
+from supernet.space import TENSORS
+
 Config = dict[str, dict[str, str]]
 Key = tuple[int, ...]
-
-TENSOR_ORDER = ("A", "B", "C", "D", "E")
 
 # In exact mode (see Budget) we hold one Python-int bitset of (slack + 1) bits per slot.
 # Above this many bits in total we fall back to interval guidance so memory stays bounded.
@@ -54,8 +54,8 @@ class Slot:
 
 def _tensor_order(names: Sequence[str]) -> list[str]:
     """A..E first in that order, then any other tensor names in their given order."""
-    known = [t for t in TENSOR_ORDER if t in names]
-    return known + [t for t in names if t not in TENSOR_ORDER]
+    known = [t for t in TENSORS if t in names]
+    return known + [t for t in names if t not in TENSORS]
 
 
 def _is_int(value: object) -> bool:

@@ -3,19 +3,17 @@
     from supernet import apply_glora, sample_subnet, set_subnet, count_params, extract_subnet, merge_glora
 """
 
+from .atomic import WriteError, atomic_write, atomic_write_text
 from .io import (
     AdapterError,
     adapter_metadata,
     adapter_state_dict,
-    atomic_write,
-    atomic_write_text,
     load_adapter,
     read_metadata,
     read_safetensors,
     save_adapter,
     state_dict_mismatch,
     timm_classifier_outputs,
-    WriteError,
 )
 from .conv import GLoraConv2d
 from .export import MERGE_TOLERANCE, create_merged_model, load_merged, merged_file_summary, merged_input_spec, write_merged
@@ -27,6 +25,7 @@ from .model import (
     SubnetSampler,
     apply_glora,
     choice_costs,
+    classifier_names,
     count_params,
     extract_subnet,
     find_targets,
@@ -37,6 +36,7 @@ from .model import (
     layer_choices,
     mark_trainable,
     sample_subnet,
+    set_submodule,
     set_subnet,
     uniform_subnet,
 )

@@ -33,7 +33,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .layer import GLoraLayer, _eager_cache
+from .cast import _eager_cache
+from .layer import GLoraLayer
 from .space import Choice, SpaceError
 
 

@@ -9,10 +9,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import torch
 import torch.nn as nn
@@ -20,9 +18,10 @@ import yaml
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from .atomic import atomic_write, atomic_write_text
 from .conv import GLoraConv2d, conv_problem
 from .layer import GLoraLayer, GLoraLinear
-from .model import _set_submodule, get_subnet, glora_layer, glora_layers, mark_trainable, set_subnet
+from .model import classifier_names, get_subnet, glora_layer, glora_layers, mark_trainable, set_submodule, set_subnet
 from .space import TENSORS, SpaceError, parse_choice
 from .subnet import subnet_to_dict
 
@@ -31,58 +30,6 @@ FORMAT = "glora-adapter/1"
 
 class AdapterError(ValueError):
     """An adapter or weights file is missing, unreadable, or does not fit the model."""
-
-
-class WriteError(OSError):
-    """A file could not be written (disk full, no permission); whatever was under its name is intact."""
-
-
-# Below this much free space, a failed write is reported as a full disk: torch.save then only says
-# "unexpected pos 576 vs 534", and safetensors wraps the errno in its own error type.
-_FULL_DISK_BYTES = 1 << 20
-
-
-def _write_failure(path: Path, err: BaseException) -> WriteError:
-    try:
-        free = shutil.disk_usage(path.parent).free
-    except OSError:
-        free = None
-    if free is not None and free < _FULL_DISK_BYTES:
-        reason = f"no space left on the device ({free:,} bytes free)"
-    else:
-        reason = " ".join(str(err).split())[:200] or type(err).__name__
-    return WriteError(f"{path}: cannot write: {reason}; the file already under this name, if any, is intact")
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp_path)`` then atomically rename the temporary file to ``path``. A failure
-    (disk full, no permission; also torch's and safetensors' own errors for them) raises
-    :class:`WriteError` naming ``path``, with the temporary file removed and ``path`` untouched."""
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as err:
-        raise _write_failure(path, err) from err
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except (OSError, RuntimeError, SafetensorError) as err:
-        failure = _write_failure(path, err)  # before the partial file is removed: it holds the space
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise failure from err
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def _running_stat_keys(model: nn.Module) -> set[str]:
@@ -225,9 +172,7 @@ def timm_classifier_outputs(name: str, kwargs: Mapping[str, Any], tensors: Mappi
             probe = timm.create_model(name, pretrained=False, num_classes=2, **kwargs)
     except (TypeError, RuntimeError):
         return None  # a bad name or kwargs: the caller's own build reports it
-    from .model import _classifier_names
-
-    for head in _classifier_names(probe):
+    for head in classifier_names(probe):
         weight = tensors.get(head + ".weight")
         if weight is not None and weight.ndim >= 1:
             return int(weight.shape[0])
@@ -310,7 +255,7 @@ def load_adapter(
 
     for name, layer in new_layers.items():
         if layer is not None:
-            _set_submodule(model, name, layer)
+            set_submodule(model, name, layer)
     model.load_state_dict(tensors, strict=False)
     mark_trainable(model, [m for m in doc.get("modules_to_save", []) if m in modules])
     if doc.get("subnet"):

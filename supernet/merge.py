@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from .layer import GLoraLayer
-from .model import _set_submodule, glora_layers, set_subnet
+from .model import glora_layers, set_submodule, set_subnet
 
 
 class MergeError(RuntimeError):
@@ -43,7 +43,7 @@ def merge_glora(model: nn.Module) -> nn.Module:
     """
     merged = [(name, merged_linear(layer, name)) for name, layer in glora_layers(model)]
     for name, linear in merged:
-        _set_submodule(model, name, linear)
+        set_submodule(model, name, linear)
     for attr in ("glora_space",):
         if hasattr(model, attr):
             delattr(model, attr)

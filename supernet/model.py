@@ -15,7 +15,7 @@ from .space import TARGET_KINDS, TENSORS, LayerChoice, SearchSpace, SpaceError, 
 from .subnet import Subnet, load_subnet, sample_config
 
 
-def _classifier_names(model: nn.Module) -> list[str]:
+def classifier_names(model: nn.Module) -> list[str]:
     """Names of a timm model's classifier(s) (``get_classifier``; distilled DeiT has two)."""
     get = getattr(model, "get_classifier", None)
     if get is None:
@@ -29,7 +29,8 @@ def _classifier_names(model: nn.Module) -> list[str]:
     return [name for name, module in model.named_modules() if any(module is h for h in heads)]
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put ``module`` at the dotted path ``name`` of ``model``, in place of what is there."""
     parent_name, _, attr = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, attr, module)
@@ -57,7 +58,7 @@ def find_targets(model: nn.Module, space: SearchSpace) -> list[str]:
     take every such layer outside ``exclude`` and the classifier."""
     modules = dict(model.named_modules())
     modules.pop("", None)
-    heads = _classifier_names(model)
+    heads = classifier_names(model)
     excluded = {n for n in modules if any_match(space.exclude, n)}
     excluded |= {n for n in modules for h in heads if n == h or n.startswith(h + ".")}
     linear_names = [n for n, m in modules.items() if isinstance(m, nn.Linear)]
@@ -128,7 +129,7 @@ def mark_trainable(model: nn.Module, modules_to_save: list[str]) -> None:
 
 def _resolve_modules_to_save(model: nn.Module, modules_to_save: Any) -> list[str]:
     if modules_to_save == "auto":
-        return _classifier_names(model)
+        return classifier_names(model)
     if modules_to_save is None:
         return []
     names = [modules_to_save] if isinstance(modules_to_save, str) else list(modules_to_save)
@@ -156,7 +157,7 @@ def apply_glora(
     targets = find_targets(model, space)
     keep = _resolve_modules_to_save(model, modules_to_save)
     for name in targets:
-        _set_submodule(model, name, glora_layer(model.get_submodule(name), space.choices))
+        set_submodule(model, name, glora_layer(model.get_submodule(name), space.choices))
     mark_trainable(model, keep)
     model.glora_space = space
     return model
@@ -333,5 +334,5 @@ def extract_subnet(model: nn.Module, config: Subnet | Mapping[str, Any] | str | 
                 p.copy_(src[tuple(slice(0, s) for s in p.shape)])
                 p.requires_grad_(True)
         small.active = choice
-        _set_submodule(model, name, small)
+        set_submodule(model, name, small)
     return model

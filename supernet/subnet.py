@@ -17,6 +17,7 @@ from typing import Any, Mapping
 import torch
 import yaml
 
+from .atomic import atomic_write_text
 from .space import TENSORS, LayerChoice, SpaceError
 
 Subnet = dict[str, LayerChoice]
@@ -66,8 +67,6 @@ def dump_subnet_yaml(config: Subnet) -> str:
 
 
 def save_subnet(config: Subnet, path: str | os.PathLike) -> None:
-    from .io import atomic_write_text
-
     atomic_write_text(path, dump_subnet_yaml(config))
 
 

@@ -1,6 +1,8 @@
 """A tiny run configuration (2-block ViT at 32 px, small demo data) that the pipeline tests share."""
 
+import contextlib
 import copy
+import os
 from pathlib import Path
 
 import yaml
@@ -29,6 +31,24 @@ def tiny_config(out_dir, **sections) -> dict:
         else:
             cfg[key] = value
     return cfg
+
+
+@contextlib.contextmanager
+def trainer_hooks(stop_at_step: int | None = None, fail_at_step: int | None = None):
+    """The trainer's test hooks (environment variables, engine/trainer.py) for the runs made inside:
+    stop as if SIGTERM arrived at ``stop_at_step``, a NaN loss at ``fail_at_step``."""
+    from engine.trainer import FAIL_AT_STEP_ENV, STOP_AT_STEP_ENV
+
+    values = {STOP_AT_STEP_ENV: stop_at_step, FAIL_AT_STEP_ENV: fail_at_step}
+    saved = {k: os.environ.pop(k, None) for k in values}
+    os.environ.update({k: str(v) for k, v in values.items() if v is not None})
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k, None)
+            if v is not None:
+                os.environ[k] = v
 
 
 def write_config(path, out_dir, **sections) -> Path:

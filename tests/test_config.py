@@ -154,3 +154,16 @@ def test_data_normalize_resolves_and_keeps_older_runs_resumable(tmp_path):
     assert probe_input(other)[1:] == ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
     assert config_differences(relevant_config(old, "train"), relevant_config(other.to_dict(), "train")) == ["data.normalize"]
     assert fingerprint(other, "train") != fingerprint(cfg, "train")
+
+
+def test_testing_aids_moved_out_of_the_schema(tmp_path):
+    """train.fail_at_step / stop_at_step became environment variables read by the trainer: a null
+    value (every config.yaml written before has one) still loads, any other is refused in one line."""
+    load_config(write_config(tmp_path / "old.yaml", tmp_path / "run", train={"fail_at_step": None, "stop_at_step": None},
+                             retrain={"stop_at_step": None}))
+    cfg = write_config(tmp_path / "c.yaml", tmp_path / "run", train={"fail_at_step": 3}, retrain={"stop_at_step": 1})
+    with pytest.raises(ConfigError) as err:
+        load_config(cfg)
+    text = str(err.value)
+    assert "train.fail_at_step: a testing aid that moved to the GLORA_TEST_FAIL_AT_STEP environment variable" in text
+    assert "retrain.stop_at_step: a testing aid that moved to the GLORA_TEST_STOP_AT_STEP environment variable" in text

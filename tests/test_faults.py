@@ -13,7 +13,7 @@ from engine.cli import main
 from engine.config import config_from_dict
 from engine.recipes.retrain import run_retrain
 from engine.recipes.train import run_train
-from runcfg import tiny_config, write_config
+from runcfg import tiny_config, trainer_hooks, write_config
 from supernet import MergeError, WriteError, glora_layers
 
 INFO = dist.DistInfo()
@@ -103,7 +103,8 @@ def test_a_checkpoint_that_cannot_be_written_stops_the_cli_in_one_line(tmp_path,
 
 def test_leftover_temporary_file_is_ignored_on_resume(tmp_path):
     out = tmp_path / "run"
-    assert run_train(config_from_dict(tiny_config(out, train={"stop_at_step": 2})), INFO, "t.yaml") == "SIGTERM"
+    with trainer_hooks(stop_at_step=2):
+        assert run_train(config_from_dict(tiny_config(out)), INFO, "t.yaml") == "SIGTERM"
     (out / "checkpoints" / ".last.pt.abc123.tmp").write_bytes(b"half a checkpoint")
     assert run_train(config_from_dict(tiny_config(out)), INFO, "t.yaml") == "done"
     assert torch.load(out / "checkpoints" / "last.pt", weights_only=True)["step"] == 6

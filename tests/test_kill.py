@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import ROOT
+from engine.trainer import FAIL_AT_STEP_ENV
 from runcfg import write_config
 
 pytestmark = pytest.mark.slow
@@ -112,8 +113,8 @@ def test_sigterm_to_torchrun_saves_and_resumes(tmp_path):
 
 
 def test_nan_on_two_ranks_stops_both_naming_the_step(tmp_path):
-    cfg = write_config(tmp_path / "c.yaml", tmp_path / "run", train={"fail_at_step": 3})
-    proc = _torchrun([str(ROOT / "train.py"), "--config", str(cfg)])
+    cfg = write_config(tmp_path / "c.yaml", tmp_path / "run")
+    proc = _torchrun([str(ROOT / "train.py"), "--config", str(cfg)], env={FAIL_AT_STEP_ENV: "3"})
     code = proc.wait(timeout=300)
     err = proc.stderr.read()
     assert code != 0 and err.count("non-finite loss at step 3") >= 2  # every rank says it

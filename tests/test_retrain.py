@@ -14,7 +14,7 @@ from engine.recipes.retrain import run_retrain
 from engine.recipes.search import run_search
 from engine.recipes.train import run_train
 from engine.trainer import TrainError
-from runcfg import tiny_config
+from runcfg import tiny_config, trainer_hooks
 from supernet import MergeError
 
 INFO = dist.DistInfo()
@@ -237,8 +237,9 @@ def test_retraining_afresh_removes_the_previous_exports_first(tmp_path):
     and metrics to be read as its own."""
     out = tmp_path / "run"
     assert _retrain(out, preset="ssf") == "done"
-    cfg = config_from_dict(tiny_config(out, retrain={"preset": "bitfit", "stop_at_step": 1}))
-    assert run_retrain(cfg, INFO, "t.yaml", overwrite=True) == "SIGTERM"
+    cfg = config_from_dict(tiny_config(out, retrain={"preset": "bitfit"}))
+    with trainer_hooks(stop_at_step=1):
+        assert run_retrain(cfg, INFO, "t.yaml", overwrite=True) == "SIGTERM"
     for name in ("merged.safetensors", "metrics.json", "adapter.safetensors", "subnet.yaml"):
         assert not (out / "retrain" / name).exists(), name
 

@@ -13,14 +13,15 @@ from engine.config import config_from_dict
 from engine.rng import get_rng_state, set_rng_state
 from engine.recipes.train import run_train
 from engine.trainer import TrainError
-from runcfg import tiny_config
+from runcfg import tiny_config, trainer_hooks
 
 INFO = dist.DistInfo()
 
 
-def _train(out, source="test.yaml", **sections):
+def _train(out, source="test.yaml", stop_at=None, fail_at=None, **sections):
     cfg = config_from_dict(tiny_config(out, **sections))
-    return run_train(cfg, INFO, source)
+    with trainer_hooks(stop_at_step=stop_at, fail_at_step=fail_at):
+        return run_train(cfg, INFO, source)
 
 
 def _losses(out):
@@ -49,11 +50,11 @@ def test_outputs(tmp_path):
 def test_stop_and_resume_is_exact(tmp_path, stop_at):
     full, part = tmp_path / "full", tmp_path / "part"
     assert _train(full) == "done"
-    assert _train(part, train={"stop_at_step": stop_at}) == "SIGTERM"
+    assert _train(part, stop_at=stop_at) == "SIGTERM"
     assert not (part / "supernet.safetensors").exists()
     ckpt = torch.load(part / "checkpoints/last.pt", weights_only=True)
     assert ckpt["step"] == stop_at
-    assert _train(part, train={"stop_at_step": None}) == "done"
+    assert _train(part) == "done"
     assert _losses(part) == _losses(full)  # same per-step losses and sampled sub-networks
     a, b = load_file(full / "supernet.safetensors"), load_file(part / "supernet.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -62,7 +63,7 @@ def test_stop_and_resume_is_exact(tmp_path, stop_at):
 def test_nan_loss_stops_naming_step_and_writes_nothing_after(tmp_path):
     out = tmp_path / "run"
     with pytest.raises(TrainError, match="non-finite loss at step 4"):
-        _train(out, train={"fail_at_step": 4})
+        _train(out, fail_at=4)
     ckpt = torch.load(out / "checkpoints/last.pt", weights_only=True)
     assert ckpt["step"] == 3  # the end of epoch 1, the last good checkpoint
     assert not (out / "supernet.safetensors").exists()
@@ -94,7 +95,7 @@ def test_resume_with_another_number_of_processes_is_refused(tmp_path):
     per epoch (the LR schedule) and the step-seeded sub-networks would all differ from the stopped
     run, which would go on silently as another run; it is refused, naming both counts."""
     out = tmp_path / "run"
-    assert _train(out, train={"stop_at_step": 2}) == "SIGTERM"
+    assert _train(out, stop_at=2) == "SIGTERM"
     assert torch.load(out / "checkpoints/last.pt", weights_only=True)["world_size"] == 1
     cfg = config_from_dict(tiny_config(out))
     with pytest.raises(TrainError, match=r"last\.pt: written by a run of 1 process\(es\), resumed with 2; resume with 1"):
@@ -121,7 +122,7 @@ def test_ranks_resuming_from_different_checkpoints_stop(tmp_path, monkeypatch, p
     another from nothing (or from a stale copy) and they would train different runs in lockstep;
     the resume stops on every rank instead, saying why."""
     out = tmp_path / "run"
-    assert _train(out, train={"stop_at_step": 2}) == "SIGTERM"
+    assert _train(out, stop_at=2) == "SIGTERM"
     _other_rank(monkeypatch, peer)
     with pytest.raises(TrainError, match=r"last\.pt: the ranks do not resume from the same checkpoint \(rank 0 found step 2\); "
                                          r"under torchrun on several nodes, output_dir must be on a filesystem every node shares"):
@@ -140,8 +141,9 @@ def test_training_afresh_removes_the_previous_supernet_first(tmp_path):
     earlier run's supernet.safetensors to search."""
     out = tmp_path / "run"
     assert _train(out) == "done" and (out / "supernet.safetensors").is_file()
-    cfg = config_from_dict(tiny_config(out, train={"stop_at_step": 2, "lr": 0.5}))
-    assert run_train(cfg, INFO, "test.yaml", overwrite=True) == "SIGTERM"
+    cfg = config_from_dict(tiny_config(out, train={"lr": 0.5}))
+    with trainer_hooks(stop_at_step=2):
+        assert run_train(cfg, INFO, "test.yaml", overwrite=True) == "SIGTERM"
     assert not (out / "supernet.safetensors").exists() and not (out / "supernet.yaml").exists()
 
 
@@ -175,7 +177,7 @@ def test_micro_batches_give_the_same_run(tmp_path):
     whole, split = tmp_path / "whole", tmp_path / "split"
     model = {**tiny_config(whole)["model"], "drop_path_rate": 0.0}
     assert _train(whole, model=model) == "done"
-    assert _train(split, model=model, train={"micro_batch_size": 5, "stop_at_step": 2}) == "SIGTERM"
+    assert _train(split, model=model, stop_at=2, train={"micro_batch_size": 5}) == "SIGTERM"
     assert _train(split, model=model, train={"micro_batch_size": 3}) == "done"
     for (s1, l1, t1), (s2, l2, t2) in zip(_losses(whole), _losses(split), strict=True):
         assert (s1, t1) == (s2, t2) and l1 == pytest.approx(l2, rel=1e-3)  # AdamW magnifies round-off in near-zero gradients

@@ -49,9 +49,9 @@ def prepare_retrain_model(cfg: RunConfig, num_classes: int, info: dist.DistInfo,
     r = cfg.retrain
     if r.preset in ("linear", "full"):
         model = build_model(cfg.model, num_classes)
-        from supernet.model import _classifier_names
+        from supernet import classifier_names
 
-        heads = _classifier_names(model)
+        heads = classifier_names(model)
         for name, p in model.named_parameters():
             p.requires_grad_(r.preset == "full" or any(name.startswith(h + ".") for h in heads))
         model.glora_modules_to_save = heads
