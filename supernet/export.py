@@ -21,6 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .io import AdapterError, atomic_write, read_metadata, read_safetensors, state_dict_mismatch, timm_classifier_outputs
+from .fold import fold_biases_into_norms
 from .layer import GLoraLayer
 from .merge import MergeError, add_zero_biases, added_biases, merge_glora, merged_bias_slots
 
@@ -47,13 +48,17 @@ def write_merged(model: nn.Module, path: str | os.PathLike, x: torch.Tensor, mod
     """Merge a copy of ``model`` (in eval mode; a model without GLoRA layers as it is), check that it
     predicts the batch ``x`` as the unmerged model does, and only then write it to ``path`` with its
     metadata (``model_name``, ``kwargs``, the input ``spec``: size, mean, std). Returns the layers
-    the merge gave a bias they lacked. Raises :class:`MergeError`, writing nothing, on a mismatch."""
+    the merge gave a bias they lacked and that could not be folded into a following batch norm
+    (:func:`supernet.fold.fold_biases_into_norms`). Raises :class:`MergeError`, writing nothing, on a mismatch."""
     path = Path(path)
     has_glora = any(isinstance(m, GLoraLayer) for m in model.modules())
     gained = added_biases(model) if has_glora else []
     with torch.no_grad():
         want = model(x).float()
         merged = merge_glora(copy.deepcopy(model)) if has_glora else model
+        # a bias a convolution gained moves into the batch norm reading it: the plain architecture again
+        folded = fold_biases_into_norms(merged, gained, x)
+        gained = [name for name in gained if name not in folded]
         got = merged(x).float()
     diff = (got - want).abs().max().item()
     tol = MERGE_TOLERANCE * max(1.0, want.abs().max().item())
@@ -65,7 +70,8 @@ def write_merged(model: nn.Module, path: str | os.PathLike, x: torch.Tensor, mod
     atomic_write(path, lambda tmp: save_file(state, tmp, metadata={"model": model_name, "kwargs": json.dumps(kwargs),
                                                                    "input": json.dumps(dict(zip(("size", "mean", "std"), spec))),
                                                                    "merge_max_abs_diff": f"{diff:.3g}",
-                                                                   "added_biases": json.dumps(gained)}))
+                                                                   "added_biases": json.dumps(gained),
+                                                                   "folded_biases": json.dumps(folded)}))
     return gained
 
 

@@ -117,7 +117,9 @@ def _forward_on_cpu(cfg, seen: set) -> None:
 
     size = probe_input(cfg)[0]
     num_classes = cfg.data.num_classes or min(cfg.data.demo_classes, 4)  # more: the demo data refuses it, in the stage
-    key = yaml.safe_dump([dataclasses.asdict(cfg.model), cfg.space, size, num_classes])
+    from supernet import load_space
+
+    key = yaml.safe_dump([dataclasses.asdict(cfg.model), load_space(cfg.space).to_dict(), size, num_classes])
     if key in seen:
         return
     seen.add(key)
