@@ -81,13 +81,18 @@ class ModelConfig:
 
 
 @dataclass
-class DataSection:
+class DataConfig:
+    """The data settings, the one schema the config file and engine.data.build_splits share."""
+
     kind: Literal["demo", "mnist", "vtab1k", "fewshot", "imagefolder"] = "demo"
-    root: str | None = None
-    task: str | None = None
-    dataset: str | None = None
-    shots: int = field(default=16, metadata=check(_positive))
-    seed: int = field(default=0, metadata=check(_non_negative))  # numpy's generators take no negative seed
+    root: str | None = None  # dataset root (vtab1k, fewshot, imagefolder)
+    task: str | None = None  # vtab1k task folder name
+    dataset: str | None = None  # fewshot dataset folder name
+    shots: int = field(default=16, metadata=check(_positive))  # fewshot
+    # the few-shot list seed; also the demo's generation seed and MNIST-5k's split seed (numpy's
+    # generators take no negative seed)
+    seed: int = field(default=0, metadata=check(_non_negative))
+    # null: inferred from the labels of all splits (max label + 1); if given, labels are checked against it
     num_classes: int | None = field(default=None, metadata=check(_positive))
     num_workers: int = field(default=0, metadata=check(lambda v: _non_negative(v) or (
         "must be at most 256 (one decoding process each)" if v > 256 else None)))
@@ -173,7 +178,7 @@ class RetrainConfig(TrainConfig):
 class RunConfig:
     output_dir: str = "runs/default"
     model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataSection = field(default_factory=DataSection)
+    data: DataConfig = field(default_factory=DataConfig)
     space: Any = "configs/space/large.yaml"  # a path or the space inline
     train: TrainConfig = field(default_factory=TrainConfig)
     search: SearchConfig = field(default_factory=SearchConfig)

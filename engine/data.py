@@ -25,6 +25,7 @@ from torchvision import transforms
 from torchvision.datasets.folder import find_classes, make_dataset
 from torchvision.transforms import v2
 
+from .config import DataConfig
 from .mnist import MNIST_CLASSES, MNIST_SIZE, mnist_split
 
 __all__ = [
@@ -62,27 +63,6 @@ Norm = tuple[Sequence[float], Sequence[float]]  # (mean, std)
 
 class DataError(ValueError):
     """A dataset is missing, malformed or unreadable; the message names the file."""
-
-
-@dataclass
-class DataConfig:
-    kind: str = "demo"  # vtab1k | fewshot | imagefolder | demo | mnist
-    root: str | None = None  # dataset root (vtab1k, fewshot, imagefolder)
-    task: str | None = None  # vtab1k task folder name
-    dataset: str | None = None  # fewshot dataset folder name
-    shots: int = 16  # fewshot
-    seed: int = 0  # fewshot list seed; also demo generation seed
-    # None = inferred from the labels of all splits (max label + 1); if given, labels are
-    # checked against it.
-    num_classes: int | None = None
-    num_workers: int = 0
-    img_size: int | None = None  # the stages resolve it (needs the model) and pass it to build_splits
-    normalize: str = "imagenet"  # the stages turn it into the mean/std given to build_splits (needs the model)
-    cache: str = "auto"  # auto | always | never: keep splits decoded in memory (see CachedImageDataset)
-    demo_classes: int = 4  # demo task only
-    demo_train: int = 800  # split sizes of the embedded tasks (demo, mnist)
-    demo_val: int = 200
-    demo_test: int = 400
 
 
 # --------------------------------------------------------------------------- transforms

@@ -20,7 +20,7 @@ from .cli import INPUT_ERRORS, _fail
 from .config import ConfigError, load_config
 from .data import DataError, build_folder_eval, build_splits, load_class_names, run_class_names
 from .models import build_model, input_size, load_state_file
-from .recipes.common import data_config, probe_input
+from .recipes.common import probe_input
 from .trainer import ShardSampler, evaluate
 
 
@@ -84,7 +84,7 @@ def main(doc: str | None = None, argv=None) -> int:
             num_classes, batch_size, precision, workers = model.num_classes, 128, "fp32", min(8, os.cpu_count() or 1)
         else:
             img_size, mean, std = probe_input(cfg)
-            data = data_config(cfg)
+            data = cfg.data
             state = load_state_file(args.checkpoint)
             if args.folder:  # the head's size from the checkpoint: the run's data need not be at hand
                 num_classes = data.num_classes or timm_classifier_outputs(cfg.model.name, cfg.model.kwargs, state)

@@ -268,13 +268,13 @@ class Runner:
         from engine.config import config_from_dict
         from engine.data import build_splits
         from engine.models import build_model, load_state_file
-        from engine.recipes.common import data_config, probe_input
+        from engine.recipes.common import probe_input
         from engine.trainer import evaluate
 
         d = self.base(run_dir, {"kind": "fewshot", "root": str(self.root / "fewshot"), "dataset": dataset, "shots": shots, "seed": seed})
         d["model"]["checkpoint"] = None
         cfg = config_from_dict(d)
-        _, ds, n = build_splits(data_config(cfg), "final", *probe_input(cfg))
+        _, ds, n = build_splits(cfg.data, "final", *probe_input(cfg))
         model = build_model(cfg.model, n)
         model.load_state_dict(load_state_file(run_dir / "retrain" / "merged.safetensors"), strict=True)
         return evaluate(model, torch.utils.data.DataLoader(ds, batch_size=256), dist.DistInfo())["top1"]

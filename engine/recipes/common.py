@@ -3,7 +3,6 @@ spec of a run config, the trained supernet of a run, and the warning about fp16 
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import torch.nn as nn
@@ -12,14 +11,9 @@ from supernet import adapter_metadata, load_adapter, load_space
 
 from .. import distributed as dist
 from ..config import ConfigError, RunConfig
-from ..data import DataConfig
 from ..models import build_model
 from ..rundir import config_differences, relevant_config
 from ..tracker import Tracker
-
-
-def data_config(cfg: RunConfig) -> DataConfig:
-    return DataConfig(**dataclasses.asdict(cfg.data))
 
 
 def probe_input(cfg: RunConfig) -> tuple[int, tuple[float, ...], tuple[float, ...]]:

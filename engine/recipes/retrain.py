@@ -27,7 +27,7 @@ from ..rng import seed_everything
 from ..rundir import fingerprint, guard_output_dir, remove_stale, write_config
 from ..tracker import Tracker
 from ..trainer import ShardSampler, Trainer, evaluate
-from .common import data_config, load_supernet, probe_input, warn_slow_precision
+from .common import load_supernet, probe_input, warn_slow_precision
 
 # The presets retrain.preset names: one choice per tensor, through the GLoRA code path.
 PRESETS = {
@@ -91,8 +91,8 @@ def run_retrain(cfg: RunConfig, info: dist.DistInfo, source: str, overwrite: boo
     guard_output_dir(rdir, cfg, "retrain", source, overwrite)
     seed_everything(r.seed)
     spec = probe_input(cfg)
-    train_ds, test_ds, num_classes = build_splits(data_config(cfg), "final", *spec, cache=("train",))
-    _, val_ds, _ = build_splits(data_config(cfg), "search", *spec, cache=())  # one batch, for the merge check
+    train_ds, test_ds, num_classes = build_splits(cfg.data, "final", *spec, cache=("train",))
+    _, val_ds, _ = build_splits(cfg.data, "search", *spec, cache=())  # one batch, for the merge check
     model, origin = prepare_retrain_model(cfg, num_classes, info, source)
     if r.grad_checkpointing:
         set_grad_checkpointing(model, "retrain.grad_checkpointing")

@@ -25,7 +25,7 @@ from ..rng import seed_everything
 from ..rundir import fingerprint, guard_output_dir, remove_stale, write_config
 from ..tracker import Tracker
 from ..trainer import autocast_for
-from .common import data_config, load_supernet, probe_input, warn_slow_precision
+from .common import load_supernet, probe_input, warn_slow_precision
 from .pareto import pareto_plot
 
 
@@ -91,7 +91,7 @@ def run_search(cfg: RunConfig, info: dist.DistInfo, source: str, overwrite: bool
     guard_output_dir(sdir, cfg, "search", source, overwrite)
     seed_everything(s.seed)
     # read once: the scorer keeps the validation batches on the device for every candidate
-    _, val_ds, num_classes = build_splits(data_config(cfg), "search", *probe_input(cfg), cache=())
+    _, val_ds, num_classes = build_splits(cfg.data, "search", *probe_input(cfg), cache=())
     model = load_supernet(cfg, num_classes, info, source)
     settings = EvolutionSettings(population=s.population, top_k=s.top_k, mutation_count=s.mutation_count,
                                  mutation_prob=s.mutation_prob, crossover_count=s.crossover_count,

@@ -23,7 +23,7 @@ from ..rng import seed_everything, step_generator
 from ..rundir import fingerprint, guard_output_dir, relevant_config, remove_stale, write_config
 from ..tracker import Tracker
 from ..trainer import Trainer, evaluate
-from .common import data_config, probe_input, warn_slow_precision
+from .common import probe_input, warn_slow_precision
 
 
 def reference_subnets(model: nn.Module, seed: int, n_random: int) -> dict[str, Any]:
@@ -54,7 +54,7 @@ def run_train(cfg: RunConfig, info: dist.DistInfo, source: str, overwrite: bool 
     t = cfg.train
     guard_output_dir(out, cfg, "train", source, overwrite)
     seed_everything(t.seed)
-    train_ds, val_ds, num_classes = build_splits(data_config(cfg), "search", *probe_input(cfg))
+    train_ds, val_ds, num_classes = build_splits(cfg.data, "search", *probe_input(cfg))
     model = build_model(cfg.model, num_classes)
     apply_glora(model, cfg.space)
     if t.grad_checkpointing:
