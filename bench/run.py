@@ -241,19 +241,28 @@ def peak_memory(spec: ModelSpec, name: str, s: Settings) -> dict[str, int]:
 
 
 # -- one model ----------------------------------------------------------------------------------
+@dataclass
+class _Timings:
+    """One model's timed pairs: median seconds and images per second per contender, the ratios and
+    the 95% interval of each timed ratio's median."""
+
+    ratios: dict[str, float] = field(default_factory=dict)
+    ci: dict[str, list[float]] = field(default_factory=dict)
+    medians: dict[str, float] = field(default_factory=dict)
+    images_per_s: dict[str, float] = field(default_factory=dict)
+
+    def record(self, times: dict[str, list[float]], images: int) -> None:
+        for name, t in times.items():
+            self.medians[name] = statistics.median(t)
+            self.images_per_s[name] = images / self.medians[name]
+
+
 def bench_model(spec: ModelSpec, s: Settings, log: Callable[[str], None] = print) -> dict[str, Any]:
     dev = s.device
     base = spec.build(s.seed).to(dev)
     x, y = make_batch(spec, s.batch, dev, s.seed)
-    ratios: dict[str, float] = {}
-    ci: dict[str, list[float]] = {}  # 95% interval of each timed ratio's median
-    medians: dict[str, float] = {}
-    images_per_s: dict[str, float] = {}
-
-    def record(times: dict[str, list[float]], images: int) -> None:
-        for name, t in times.items():
-            medians[name] = statistics.median(t)
-            images_per_s[name] = images / medians[name]
+    t = _Timings()
+    ratios, ci, medians, images_per_s, record = t.ratios, t.ci, t.medians, t.images_per_s, t.record
 
     # training steps
     floor: dict[str, float] = {}
@@ -283,7 +292,7 @@ def bench_model(spec: ModelSpec, s: Settings, log: Callable[[str], None] = print
         gc.collect()
 
     if "merged_vs_base_forward" in s.keys:
-        _bench_merged(base, x, s, ratios, ci, record, log)
+        _bench_merged(C.merged(base, s.seed), base, x, s, ratios, ci, record, log)
     if "search_eval_vs_forward" in s.keys:
         _bench_search(spec, base, s, ratios, ci, record, log)
     mem = _bench_memory(spec, s, ratios, log) if "supernet_vs_lora_peak_mem" in s.keys else {}
@@ -291,14 +300,13 @@ def bench_model(spec: ModelSpec, s: Settings, log: Callable[[str], None] = print
                 compiled_grad_rel_diff=checked, settings=asdict(s), spec=spec.to_json())
 
 
-def _bench_merged(base, x, s: Settings, ratios, ci, record, log) -> None:
-    """Inference of the merged model against the untouched one."""
-    dev = s.device
-    merged = C.merged(base, s.seed)
-    times = interleave({"merged_forward": C.forward_fn(merged, x, s.amp), "base_forward": C.forward_fn(base, x, s.amp)}, s.fwd_warmup, s.fwd_steps, dev)
+def _bench_merged(merged, base, x, s: Settings, ratios, ci, record, log, prefix: str = "") -> None:
+    """Inference of the merged model against the untouched one: ``<prefix>merged_vs_base_forward``."""
+    a, b, key = f"{prefix}merged_forward", f"{prefix}base_forward", f"{prefix}merged_vs_base_forward"
+    times = interleave({a: C.forward_fn(merged, x, s.amp), b: C.forward_fn(base, x, s.amp)}, s.fwd_warmup, s.fwd_steps, s.device)
     record(times, s.batch)
-    ratios["merged_vs_base_forward"], ci["merged_vs_base_forward"] = paired_ratio_ci(times["merged_forward"], times["base_forward"])
-    log(f"  merged_vs_base_forward: {ratios['merged_vs_base_forward']:.3f}")
+    ratios[key], ci[key] = paired_ratio_ci(times[a], times[b])
+    log(f"  {key}: {ratios[key]:.3f} [{ci[key][0]:.3f}, {ci[key][1]:.3f}]")
 
 
 def bench_conv(spec: ModelSpec, s: Settings, log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -306,16 +314,8 @@ def bench_conv(spec: ModelSpec, s: Settings, log: Callable[[str], None] = print)
     dev = s.device
     base = spec.build(s.seed).to(dev)
     x, y = make_batch(spec, s.batch, dev, s.seed)
-    ratios: dict[str, float] = {}
-    ci: dict[str, list[float]] = {}
-    medians: dict[str, float] = {}
-    images_per_s: dict[str, float] = {}
-
-    def record(times: dict[str, list[float]], images: int) -> None:
-        for name, t in times.items():
-            medians[name] = statistics.median(t)
-            images_per_s[name] = images / medians[name]
-
+    t = _Timings()
+    ratios, ci, medians, images_per_s, record = t.ratios, t.ci, t.medians, t.images_per_s, t.record
     key = "conv_subnet_vs_peft_lora_step"
     if key in s.keys:
         a, b = "conv_subnet_lora", "peft_lora_conv"
@@ -327,14 +327,8 @@ def bench_conv(spec: ModelSpec, s: Settings, log: Callable[[str], None] = print)
             f"{len(C.conv_target_names(base))} convolutions)")
         del steps, times
         gc.collect()
-    key = "conv_merged_vs_base_forward"
-    if key in s.keys:
-        merged = C.merged_conv(base, s.seed).to(dev)
-        times = interleave({"conv_merged_forward": C.forward_fn(merged, x, s.amp), "conv_base_forward": C.forward_fn(base, x, s.amp)},
-                           s.fwd_warmup, s.fwd_steps, dev)
-        record(times, s.batch)
-        ratios[key], ci[key] = paired_ratio_ci(times["conv_merged_forward"], times["conv_base_forward"])
-        log(f"  {key}: {ratios[key]:.3f} [{ci[key][0]:.3f}, {ci[key][1]:.3f}]")
+    if "conv_merged_vs_base_forward" in s.keys:
+        _bench_merged(C.merged_conv(base, s.seed).to(dev), base, x, s, ratios, ci, record, log, prefix="conv_")
     return dict(ratios=ratios, ci95=ci, median_s=medians, images_per_s=images_per_s, settings=asdict(s), spec=spec.to_json())
 
 

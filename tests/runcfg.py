@@ -3,6 +3,8 @@
 import contextlib
 import copy
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import yaml
@@ -55,3 +57,12 @@ def write_config(path, out_dir, **sections) -> Path:
     path = Path(path)
     path.write_text(yaml.safe_dump(tiny_config(out_dir, **sections)))
     return path
+
+
+def run_cli(script: str, cfg, *extra: str) -> subprocess.CompletedProcess:
+    """Run a stage script (``train.py``, ...) on ``cfg`` as a user would; it must exit 0 without a traceback."""
+    proc = subprocess.run([sys.executable, str(ROOT / script), "--config", str(cfg), *extra],
+                          capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    return proc

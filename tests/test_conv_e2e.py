@@ -3,8 +3,6 @@ depthwise, pointwise and squeeze-excite convolutions, with and without biases, t
 Conv2d and Linear adapted (configs/space/conv.yaml): the merged export equals the unmerged sub-network
 and loads strictly into plain timm."""
 
-import subprocess
-import sys
 
 import pytest
 import timm
@@ -12,19 +10,11 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import ROOT
-from runcfg import write_config
+from runcfg import run_cli as _run, write_config
 
 pytestmark = pytest.mark.slow
 
 MODEL = "tf_mobilenetv3_small_minimal_100"
-
-
-def _run(script, cfg, *extra):
-    proc = subprocess.run([sys.executable, str(ROOT / script), "--config", str(cfg), *extra],
-                          capture_output=True, text=True, cwd=ROOT, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "Traceback" not in proc.stderr
-    return proc
 
 
 def test_cnn_train_search_retrain_merge(tmp_path):

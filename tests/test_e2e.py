@@ -9,17 +9,9 @@ import timm
 from safetensors.torch import load_file
 
 from conftest import ROOT
-from runcfg import write_config
+from runcfg import run_cli as _run, write_config
 
 pytestmark = pytest.mark.slow
-
-
-def _run(script, cfg, *extra):
-    proc = subprocess.run([sys.executable, str(ROOT / script), "--config", str(cfg), *extra],
-                          capture_output=True, text=True, cwd=ROOT, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "Traceback" not in proc.stderr
-    return proc
 
 
 def _scalars(tb_dir):
