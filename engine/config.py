@@ -26,6 +26,7 @@ from typing import Any, Literal
 
 import yaml
 
+import methods
 from supernet import SpaceError, load_space
 
 from .compiling import COMPILE_MODES
@@ -33,6 +34,7 @@ from .mnist import MNIST_IMAGES
 from .pretrained import WEIGHT_SUFFIXES, PretrainedError, resolve_checkpoint
 
 CompileMode = Literal[COMPILE_MODES]  # type: ignore[valid-type]  # the tuple's strings, as Literal's arguments
+Preset = Literal[methods.PRESETS]  # type: ignore[valid-type]  # every registered method but GLoRA
 
 
 class ConfigError(ValueError):
@@ -169,8 +171,11 @@ class SearchConfig:
 class RetrainConfig(TrainConfig):
     subnet: str | None = None  # a sub-network YAML; default: <output_dir>/search/result.yaml
     supernet: str | None = None  # with init: supernet, its file; default: <output_dir>/supernet.safetensors
-    preset: Literal["lora", "ssf", "bitfit", "prompt", "linear", "full"] | None = None
-    rank: int = field(default=8, metadata=check(_positive))  # rank of the lora preset
+    # A registered method (docs/methods.md) to train instead of the searched GLoRA sub-network
+    preset: Preset | None = None
+    # The preset's size: the LoRA rank, an adapter's bottleneck width, a prompt's length, FacT's rank
+    rank: int = field(default=8, metadata=check(_positive))
+    method_args: dict = field(default_factory=dict)  # the preset's other settings, by name (docs/methods.md)
     init: Literal["supernet", "scratch"] = "supernet"
 
 
@@ -411,6 +416,10 @@ def _semantic_checks(cfg: RunConfig, base_dir: Path, problems: list[str]) -> Non
         problems.append(f"search.resume: expected auto or never, got {s.resume!r}")
     if cfg.retrain.subnet is not None and cfg.retrain.preset is not None:
         problems.append("retrain.subnet: give either retrain.subnet or retrain.preset, not both")
+    if cfg.retrain.preset is None and cfg.retrain.method_args:
+        problems.append("retrain.method_args: settings of a retrain.preset, but none is set")
+    elif cfg.retrain.preset is not None:
+        method_settings(cfg.retrain, problems)
     exists(cfg.retrain.subnet, "retrain.subnet")
     exists(cfg.retrain.supernet, "retrain.supernet")
     if d.kind == "demo" and d.num_classes is not None and d.demo_classes > d.num_classes:
@@ -427,6 +436,36 @@ def _semantic_checks(cfg: RunConfig, base_dir: Path, problems: list[str]) -> Non
         costs = check_model(cfg, problems)
         if costs is not None:
             _check_budget(cfg, *costs, problems)
+
+
+def method_settings(r: RetrainConfig, problems: list[str] | None = None) -> tuple[methods.Method, Any]:
+    """``retrain.preset``'s method and its settings (``retrain.rank`` fills its size, ``retrain.method_args``
+    the rest). Problems are appended to ``problems``, or raised as one :class:`ConfigError`."""
+    collect = [] if problems is None else problems
+    method = methods.get(r.preset)
+    valid = method.arg_names()
+    args = {}
+    for key, value in r.method_args.items():
+        if key == method.size:
+            collect.append(f"retrain.method_args.{key}: {method.name}'s size; set it with retrain.rank")
+        elif key not in valid:
+            close = difflib.get_close_matches(str(key), valid, n=1)
+            hint = (f"did you mean '{close[0]}'?" if close else f"valid keys: {', '.join(valid)}" if valid
+                    else f"{method.name} takes none" + (" (its size is retrain.rank)" if method.size else ""))
+            collect.append(f"retrain.method_args.{key}: unknown key; {hint}")
+        else:
+            args[key] = value
+    if method.size is not None:
+        args[method.size] = r.rank
+    settings = None
+    try:
+        settings = _build(method.config, args, "retrain.method_args", collect)
+    except methods.MethodError as err:
+        key, _, msg = str(err).partition(": ")
+        collect.append(f"retrain.rank: {msg}" if key == method.size else f"retrain.method_args.{key}: {msg}")
+    if problems is None and collect:
+        raise ConfigError("retrain", collect)
+    return method, settings
 
 
 def _check_budget(cfg: "RunConfig", low: int, high: int, problems: list[str]) -> None:

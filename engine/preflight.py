@@ -275,7 +275,7 @@ def _check(key: str) -> tuple[tuple[str, ...], int | None, int | None]:
         except Exception as err:
             problems.append(f"retrain.subnet: {err}" if isinstance(err, SpaceError) else f"retrain.subnet: {_reason(err)}")
     if k["preset"]:
-        problems.append(_check_preset(cfg, num_classes, k["preset"]))
+        problems.append(_check_preset(cfg, num_classes, k["preset"], k["space"][0]))
     costs = choice_costs(model)
     low = sum(min(per.values()) for layer in costs.values() for per in layer.values())
     high = sum(max(per.values()) for layer in costs.values() for per in layer.values())
@@ -297,16 +297,21 @@ def _space_culprit(cfg: "ModelConfig", num_classes: int, space) -> str | None:
     return None
 
 
-def _check_preset(cfg: "ModelConfig", num_classes: int, preset: dict) -> str | None:
-    """retrain.preset applies its own one-choice space (lora at retrain.rank) to a fresh model."""
-    from supernet import apply_glora
+def _check_preset(cfg: "ModelConfig", num_classes: int, preset: dict, space) -> str | None:
+    """retrain.preset's method (at retrain.rank, with retrain.method_args) applied to a fresh model."""
+    from supernet import load_space
 
+    from .config import RetrainConfig, method_settings
+
+    method, settings = method_settings(RetrainConfig(**preset))
+    key = "retrain.method_args" if preset["method_args"] and method.size is None else "retrain.rank"
     try:
-        model = meta_model(cfg, num_classes)
-        apply_glora(model, preset)
-    except Exception as err:
-        return f"retrain.rank: the preset's space cannot be applied ({_reason(err)})"
-    return _too_big(model, "retrain.rank", "the model with the preset's adapters")
+        with _guarded():
+            model = meta_model(cfg, num_classes)
+            method.apply(model, settings, load_space(space))
+    except (Exception, _TooSlow) as err:
+        return f"{key}: {method.name} cannot be applied to {cfg.name} ({_reason(err)})"
+    return _too_big(model, key, f"the model with {method.name}'s parameters")
 
 
 def check_model(cfg: "RunConfig", problems: list[str]) -> tuple[int, int] | None:
@@ -321,10 +326,8 @@ def check_model(cfg: "RunConfig", problems: list[str]) -> tuple[int, int] | None
     retrain_ok = not any(p.startswith("retrain.") for p in problems)  # else reported already
     subnet = cfg.retrain.subnet if retrain_ok else None
     preset = None
-    if retrain_ok and cfg.retrain.preset not in (None, "linear", "full"):
-        from .recipes.retrain import preset_space
-
-        preset = preset_space(cfg)
+    if retrain_ok and cfg.retrain.preset is not None:
+        preset = {"preset": cfg.retrain.preset, "rank": cfg.retrain.rank, "method_args": cfg.retrain.method_args}
     key = json.dumps({
         "model": dataclasses.asdict(cfg.model), "num_classes": num_classes, "num_classes_given": d.num_classes is not None,
         "img_size": d.img_size,

@@ -13,7 +13,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 import torch.nn as nn
@@ -44,8 +44,10 @@ def _within_roundoff(model: nn.Module, x: torch.Tensor, want: torch.Tensor, got:
 
 
 def write_merged(model: nn.Module, path: str | os.PathLike, x: torch.Tensor, model_name: str, kwargs: Mapping[str, Any],
-                 spec: tuple[int, tuple[float, ...], tuple[float, ...]]) -> list[str]:
-    """Merge a copy of ``model`` (in eval mode; a model without GLoRA layers as it is), check that it
+                 spec: tuple[int, tuple[float, ...], tuple[float, ...]],
+                 merge: Callable[[nn.Module], nn.Module] | None = None) -> list[str]:
+    """Merge a copy of ``model`` (in eval mode) with ``merge`` (default: its GLoRA layers merged; a
+    model without them as it is; another method's merge from ``methods``), check that it
     predicts the batch ``x`` as the unmerged model does, and only then write it to ``path`` with its
     metadata (``model_name``, ``kwargs``, the input ``spec``: size, mean, std). Returns the layers
     the merge gave a bias they lacked and that could not be folded into a following batch norm
@@ -55,7 +57,9 @@ def write_merged(model: nn.Module, path: str | os.PathLike, x: torch.Tensor, mod
     gained = added_biases(model) if has_glora else []
     with torch.no_grad():
         want = model(x).float()
-        merged = merge_glora(copy.deepcopy(model)) if has_glora else model
+        if merge is None:
+            merge = merge_glora if has_glora else (lambda m: m)
+        merged = merge(copy.deepcopy(model))
         # a bias a convolution gained moves into the batch norm reading it: the plain architecture again
         folded = fold_biases_into_norms(merged, gained, x)
         gained = [name for name in gained if name not in folded]

@@ -58,7 +58,8 @@ def test_every_problem_reported_at_once(tmp_path):
         ("space=/nonexistent/space.yaml", "space: file not found"),
         ("train.precision=fp8", "train.precision: expected one of fp32, bf16, fp16"),
         ("search.top_k=100", "search.top_k: must be <= search.population"),
-        ("retrain.preset=lora2", "retrain.preset: expected one of"),
+        ("retrain.preset=lora2", "retrain.preset: expected one of lora, ssf, bitfit"),
+        ("retrain.method_args={rank: 2}", "retrain.method_args: settings of a retrain.preset, but none is set"),
         ("search.compile_mode=turbo", "search.compile_mode: expected one of default, reduce-overhead, max-autotune, max-autotune-no-cudagraphs"),
     ],
 )
@@ -167,3 +168,26 @@ def test_testing_aids_moved_out_of_the_schema(tmp_path):
     text = str(err.value)
     assert "train.fail_at_step: a testing aid that moved to the GLORA_TEST_FAIL_AT_STEP environment variable" in text
     assert "retrain.stop_at_step: a testing aid that moved to the GLORA_TEST_STOP_AT_STEP environment variable" in text
+
+
+@pytest.mark.parametrize(
+    "overrides,needle",
+    [
+        (["retrain.preset=lora", "retrain.method_args={rnak: 2}"], "retrain.method_args.rnak: unknown key; lora takes none (its size is retrain.rank)"),
+        (["retrain.preset=ssf", "retrain.method_args={scale: 2}"], "retrain.method_args.scale: unknown key; ssf takes none"),
+        (["retrain.preset=lora", "retrain.method_args={rank: 2}"], "retrain.method_args.rank: lora's size; set it with retrain.rank"),
+    ],
+)
+def test_method_settings_are_checked_at_load(tmp_path, overrides, needle):
+    p = write_config(tmp_path / "c.yaml", tmp_path / "out")
+    with pytest.raises(ConfigError) as err:
+        load_config(p, overrides)
+    assert needle in str(err.value), str(err.value)
+
+
+def test_method_settings_take_the_size_from_rank(tmp_path):
+    from engine.config import method_settings
+
+    cfg = load_config(write_config(tmp_path / "c.yaml", tmp_path / "out"), ["retrain.preset=lora", "retrain.rank=3"])
+    method, settings = method_settings(cfg.retrain)
+    assert method.name == "lora" and settings.rank == 3

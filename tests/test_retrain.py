@@ -134,7 +134,9 @@ def test_merge_that_gives_a_bias_free_layer_a_bias(tmp_path, monkeypatch, capsys
 
 
 def test_refuses_to_write_when_merge_disagrees(tmp_path, monkeypatch):
-    import supernet.export as st  # export merges with the merge_glora it imports
+    import dataclasses
+
+    import methods  # export merges with the registered method's merge
 
     def bad_merge(model):
         from supernet import merge_glora
@@ -144,7 +146,7 @@ def test_refuses_to_write_when_merge_disagrees(tmp_path, monkeypatch):
             merged.blocks[0].mlp.fc1.bias.add_(1.0)  # a broken merge
         return merged
 
-    monkeypatch.setattr(st, "merge_glora", bad_merge)
+    monkeypatch.setitem(methods.REGISTRY, "lora", dataclasses.replace(methods.get("lora"), merge=bad_merge))
     with pytest.raises(MergeError, match="not written"):
         _retrain(tmp_path / "run", preset="lora")
     assert not (tmp_path / "run" / "retrain" / "merged.safetensors").exists()

@@ -115,14 +115,15 @@ class Results:
 def lora_budget(ckpt: str, rank: int, num_classes: int = 10) -> int:
     import timm
 
-    from engine.recipes.retrain import PRESETS
-    from supernet import apply_glora, count_params
+    import methods
+    from supernet import SearchSpace
 
     from . import MODEL_KWARGS, MODEL_NAME
 
     m = timm.create_model(MODEL_NAME, num_classes=num_classes, **MODEL_KWARGS)
-    apply_glora(m, {"targets": "all-linear", "exclude": ["head"], "choices": {t: [c] for t, c in PRESETS["lora"](rank).items()}})
-    return count_params(m).adapter
+    lora = methods.get("lora")
+    lora.apply(m, lora.settings(size=rank), SearchSpace(targets="all-linear", exclude=["head"]))
+    return lora.count(m)
 
 
 class Runner:

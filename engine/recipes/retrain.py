@@ -16,11 +16,13 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from supernet import (GLoraLayer, apply_glora, atomic_write_text, count_params, extract_subnet, get_subnet, head_params,
+from supernet import (GLoraLayer, apply_glora, atomic_write_text, extract_subnet, get_subnet, head_params,
                       load_space, load_subnet, merged_file_summary, save_adapter, set_subnet, subnet_to_dict, write_merged)
 
+import methods
+
 from .. import distributed as dist
-from ..config import ConfigError, RunConfig
+from ..config import ConfigError, RunConfig, method_settings
 from ..data import build_splits
 from ..models import build_model, set_grad_checkpointing
 from ..rng import seed_everything
@@ -29,36 +31,12 @@ from ..tracker import Tracker
 from ..trainer import ShardSampler, Trainer, evaluate
 from .common import load_supernet, probe_input, warn_slow_precision
 
-# The presets retrain.preset names: one choice per tensor, through the GLoRA code path.
-PRESETS = {
-    "lora": lambda r: dict(A="none", B=f"lora{r}", C="none", D="none", E="none"),
-    "ssf": lambda r: dict(A="vector", B="none", C="none", D="vector", E="vector"),
-    "bitfit": lambda r: dict(A="none", B="none", C="none", D="none", E="vector"),
-    "prompt": lambda r: dict(A="none", B="none", C="vector", D="none", E="none"),
-}
-
-
-def preset_space(cfg: RunConfig) -> dict:
-    """A space whose lists hold one choice each: the preset, through the same GLoRA code path."""
-    base = load_space(cfg.space).to_dict()
-    choice = PRESETS[cfg.retrain.preset](cfg.retrain.rank)
-    return {"targets": base["targets"], "exclude": base["exclude"], "choices": {t: [c] for t, c in choice.items()}}
-
-
 def prepare_retrain_model(cfg: RunConfig, num_classes: int, info: dist.DistInfo, source: str) -> tuple[nn.Module, str]:
     r = cfg.retrain
-    if r.preset in ("linear", "full"):
-        model = build_model(cfg.model, num_classes)
-        from supernet import classifier_names
-
-        heads = classifier_names(model)
-        for name, p in model.named_parameters():
-            p.requires_grad_(r.preset == "full" or any(name.startswith(h + ".") for h in heads))
-        model.glora_modules_to_save = heads
-        return model, r.preset
     if r.preset is not None:
+        method, settings = method_settings(r)
         model = build_model(cfg.model, num_classes)
-        apply_glora(model, preset_space(cfg))
+        method.apply(model, settings, load_space(cfg.space))
         return model, r.preset
     subnet_path = Path(r.subnet) if r.subnet else Path(cfg.output_dir) / "search" / "result.yaml"
     if not subnet_path.is_file():
@@ -76,12 +54,7 @@ def prepare_retrain_model(cfg: RunConfig, num_classes: int, info: dist.DistInfo,
 
 
 def adapter_params(model: nn.Module, preset: str | None) -> int:
-    if preset == "full":
-        heads = getattr(model, "glora_modules_to_save", [])
-        return sum(p.numel() for n, p in model.named_parameters() if not any(n.startswith(h + ".") for h in heads))
-    if preset == "linear":
-        return 0
-    return count_params(model).adapter
+    return methods.get(preset or "glora").count(model)
 
 
 def run_retrain(cfg: RunConfig, info: dist.DistInfo, source: str, overwrite: bool = False) -> str:
@@ -158,7 +131,8 @@ def export(model: nn.Module, cfg: RunConfig, rdir: Path, val_ds, info: dist.Dist
         save_adapter(model, rdir / "adapter.safetensors", rdir / "subnet.yaml",
                      metadata={"model": cfg.model.name, "kwargs": cfg.model.kwargs})
     x = next(iter(torch.utils.data.DataLoader(val_ds, batch_size=min(32, len(val_ds)))))[0].to(info.device)
-    gained = write_merged(model, rdir / "merged.safetensors", x, cfg.model.name, cfg.model.kwargs, spec)
+    merge = methods.get(cfg.retrain.preset or "glora").merge
+    gained = write_merged(model, rdir / "merged.safetensors", x, cfg.model.name, cfg.model.kwargs, spec, merge=merge)
     if gained and info.is_main:
         print(f"note: {len(gained)} layer(s) without a bias gained one in the merge (C or E chosen on them: "
               f"{', '.join(gained[:3])}{' ...' if len(gained) > 3 else ''}); {rdir / 'merged.safetensors'} loads into a "

@@ -1,0 +1,31 @@
+"""Fine-tuning methods by name. A method is one module here defining ``METHOD`` (see
+:class:`methods.base.Method`), listed once below; ``retrain.py --set retrain.preset=<name>``
+trains it, and docs/methods.md describes each.
+
+    import methods
+    m = methods.get("lora")
+    m.apply(model, m.settings(size=4), load_space("configs/space/large.yaml"))
+"""
+
+from __future__ import annotations
+
+from . import bitfit, full, glora, linear, lora, prompt, ssf
+from .base import Method, MethodError, NoSettings
+
+REGISTRY: dict[str, Method] = {mod.METHOD.name: mod.METHOD for mod in (
+    glora, lora, ssf, bitfit, prompt, linear, full,
+)}
+
+# The names retrain.preset takes: every method but GLoRA, whose sub-network comes from the search
+# (retrain.preset: null) or from retrain.subnet.
+PRESETS: tuple[str, ...] = tuple(n for n in REGISTRY if n != "glora")
+
+
+def get(name: str) -> Method:
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise MethodError(f"unknown method {name!r}; registered: {', '.join(REGISTRY)}") from None
+
+
+__all__ = ["REGISTRY", "PRESETS", "Method", "MethodError", "NoSettings", "get"]
