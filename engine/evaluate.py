@@ -15,6 +15,8 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from supernet import (WriteError, atomic_write_text, create_merged_model, load_merged, merged_input_spec,
                       timm_classifier_outputs)
 
+from methods.export import create_adapted_model, is_adapted, load_adapted
+
 from . import distributed as dist
 from .cli import INPUT_ERRORS, _fail
 from .config import ConfigError, load_config
@@ -28,7 +30,7 @@ def _parser(doc: str | None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="evaluate.py", description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="the run config (needed for --split; optional with --folder, where the "
                                           "model, input size and normalisation then come from the checkpoint's metadata)")
-    parser.add_argument("--checkpoint", required=True, help="merged.safetensors (or any full state dict of the model)")
+    parser.add_argument("--checkpoint", required=True, help="merged.safetensors (or any full state dict of the model), or the adapted.safetensors of a method that cannot merge")
     parser.add_argument("--split", choices=["val", "test"], help="val: the search split, test: the final one (the default without --folder)")
     parser.add_argument("--folder", action="append", default=[], metavar="DIR",
                         help="score on DIR/<class>/.../<image> instead of the config's data (repeatable: one JSON line each)")
@@ -50,7 +52,7 @@ def _parser(doc: str | None) -> argparse.ArgumentParser:
 def _from_checkpoint(path: str) -> tuple[torch.nn.Module, int, tuple, tuple]:
     """Without a run config: the model from the merged file's metadata, the input size and mean/std it
     was trained with (files from before that metadata: the model's size and ImageNet's statistics)."""
-    model = create_merged_model(path)
+    model = create_adapted_model(path) if is_adapted(path) else create_merged_model(path)
     spec = merged_input_spec(path)
     return (model, int(spec.get("size") or input_size(model)), tuple(spec.get("mean") or IMAGENET_DEFAULT_MEAN),
             tuple(spec.get("std") or IMAGENET_DEFAULT_STD))
@@ -98,8 +100,10 @@ def main(doc: str | None = None, argv=None) -> int:
                 _, ds, num_classes = build_splits(data, phase, img_size, mean, std, cache=())
             cfg.model.pretrained, cfg.model.checkpoint = False, None
             model = build_model(cfg.model, num_classes)
-            # strict, after giving bias-free layers the biases the merge may have created (C or E on them)
-            load_merged(model, state, args.checkpoint)
+            if is_adapted(args.checkpoint):  # a method that cannot merge: adapted as the file says
+                load_adapted(model, args.checkpoint)
+            else:  # strict, after giving bias-free layers the biases the merge may have created (C or E on them)
+                load_merged(model, state, args.checkpoint)
             batch_size, precision, workers = cfg.retrain.eval_batch_size, cfg.retrain.precision, cfg.data.num_workers
         batch_size = args.batch_size or batch_size
         workers = workers if args.workers is None else args.workers

@@ -67,12 +67,17 @@ def summarise(output_dir: Path, baselines: list[Path] = ()) -> str:
     added = m.get("merged_added_biases") or []
     count = (f"the base architecture's count plus the biases the merge gave {len(added)} bias-free layer(s); "
              f"load it with supernet.load_merged") if added else "the base architecture's count"
+    merged = "merged_model_params" in m
+    held = (f"the merged model has {m['merged_model_params']:,}, {count}" if merged else
+            f"the adapted model has {m['model_params']:,}; it cannot merge: {m['inference']}, "
+            f"{m['inference_forward_ratio']:.2f}x the base model's forward time")
     lines += [
-        f"retrain:  merged model test accuracy {m['test_top1']:.2f}%{top5} on {m['test_images']} test images",
+        f"retrain:  {'merged' if merged else 'adapted'} model test accuracy {m['test_top1']:.2f}%{top5} on {m['test_images']} test images",
         f"trained:  {m['adapter_params']:,} adapter + {m['head_params']:,} head parameters "
-        f"({m['trainable_params']:,} trainable; the merged model has {m['merged_model_params']:,}, {count})",
+        f"({m['trainable_params']:,} trainable; {held})",
         "artifacts: " + ", ".join(f"{path}{what}" for path, what in (
             (output_dir / "retrain" / "merged.safetensors", " (plain timm weights)"),
+            (output_dir / "retrain" / "adapted.safetensors", " (evaluate.py loads it)"),
             (output_dir / "retrain" / "adapter.safetensors", " + subnet.yaml"),
             (output_dir / "search" / "pareto.png", ""),
         ) if path.is_file()),

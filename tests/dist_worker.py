@@ -1,6 +1,9 @@
 """Run by torchrun in tests: one rank of a stage, then each rank dumps what it saw for comparison.
 
     python -m torch.distributed.run --nproc_per_node 2 tests/dist_worker.py STAGE CONFIG DUMP_DIR
+
+The ``retrain`` stage takes several configs, comma-separated, and retrains each in turn in one
+process group (one start-up for every method).
 """
 
 import json
@@ -13,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from engine import distributed as dist  # noqa: E402
+from engine.recipes import retrain as retrain_recipe  # noqa: E402
 from engine.recipes import search as search_recipe  # noqa: E402
 from engine.recipes import train as train_recipe  # noqa: E402
 from engine.config import load_config  # noqa: E402
@@ -20,8 +24,13 @@ from engine.config import load_config  # noqa: E402
 
 def main() -> None:
     stage, config, dump = sys.argv[1], sys.argv[2], Path(sys.argv[3])
-    cfg = load_config(config)
     info = dist.setup("cpu")
+    if stage == "retrain":
+        statuses = [retrain_recipe.run_retrain(load_config(c), info, c) for c in config.split(",")]
+        (dump / f"rank{info.rank}.json").write_text(json.dumps({"status": statuses, "rank": info.rank}))
+        dist.cleanup()
+        return
+    cfg = load_config(config)
     tags = []
     if stage == "crash":
         # rank 1 fails at its second step; rank 0 would wait in the next all-reduce forever if the

@@ -7,6 +7,7 @@ model is verified to predict as the unmerged one (:func:`supernet.write_merged`)
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import sys
@@ -20,6 +21,7 @@ from supernet import (GLoraLayer, apply_glora, atomic_write_text, extract_subnet
                       load_space, load_subnet, merged_file_summary, save_adapter, set_subnet, subnet_to_dict, write_merged)
 
 import methods
+from methods.export import ADAPTED_FILE, forward_time_ratio, write_adapted
 
 from .. import distributed as dist
 from ..config import ConfigError, RunConfig, method_settings
@@ -82,7 +84,7 @@ def run_retrain(cfg: RunConfig, info: dist.DistInfo, source: str, overwrite: boo
     if trainer.resume("never" if overwrite else r.resume):
         tracker.print(f"resumed from {trainer.ckpt_path} at epoch {trainer.epoch}, step {trainer.step}")
     else:
-        remove_stale(rdir, ("merged.safetensors", "metrics.json", "adapter.safetensors", "subnet.yaml"), info)
+        remove_stale(rdir, ("merged.safetensors", ADAPTED_FILE, "metrics.json", "adapter.safetensors", "subnet.yaml"), info)
     n_adapter = adapter_params(model, r.preset)
     n_head = head_params(model)
     tracker.print(f"retrain ({origin}): {n_adapter:,} adapter + {n_head:,} head parameters, "
@@ -98,8 +100,7 @@ def run_retrain(cfg: RunConfig, info: dist.DistInfo, source: str, overwrite: boo
     topk = (1, 5) if num_classes > 5 else (1,)
     test = evaluate(model, test_loader, info, r.precision, topk=topk)
     if info.is_main:
-        export(model, cfg, rdir, val_ds, info, spec)
-        merged_total, merged_added = merged_file_summary(rdir / "merged.safetensors")
+        exported = export(model, cfg, rdir, val_ds, info, spec, num_classes)
         metrics = {
             "test_top1": test["top1"],
             **({"test_top5": test["top5"]} if "top5" in test else {}),
@@ -107,8 +108,7 @@ def run_retrain(cfg: RunConfig, info: dist.DistInfo, source: str, overwrite: boo
             "adapter_params": n_adapter,
             "head_params": n_head,
             "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-            "merged_model_params": merged_total,
-            "merged_added_biases": merged_added,
+            **exported,
             "method": r.preset or "glora",
             "subnet": origin,
             "subnet_from_search": r.preset is None and not r.subnet,  # this output_dir's search/result.yaml
@@ -124,16 +124,27 @@ def run_retrain(cfg: RunConfig, info: dist.DistInfo, source: str, overwrite: boo
 
 
 def export(model: nn.Module, cfg: RunConfig, rdir: Path, val_ds, info: dist.DistInfo,
-           spec: tuple[int, tuple[float, ...], tuple[float, ...]]) -> None:
-    """adapter.safetensors + subnet.yaml, then merged.safetensors once merged == unmerged is verified."""
+           spec: tuple[int, tuple[float, ...], tuple[float, ...]], num_classes: int) -> dict:
+    """adapter.safetensors + subnet.yaml (GLoRA layers), then merged.safetensors once merged == unmerged
+    is verified; a method that cannot merge writes adapted.safetensors and its inference cost instead.
+    Returns what metrics.json records about the export."""
     model.eval()
     if any(isinstance(m, GLoraLayer) for m in model.modules()):
         save_adapter(model, rdir / "adapter.safetensors", rdir / "subnet.yaml",
                      metadata={"model": cfg.model.name, "kwargs": cfg.model.kwargs})
     x = next(iter(torch.utils.data.DataLoader(val_ds, batch_size=min(32, len(val_ds)))))[0].to(info.device)
-    merge = methods.get(cfg.retrain.preset or "glora").merge
-    gained = write_merged(model, rdir / "merged.safetensors", x, cfg.model.name, cfg.model.kwargs, spec, merge=merge)
+    method = methods.get(cfg.retrain.preset or "glora")
+    if not method.mergeable:
+        _, settings = method_settings(cfg.retrain)
+        write_adapted(model, rdir / ADAPTED_FILE, method, settings, cfg.space, cfg.model.name, cfg.model.kwargs, spec)
+        base = build_model(dataclasses.replace(cfg.model, pretrained=False, checkpoint=None),
+                           num_classes).to(info.device)
+        return {"exported": ADAPTED_FILE, "model_params": sum(p.numel() for p in model.parameters()),
+                "inference": method.inference, "inference_forward_ratio": forward_time_ratio(model, base, x)}
+    gained = write_merged(model, rdir / "merged.safetensors", x, cfg.model.name, cfg.model.kwargs, spec, merge=method.merge)
     if gained and info.is_main:
         print(f"note: {len(gained)} layer(s) without a bias gained one in the merge (C or E chosen on them: "
               f"{', '.join(gained[:3])}{' ...' if len(gained) > 3 else ''}); {rdir / 'merged.safetensors'} loads into a "
               f"fresh model with supernet.load_merged(model, path), which adds them (evaluate.py does)", file=sys.stderr, flush=True)
+    merged_total, merged_added = merged_file_summary(rdir / "merged.safetensors")
+    return {"exported": "merged.safetensors", "merged_model_params": merged_total, "merged_added_biases": merged_added}
