@@ -9,11 +9,11 @@ trains it, and docs/methods.md describes each.
 
 from __future__ import annotations
 
-from . import bitfit, full, glora, linear, lora, prompt, ssf
+from . import adapter, adaptformer, bitfit, full, glora, linear, lora, prompt, ssf
 from .base import Method, MethodError, NoSettings
 
 REGISTRY: dict[str, Method] = {mod.METHOD.name: mod.METHOD for mod in (
-    glora, lora, ssf, bitfit, prompt, linear, full,
+    glora, lora, ssf, bitfit, prompt, adapter, adaptformer, linear, full,
 )}
 
 # The names retrain.preset takes: every method but GLoRA, whose sub-network comes from the search
