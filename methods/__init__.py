@@ -1,6 +1,6 @@
 """Fine-tuning methods by name. A method is one module here defining ``METHOD`` (see
-:class:`methods.base.Method`), listed once below; ``retrain.py --set retrain.preset=<name>``
-trains it, and docs/methods.md describes each.
+:class:`methods.base.Method`; a module holding several defines ``METHODS``, a tuple), listed once
+below; ``retrain.py --set retrain.preset=<name>`` trains it, and docs/methods.md describes each.
 
     import methods
     m = methods.get("lora")
@@ -9,12 +9,12 @@ trains it, and docs/methods.md describes each.
 
 from __future__ import annotations
 
-from . import bitfit, full, glora, linear, lora, prompt, ssf
+from . import bitfit, full, glora, linear, lora, prompt, ssf, vpt
 from .base import Method, MethodError, NoSettings
 
-REGISTRY: dict[str, Method] = {mod.METHOD.name: mod.METHOD for mod in (
-    glora, lora, ssf, bitfit, prompt, linear, full,
-)}
+REGISTRY: dict[str, Method] = {m.name: m for mod in (
+    glora, lora, ssf, bitfit, prompt, vpt, linear, full,
+) for m in getattr(mod, "METHODS", None) or (mod.METHOD,)}
 
 # The names retrain.preset takes: every method but GLoRA, whose sub-network comes from the search
 # (retrain.preset: null) or from retrain.subnet.
