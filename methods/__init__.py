@@ -9,17 +9,17 @@ below; ``retrain.py --set retrain.preset=<name>`` trains it, and docs/methods.md
 
 from __future__ import annotations
 
-from . import adapter, adaptformer, bitfit, fact, full, glora, linear, lora, prompt, repadapter, ssf, vpt
+from . import adapter, adaptformer, bitfit, fact, full, glora, linear, lora, noah, prompt, repadapter, ssf, vpt
 from .base import Method, MethodError, NoSettings
 
 REGISTRY: dict[str, Method] = {m.name: m for mod in (
     glora, lora, ssf, bitfit, prompt, linear, full,
-    vpt, adapter, adaptformer, repadapter, fact,
+    vpt, adapter, adaptformer, repadapter, fact, noah,
 ) for m in getattr(mod, "METHODS", None) or (mod.METHOD,)}
 
-# The names retrain.preset takes: every method but GLoRA, whose sub-network comes from the search
-# (retrain.preset: null) or from retrain.subnet.
-PRESETS: tuple[str, ...] = tuple(n for n in REGISTRY if n != "glora")
+# The names retrain.preset takes: every method but the searched ones (GLoRA, NOAH), whose
+# sub-network comes from the search (retrain.preset: null) or from retrain.subnet.
+PRESETS: tuple[str, ...] = tuple(n for n, m in REGISTRY.items() if not m.searched)
 
 
 def get(name: str) -> Method:

@@ -45,6 +45,8 @@ class Method:
     inference: str = "nothing: merged into the plain model"
     # Whether the adapted model computes the base model's output before training (VPT's prompts cannot)
     starts_at_base: bool = True
+    # Trained as a supernet and searched (train.py, search.py) before retrain.py: not a retrain.preset
+    searched: bool = False
     # Sizes the test matrix tries on its 2-block, 32-wide ViT (tests/test_methods.py)
     test_sizes: tuple[int, ...] = (2,)
 

@@ -14,4 +14,5 @@ def _apply(model: nn.Module, settings: NoSettings, space: SearchSpace) -> nn.Mod
 
 
 METHOD = Method(name="glora", summary="the GLoRA supernet over the run's space (trained, searched, retrained)",
-                config=NoSettings, apply=_apply, count=lambda m: count_params(m).adapter, merge=merge_glora)
+                config=NoSettings, apply=_apply, count=lambda m: count_params(m).adapter, merge=merge_glora,
+                searched=True)

@@ -41,6 +41,6 @@ from .model import (
     uniform_subnet,
 )
 from .space import TENSORS, Choice, LayerChoice, SearchSpace, SpaceError, load_space, parse_choice
-from .subnet import Subnet, load_subnet, parse_subnet, sample_config, save_subnet, subnet_to_dict
+from .subnet import Subnet, draw_choices, load_subnet, parse_subnet, sample_config, save_subnet, subnet_to_dict
 
 __all__ = [name for name in dir() if not name.startswith("_")]

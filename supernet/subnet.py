@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 import yaml
@@ -70,21 +70,26 @@ def save_subnet(config: Subnet, path: str | os.PathLike) -> None:
     atomic_write_text(path, dump_subnet_yaml(config))
 
 
-def sample_config(choices: Mapping[str, Mapping[str, tuple]], generator: torch.Generator) -> Subnet:
-    """Draw each tensor's choice of each layer uniformly from its allowed list (docs/method.md §3).
-
-    Layers are visited in the order given and tensors A..E, so a seeded generator gives the
-    same sequence in every process.
-    """
-    n_draws = sum(len(per_tensor[t]) > 1 for per_tensor in choices.values() for t in TENSORS)
+def draw_choices(choices: Mapping[str, Mapping[str, Sequence]], generator: torch.Generator,
+                 tensors: Sequence[str]) -> dict[str, list]:
+    """Draw each tensor's option of each layer uniformly (docs/method.md §3): layers in the order
+    given, tensors in ``tensors``' order, one uniform per tensor with more than one option, all from
+    one generator call, so a seeded generator gives the same draws in every process. Any supernet
+    whose layers hold named tensors with option lists samples with it (GLoRA's A..E, NOAH's modules)."""
+    n_draws = sum(len(per_tensor[t]) > 1 for per_tensor in choices.values() for t in tensors)
     # One call for every draw: a generator call per tensor costs more than the rest of sampling.
     u = iter(torch.rand(n_draws, generator=generator, dtype=torch.float64).tolist())
     out = {}
     for name, per_tensor in choices.items():
         picked = []
-        for t in TENSORS:
+        for t in tensors:
             options = per_tensor[t]
             n = len(options)
             picked.append(options[min(int(next(u) * n), n - 1)] if n > 1 else options[0])
-        out[name] = LayerChoice(*picked)  # A..E, in order
+        out[name] = picked
     return out
+
+
+def sample_config(choices: Mapping[str, Mapping[str, tuple]], generator: torch.Generator) -> Subnet:
+    """A GLoRA configuration drawn with :func:`draw_choices`, tensors A..E."""
+    return {name: LayerChoice(*picked) for name, picked in draw_choices(choices, generator, TENSORS).items()}

@@ -99,6 +99,6 @@ def test_unknown_method_lists_the_registered_ones():
         methods.get("loar")
 
 
-def test_presets_are_every_method_but_glora():
-    assert set(methods.PRESETS) == set(methods.REGISTRY) - {"glora"}
+def test_presets_are_every_method_but_the_searched_ones():
+    assert set(methods.PRESETS) == set(methods.REGISTRY) - {"glora", "noah"}
     assert {"lora", "ssf", "bitfit", "prompt", "linear", "full"} <= set(methods.PRESETS)
