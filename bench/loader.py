@@ -22,7 +22,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from engine.data import CachedImageDataset, ImageListDataset, build_transform, make_demo_arrays
+from engine.datasets import CachedImageDataset, ImageListDataset, build_transform
+from engine.demo_data import make_demo_arrays
 
 from .run import ROOT, machine_info
 

@@ -1,4 +1,5 @@
-"""Tests for engine/data.py: the three on-disk layouts, every DataError path and the demo task."""
+"""Tests for the data modules (engine/data.py, data_layouts.py, demo_data.py, datasets.py): the three on-disk
+layouts, every DataError path and the demo task."""
 
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ import pytest
 import torch
 from PIL import Image
 
-from engine.data import DataConfig, DataError, build_splits, build_transform, make_demo_arrays
+from engine.data import DataConfig, DataError, build_splits
+from engine.datasets import build_transform
+from engine.demo_data import make_demo_arrays
 
 IMG = 32  # img_size used throughout
 
@@ -285,7 +288,7 @@ def test_corrupt_image_raises_before_training(vtab, payload):
 def test_cached_splits_equal_uncached_bit_for_bit(make, request, monkeypatch):
     """data.cache keeps the resized uint8 pixels; float conversion and normalisation per access give
     exactly the tensors of decoding every time (images of several sizes and modes)."""
-    from engine.data import CachedImageDataset
+    from engine.datasets import CachedImageDataset
 
     cfg = request.getfixturevalue(make)
     for phase in ("search", "final"):

@@ -44,7 +44,7 @@ def test_train_search_retrain_cli(tmp_path):
     # gives the model, input size and normalisation, so the accuracy is retrain's.
     from PIL import Image
 
-    from engine.data import make_demo_arrays
+    from engine.demo_data import make_demo_arrays
 
     images, labels = make_demo_arrays(0, "test", 24, 4)
     for i, (image, label) in enumerate(zip(images, labels)):
