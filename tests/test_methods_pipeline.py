@@ -16,10 +16,11 @@ import methods
 from engine import distributed as dist
 from engine.config import config_from_dict
 from engine.recipes.retrain import run_retrain
-from runcfg import ROOT, tiny_config, trainer_hooks, write_config
+from runcfg import ROOT, TINY, tiny_config, trainer_hooks, write_config
 from supernet import load_merged
 
 INFO = dist.DistInfo()
+TINY_LR = TINY["retrain"]["lr"]
 PRESETS = [(name, methods.get(name).test_sizes[0] if methods.get(name).size else 8) for name in methods.PRESETS]
 
 
@@ -90,8 +91,15 @@ def test_two_processes_retrain_as_one(tmp_path):
                           capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((dump / "rank0.json").read_text())["status"] == ["done"] * len(PRESETS)
+    # The trained tensors (the last checkpoint's; a merge would spread any difference over whole
+    # weights). AdamW divides by the gradient's running magnitude: where a gradient is nearly zero
+    # (the factor feeding a zero-initialised up-projection, in its first steps) the sum's rounding
+    # order can move an element by up to lr a step. Ranks out of step would move most elements, so:
+    # nearly all agree to rounding, and none by more than lr per step.
+    lr, steps = TINY_LR, 3
     for name, _ in PRESETS:
-        a, b = _exported(tmp_path / "one" / name), _exported(tmp_path / "two" / name)
+        a, b = (torch.load(tmp_path / run / name / "retrain" / "checkpoints" / "last.pt", weights_only=True)["model"]
+                for run in ("one", "two"))
         assert a.keys() == b.keys(), name
-        for k in a:
-            torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-4, msg=lambda m: f"{name} {k}: {m}")
+        diff = torch.cat([(a[k].float() - b[k].float()).abs().flatten() for k in a])
+        assert (diff <= 1e-5).float().mean() >= 0.99 and diff.max() <= lr * steps, (name, diff.max().item())

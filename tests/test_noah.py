@@ -122,3 +122,10 @@ def test_non_vit_is_refused():
         model = timm.create_model("resnet18", num_classes=3)
     with pytest.raises(methods.MethodError, match="noah: needs a timm VisionTransformer"):
         NoahSupernet(SPACE).apply(model)
+
+
+def test_the_shipped_space_is_noahs():
+    from conftest import ROOT
+
+    sn = supernet_for(str(ROOT / "configs" / "space" / "noah.yaml"))
+    assert isinstance(sn, NoahSupernet) and sn.space.largest() == {"prompt": 10, "lora": 8, "adapter": 8}
