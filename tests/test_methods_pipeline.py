@@ -16,11 +16,10 @@ import methods
 from engine import distributed as dist
 from engine.config import config_from_dict
 from engine.recipes.retrain import run_retrain
-from runcfg import ROOT, TINY, tiny_config, trainer_hooks, write_config
+from runcfg import ROOT, tiny_config, trainer_hooks, write_config
 from supernet import load_merged
 
 INFO = dist.DistInfo()
-TINY_LR = TINY["retrain"]["lr"]
 PRESETS = [(name, methods.get(name).test_sizes[0] if methods.get(name).size else 8) for name in methods.PRESETS]
 
 
@@ -76,10 +75,12 @@ def test_an_interrupted_retrain_resumes_to_the_same_tensors(tmp_path, name, size
 def test_two_processes_retrain_as_one(tmp_path):
     """Two ranks with batches of 16 take, step by step, the halves of one process's batches of 32 (the
     same permutation, interleaved), and the averaged gradient is that batch's: every method's exported
-    model matches (drop path off: its masks are drawn per rank). One torchrun retrains them all."""
+    model matches (drop path and the methods' dropout off: their masks are drawn per rank). One torchrun
+    retrains them all."""
     configs = []
     for name, size in PRESETS:
-        sections = {"retrain": {"preset": name, "rank": size}, "model": {"drop_path_rate": 0.0}}
+        args = {"dropout": 0.0} if "dropout" in methods.get(name).arg_names() else {}
+        sections = {"retrain": {"preset": name, "rank": size, "method_args": args}, "model": {"drop_path_rate": 0.0}}
         configs.append(str(write_config(tmp_path / f"{name}.yaml", tmp_path / "two" / name, **sections)))
         one = tiny_config(tmp_path / "one" / name, **{**sections, "retrain": {**sections["retrain"], "batch_size": 32}})
         assert run_retrain(config_from_dict(one), INFO, "t.yaml") == "done"
@@ -91,15 +92,12 @@ def test_two_processes_retrain_as_one(tmp_path):
                           capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((dump / "rank0.json").read_text())["status"] == ["done"] * len(PRESETS)
-    # The trained tensors (the last checkpoint's; a merge would spread any difference over whole
-    # weights). AdamW divides by the gradient's running magnitude: where a gradient is nearly zero
-    # (the factor feeding a zero-initialised up-projection, in its first steps) the sum's rounding
-    # order can move an element by up to lr a step. Ranks out of step would move most elements, so:
-    # nearly all agree to rounding, and none by more than lr per step.
-    lr, steps = TINY_LR, 3
+    # The trained tensors (the last checkpoint's: a merge would spread a difference over whole weights).
+    # AdamW divides by each gradient's running magnitude, so where a gradient is tiny the rounding order
+    # of the two-rank sum shows: measured up to 5e-5 (bitfit, full); ranks out of step differ by ~lr.
     for name, _ in PRESETS:
         a, b = (torch.load(tmp_path / run / name / "retrain" / "checkpoints" / "last.pt", weights_only=True)["model"]
                 for run in ("one", "two"))
         assert a.keys() == b.keys(), name
         diff = torch.cat([(a[k].float() - b[k].float()).abs().flatten() for k in a])
-        assert (diff <= 1e-5).float().mean() >= 0.99 and diff.max() <= lr * steps, (name, diff.max().item())
+        assert diff.max() <= 1e-4, (name, diff.max().item())
