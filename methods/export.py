@@ -18,8 +18,8 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
-from supernet import (AdapterError, atomic_write, load_space, read_metadata, read_safetensors, state_dict_mismatch,
-                      timm_classifier_outputs)
+from supernet import AdapterError, atomic_write, load_space, read_metadata, read_safetensors, state_dict_mismatch
+from supernet.export import model_from_metadata
 
 from . import get
 from .base import Method, MethodError
@@ -70,22 +70,8 @@ def load_adapted(model: nn.Module, path: str | os.PathLike) -> nn.Module:
 
 def create_adapted_model(path: str | os.PathLike) -> nn.Module:
     """The adapted model of an ``adapted.safetensors``, from the file alone, in eval mode."""
-    import timm
-
     tensors, meta = read_safetensors(path)
-    name = meta.get("model")
-    if not name:
-        raise AdapterError(f"{path}: its metadata names no model")
-    try:
-        kwargs = json.loads(meta.get("kwargs") or "{}")
-    except ValueError:
-        raise AdapterError(f"{path}: metadata 'kwargs' is not JSON") from None
-    num_classes = timm_classifier_outputs(name, kwargs, tensors)
-    try:
-        model = timm.create_model(name, pretrained=False, **({"num_classes": num_classes} if num_classes else {}), **kwargs)
-    except (TypeError, RuntimeError) as err:
-        raise AdapterError(f"{path}: cannot create its model {name!r} with {kwargs} ({str(err)[:200]})") from None
-    return load_adapted(model, path).eval()
+    return load_adapted(model_from_metadata(path, tensors, meta), path).eval()
 
 
 @torch.no_grad()

@@ -119,24 +119,29 @@ def load_merged(model: nn.Module, source: str | os.PathLike | Mapping[str, torch
     return model
 
 
-def create_merged_model(path: str | os.PathLike) -> nn.Module:
-    """The ordinary timm model in ``retrain.py``'s ``merged.safetensors``, from the file alone: the
-    architecture from its metadata (``model``, ``kwargs``), the classifier's size from its weights,
-    loaded strictly (with any biases the merge added, see :func:`load_merged`), in eval mode."""
+def model_from_metadata(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, str]) -> nn.Module:
+    """A fresh timm model as an exported file's metadata describes it (``model``, ``kwargs``), with
+    the classifier sized from its weights; weights not loaded."""
     import timm
 
-    tensors, meta = read_safetensors(path)
     name = meta.get("model")
     if not name:
-        raise AdapterError(f"{path}: its metadata names no model (retrain.py's merged.safetensors does); "
-                           "build the model yourself and use load_merged(model, path)")
+        raise AdapterError(f"{path}: its metadata names no model (retrain.py's exports do); "
+                           "build the model yourself and load the weights into it")
     try:
         kwargs = json.loads(meta.get("kwargs") or "{}")
     except ValueError:
         raise AdapterError(f"{path}: metadata 'kwargs' is not JSON: {meta['kwargs'][:100]!r}") from None
     num_classes = timm_classifier_outputs(name, kwargs, tensors)
     try:
-        model = timm.create_model(name, pretrained=False, **({"num_classes": num_classes} if num_classes else {}), **kwargs)
+        return timm.create_model(name, pretrained=False, **({"num_classes": num_classes} if num_classes else {}), **kwargs)
     except (TypeError, RuntimeError) as err:
         raise AdapterError(f"{path}: cannot create its model {name!r} with {kwargs} ({str(err)[:200]})") from None
-    return load_merged(model, tensors, str(path)).eval()
+
+
+def create_merged_model(path: str | os.PathLike) -> nn.Module:
+    """The ordinary timm model in ``retrain.py``'s ``merged.safetensors``, from the file alone: the
+    architecture from its metadata (``model``, ``kwargs``), the classifier's size from its weights,
+    loaded strictly (with any biases the merge added, see :func:`load_merged`), in eval mode."""
+    tensors, meta = read_safetensors(path)
+    return load_merged(model_from_metadata(path, tensors, meta), tensors, str(path)).eval()
