@@ -162,6 +162,9 @@ class SearchConfig:
     min_params: int | None = field(default=None, metadata=check(_non_negative))
     seed: int = 0
     eval_batch_size: int = field(default=128, metadata=check(_positive))
+    # The autocast candidates are scored under (a search started before this key existed used train.precision)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    device: str = "auto"  # auto | cpu | cuda (a search started before this key existed used train.device)
     resume: str = "auto"  # auto | never
     compile: bool = False  # torch.compile the merged model that scores the candidates
     compile_mode: CompileMode = "default"  # with compile: true
@@ -407,6 +410,8 @@ def _semantic_checks(cfg: RunConfig, base_dir: Path, problems: list[str]) -> Non
         t = getattr(cfg, section)
         if t.resume not in ("auto", "never") and not Path(t.resume).is_file():
             problems.append(f"{section}.resume: expected auto, never or an existing checkpoint file, got {t.resume!r}")
+    for section in ("train", "search", "retrain"):
+        t = getattr(cfg, section)
         if t.device not in ("auto", "cpu", "cuda"):
             problems.append(f"{section}.device: expected one of auto, cpu, cuda, got {t.device!r}")
     if cfg.train.compile:
