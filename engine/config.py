@@ -15,6 +15,7 @@ types, out-of-range values, missing files) and raises one :class:`ConfigError`.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import os
@@ -27,7 +28,7 @@ from typing import Any, Literal
 import yaml
 
 import methods
-from supernet import SpaceError, load_space
+from supernet import SearchSpace, SpaceError, load_space
 
 from .compiling import COMPILE_MODES
 from .mnist import MNIST_IMAGES
@@ -191,6 +192,18 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
     retrain: RetrainConfig = field(default_factory=RetrainConfig)
+
+    def __post_init__(self) -> None:
+        # Not a field: to_dict (config.yaml, fingerprints) and the reference keep `space` as given.
+        self._parsed_space: tuple[Any, SearchSpace] | None = None  # (the `space` it was parsed from, the space)
+
+    @property
+    def search_space(self) -> SearchSpace:
+        """``space`` as a validated :class:`supernet.SearchSpace`: parsed once, by the checks that
+        load_config and config_from_dict run, and again only where ``space`` was changed since."""
+        if self._parsed_space is None or self._parsed_space[0] != self.space:
+            self._parsed_space = (copy.deepcopy(self.space), load_space(self.space))
+        return self._parsed_space[1]
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -384,21 +397,15 @@ def _semantic_checks(cfg: RunConfig, base_dir: Path, problems: list[str]) -> Non
         problems.append("data.task: required for data.kind vtab1k")
     if d.kind == "fewshot" and not d.dataset:
         problems.append("data.dataset: required for data.kind fewshot")
-    if isinstance(cfg.space, str):
-        found = resolve_space(cfg.space, base_dir)
-        if found is None:
-            shipped = ", ".join(p.stem for p in sorted(SHIPPED_SPACES.glob("*.yaml")))
-            problems.append(f"space: file not found: {cfg.space} (looked in the working directory, next to the config in "
-                            f"{base_dir}, and among the shipped spaces{': ' + shipped if shipped else ''})")
-        else:
-            cfg.space = found
-            try:
-                load_space(cfg.space)
-            except SpaceError as err:
-                problems.append(f"space: {err}")
+    found = resolve_space(cfg.space, base_dir) if isinstance(cfg.space, str) else cfg.space  # inline: as it is
+    if isinstance(cfg.space, str) and found is None:
+        shipped = ", ".join(p.stem for p in sorted(SHIPPED_SPACES.glob("*.yaml")))
+        problems.append(f"space: file not found: {cfg.space} (looked in the working directory, next to the config in "
+                        f"{base_dir}, and among the shipped spaces{': ' + shipped if shipped else ''})")
     else:
+        cfg.space = found
         try:
-            load_space(cfg.space)
+            cfg.search_space  # parsed and validated here, once: the stages use this object
         except SpaceError as err:
             problems.append(f"space: {err}")
     s = cfg.search
