@@ -50,8 +50,7 @@ def main(stage: str, argv=None, doc: str | None = None) -> int:
     info = None
     try:
         cfg = load_config(args.config, args.set)
-        section = {"train": cfg.train, "retrain": cfg.retrain, "search": cfg.train}[stage]
-        info = dist.setup(section.device, f"{'retrain' if stage == 'retrain' else 'train'}.device")
+        info = dist.setup(getattr(cfg, stage).device, f"{stage}.device")
         status = runner(cfg, info, args.config, overwrite=args.overwrite)
     except INPUT_ERRORS as err:
         return _fail(str(err) if isinstance(err, ConfigError) else f"{args.config}: {err}", 2)

@@ -15,6 +15,7 @@ types, out-of-range values, missing files) and raises one :class:`ConfigError`.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import os
@@ -27,7 +28,7 @@ from typing import Any, Literal
 import yaml
 
 import methods
-from supernet import SpaceError, load_space
+from supernet import SearchSpace, SpaceError, load_space
 
 from .compiling import COMPILE_MODES
 from .mnist import MNIST_IMAGES
@@ -162,6 +163,9 @@ class SearchConfig:
     min_params: int | None = field(default=None, metadata=check(_non_negative))
     seed: int = 0
     eval_batch_size: int = field(default=128, metadata=check(_positive))
+    # The autocast candidates are scored under (a search started before this key existed used train.precision)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    device: str = "auto"  # auto | cpu | cuda (a search started before this key existed used train.device)
     resume: str = "auto"  # auto | never
     compile: bool = False  # torch.compile the merged model that scores the candidates
     compile_mode: CompileMode = "default"  # with compile: true
@@ -188,6 +192,18 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
     retrain: RetrainConfig = field(default_factory=RetrainConfig)
+
+    def __post_init__(self) -> None:
+        # Not a field: to_dict (config.yaml, fingerprints) and the reference keep `space` as given.
+        self._parsed_space: tuple[Any, SearchSpace] | None = None  # (the `space` it was parsed from, the space)
+
+    @property
+    def search_space(self) -> SearchSpace:
+        """``space`` as a validated :class:`supernet.SearchSpace`: parsed once, by the checks that
+        load_config and config_from_dict run, and again only where ``space`` was changed since."""
+        if self._parsed_space is None or self._parsed_space[0] != self.space:
+            self._parsed_space = (copy.deepcopy(self.space), load_space(self.space))
+        return self._parsed_space[1]
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -381,21 +397,15 @@ def _semantic_checks(cfg: RunConfig, base_dir: Path, problems: list[str]) -> Non
         problems.append("data.task: required for data.kind vtab1k")
     if d.kind == "fewshot" and not d.dataset:
         problems.append("data.dataset: required for data.kind fewshot")
-    if isinstance(cfg.space, str):
-        found = resolve_space(cfg.space, base_dir)
-        if found is None:
-            shipped = ", ".join(p.stem for p in sorted(SHIPPED_SPACES.glob("*.yaml")))
-            problems.append(f"space: file not found: {cfg.space} (looked in the working directory, next to the config in "
-                            f"{base_dir}, and among the shipped spaces{': ' + shipped if shipped else ''})")
-        else:
-            cfg.space = found
-            try:
-                load_space(cfg.space)
-            except SpaceError as err:
-                problems.append(f"space: {err}")
+    found = resolve_space(cfg.space, base_dir) if isinstance(cfg.space, str) else cfg.space  # inline: as it is
+    if isinstance(cfg.space, str) and found is None:
+        shipped = ", ".join(p.stem for p in sorted(SHIPPED_SPACES.glob("*.yaml")))
+        problems.append(f"space: file not found: {cfg.space} (looked in the working directory, next to the config in "
+                        f"{base_dir}, and among the shipped spaces{': ' + shipped if shipped else ''})")
     else:
+        cfg.space = found
         try:
-            load_space(cfg.space)
+            cfg.search_space  # parsed and validated here, once: the stages use this object
         except SpaceError as err:
             problems.append(f"space: {err}")
     s = cfg.search
@@ -407,6 +417,8 @@ def _semantic_checks(cfg: RunConfig, base_dir: Path, problems: list[str]) -> Non
         t = getattr(cfg, section)
         if t.resume not in ("auto", "never") and not Path(t.resume).is_file():
             problems.append(f"{section}.resume: expected auto, never or an existing checkpoint file, got {t.resume!r}")
+    for section in ("train", "search", "retrain"):
+        t = getattr(cfg, section)
         if t.device not in ("auto", "cpu", "cuda"):
             problems.append(f"{section}.device: expected one of auto, cpu, cuda, got {t.device!r}")
     if cfg.train.compile:

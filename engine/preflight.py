@@ -17,9 +17,11 @@ import os
 import signal
 import threading
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # engine.config imports this module lazily; the types only, to avoid a cycle
+    from supernet import SearchSpace
+
     from .config import ModelConfig, RunConfig
 
 # A meta build of any real backbone takes well under a second and a few MB; only an absurd size
@@ -219,10 +221,24 @@ def _checkpoint_problem(model, path: str) -> str | None:
     return f"model.checkpoint: {path}: does not fit {type(model).__name__}: {problems}" if problems else None
 
 
+class _Unkeyed:
+    """An argument :func:`_check`'s cache passes through without keying on it (the key holds its content)."""
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def __hash__(self) -> int:
+        return 0
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Unkeyed)
+
+
 @functools.lru_cache(maxsize=32)
-def _check(key: str) -> tuple[tuple[str, ...], int | None, int | None]:
+def _check(key: str, parsed: _Unkeyed) -> tuple[tuple[str, ...], int | None, int | None]:
     """(problems, smallest and largest adapter parameter counts of the space) for one JSON-encoded
-    set of inputs: a sweep validates the same model for every combination, the tests hundreds of times."""
+    set of inputs: a sweep validates the same model for every combination, the tests hundreds of times.
+    ``parsed``: the space the key describes, as the run config parsed it."""
     from supernet import SpaceError, apply_glora, choice_costs, load_subnet, set_subnet
 
     from .config import ModelConfig
@@ -259,10 +275,10 @@ def _check(key: str) -> tuple[tuple[str, ...], int | None, int | None]:
     if too_big:  # the adapters would only add to it
         return tuple(p for p in (*problems, too_big) if p), None, None
     try:
-        apply_glora(model, k["space"][0])
+        apply_glora(model, parsed.value)
     except (Exception, _TooSlow) as err:  # SpaceError names the space file and the pattern already
         text = str(err) if isinstance(err, SpaceError) else f"cannot be applied to {cfg.name} ({_reason(err)})"
-        culprit = _space_culprit(cfg, num_classes, k["space"][0])
+        culprit = _space_culprit(cfg, num_classes, parsed.value)
         problems.append(f"model.kwargs.{culprit}: with {culprit}: {cfg.kwargs[culprit]!r} the space does not fit the model: {text}"
                         if culprit else f"space: {text}")
         return tuple(p for p in problems if p), None, None
@@ -275,14 +291,14 @@ def _check(key: str) -> tuple[tuple[str, ...], int | None, int | None]:
         except Exception as err:
             problems.append(f"retrain.subnet: {err}" if isinstance(err, SpaceError) else f"retrain.subnet: {_reason(err)}")
     if k["preset"]:
-        problems.append(_check_preset(cfg, num_classes, k["preset"], k["space"][0]))
+        problems.append(_check_preset(cfg, num_classes, k["preset"], parsed.value))
     costs = choice_costs(model)
     low = sum(min(per.values()) for layer in costs.values() for per in layer.values())
     high = sum(max(per.values()) for layer in costs.values() for per in layer.values())
     return tuple(p for p in problems if p), low, high
 
 
-def _space_culprit(cfg: "ModelConfig", num_classes: int, space) -> str | None:
+def _space_culprit(cfg: "ModelConfig", num_classes: int, space: "SearchSpace") -> str | None:
     """The one model.kwargs key without which the space applies (depth: 0 leaves no layer to adapt)."""
     from supernet import apply_glora
 
@@ -297,10 +313,8 @@ def _space_culprit(cfg: "ModelConfig", num_classes: int, space) -> str | None:
     return None
 
 
-def _check_preset(cfg: "ModelConfig", num_classes: int, preset: dict, space) -> str | None:
+def _check_preset(cfg: "ModelConfig", num_classes: int, preset: dict, space: "SearchSpace") -> str | None:
     """retrain.preset's method (at retrain.rank, with retrain.method_args) applied to a fresh model."""
-    from supernet import load_space
-
     from .config import RetrainConfig, method_settings
 
     method, settings = method_settings(RetrainConfig(**preset))
@@ -308,7 +322,7 @@ def _check_preset(cfg: "ModelConfig", num_classes: int, preset: dict, space) -> 
     try:
         with _guarded():
             model = meta_model(cfg, num_classes)
-            method.apply(model, settings, load_space(space))
+            method.apply(model, settings, space)
     except (Exception, _TooSlow) as err:
         return f"{key}: {method.name} cannot be applied to {cfg.name} ({_reason(err)})"
     return _too_big(model, key, f"the model with {method.name}'s parameters")
@@ -318,8 +332,6 @@ def check_model(cfg: "RunConfig", problems: list[str]) -> tuple[int, int] | None
     """Append the problems of building ``cfg``'s model, applying its space (and retrain's sub-network
     or preset) on the meta device; returns the space's smallest and largest adapter parameter counts
     (for the budget check), or None where the build failed."""
-    from supernet import load_space
-
     d = cfg.data
     # demo_classes outside 2..4 is the demo data's to refuse (one line, when the stage builds it)
     num_classes = d.num_classes or (min(max(d.demo_classes, 2), 4) if d.kind == "demo" else 10 if d.kind == "mnist" else 2)
@@ -331,11 +343,11 @@ def check_model(cfg: "RunConfig", problems: list[str]) -> tuple[int, int] | None
     key = json.dumps({
         "model": dataclasses.asdict(cfg.model), "num_classes": num_classes, "num_classes_given": d.num_classes is not None,
         "img_size": d.img_size,
-        "space": [cfg.space, load_space(cfg.space).to_dict()], "preset": preset, "seconds": BUILD_SECONDS,
+        "space": [cfg.space, cfg.search_space.to_dict()], "preset": preset, "seconds": BUILD_SECONDS,
         "scratch": cfg.retrain.init == "scratch",
         # a sub-network file is part of the key with its modification time: edited, it is checked again
         "subnet": [subnet, os.stat(subnet).st_mtime_ns] if subnet and os.path.isfile(subnet) else None,
     }, sort_keys=True, default=str)
-    found, low, high = _check(key)
+    found, low, high = _check(key, _Unkeyed(cfg.search_space))
     problems.extend(found)
     return None if low is None else (low, high)

@@ -31,14 +31,23 @@ _VOLATILE = {"resume", "device", "compile", "compile_mode", "stop_at_step", "fai
              "micro_batch_size", "grad_checkpointing"}  # may change between a run and its resumption
 
 
-# Keys added after runs existed, with the value that reproduces how such runs behaved: at that
-# value a key is left out of fingerprints and comparisons, so those runs still resume.
-_ADDED_KEYS = {("data", "normalize"): "imagenet"}
+# Keys added after runs existed, with the value (given the whole config) that reproduces how such
+# runs behaved: at that value a key is left out of fingerprints and comparisons, so those runs still
+# resume; at another, it is a difference, and the refusal names the value that would resume them.
+_ADDED_KEYS = {
+    ("data", "normalize"): lambda cfg: "imagenet",
+    ("search", "precision"): lambda cfg: (cfg.get("train") or {}).get("precision", "fp32"),  # scored in train's before
+}
 
 
 # May differ between a run and its resumption because nothing done so far depends on them: a search
 # resumed with more generations goes on where it stopped. (Not train.epochs: the schedule depends on it.)
 _EXTENDABLE = {("search", "generations")}
+
+
+def _as_before(cfg_dict: dict, section: str, key: str, value) -> bool:
+    """``section.key`` is a key added later, at the value that reproduces how runs made before behaved."""
+    return (section, key) in _ADDED_KEYS and _ADDED_KEYS[section, key](cfg_dict) == value
 
 
 def relevant_config(cfg_dict: dict, stage: str, legacy: bool = False) -> dict:
@@ -47,7 +56,7 @@ def relevant_config(cfg_dict: dict, stage: str, legacy: bool = False) -> dict:
         value = cfg_dict.get(section)
         if isinstance(value, dict):
             value = {k: v for k, v in value.items()
-                     if k not in _VOLATILE and not ((section, k) in _ADDED_KEYS and _ADDED_KEYS[section, k] == v)
+                     if k not in _VOLATILE and not _as_before(cfg_dict, section, k, v)
                      and (legacy or (section, k) not in _EXTENDABLE)}
         out[section] = value
     return out
@@ -55,7 +64,9 @@ def relevant_config(cfg_dict: dict, stage: str, legacy: bool = False) -> dict:
 
 def fingerprint(cfg: RunConfig, stage: str, legacy: bool = False) -> str:
     """A digest of what a stage's result depends on. ``legacy``: as computed before _EXTENDABLE keys
-    were left out, which the states of runs started then carry."""
+    were left out, which the states of runs started then carry. Either way a key added since
+    (_ADDED_KEYS) is left out at the value that reproduces the runs made before it, so their digests
+    still match at that value."""
     blob = json.dumps(relevant_config(cfg.to_dict(), stage, legacy), sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -73,8 +84,12 @@ def guard_output_dir(stage_dir: Path, cfg: RunConfig, stage: str, source: str, o
         old = {}
     diffs = config_differences(relevant_config(old, stage), relevant_config(cfg.to_dict(), stage))
     if diffs:
+        # a key the earlier run's config predates: name the value it ran with
+        before = [f"{section}.{key}={_ADDED_KEYS[section, key](old)}" for section, key in _ADDED_KEYS
+                  if f"{section}.{key}" in diffs[:5] and isinstance(old.get(section), dict) and key not in old[section]]
+        hint = f"; it predates {', '.join(k.split('=')[0] for k in before)}: --set {' --set '.join(before)} resumes it" if before else ""
         raise ConfigError(source, [f"output_dir: {stage_dir} holds a {stage} run with a different configuration "
-                                   f"({', '.join(diffs[:5])}); choose another output_dir or pass --overwrite"])
+                                   f"({', '.join(diffs[:5])}){hint}; choose another output_dir or pass --overwrite"])
 
 
 def config_differences(old: dict, new: dict) -> list[str]:

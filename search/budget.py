@@ -1,6 +1,6 @@
-"""The discrete search space seen by the search algorithm, and parameter-budget sampling.
+"""The choice grid the search algorithm samples from, and parameter-budget sampling.
 
-The search never looks at a model: a space is just, per layer and per support tensor
+The search never looks at a model: its :class:`ChoiceGrid` is just, per layer and per support tensor
 (A..E), an ordered list of choice strings and the parameter count each choice costs.
 Because the count of a sub-network is additive over (layer, tensor) slots, budget
 questions reduce to sums over slots:
@@ -62,8 +62,9 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-class SearchSpace:
-    """Validated ``choices`` + ``costs`` flattened into an ordered list of slots."""
+class ChoiceGrid:
+    """Validated ``choices`` + ``costs`` flattened into an ordered list of slots: the encoded grid the
+    evolution samples from (not the user-facing :class:`supernet.SearchSpace`, from which it is derived)."""
 
     def __init__(
         self,
@@ -155,7 +156,7 @@ class SearchSpace:
 
 
 class Budget:
-    """Inclusive bounds ``[min_params, max_params]`` on a space, with a sampler that respects them.
+    """Inclusive bounds ``[min_params, max_params]`` on a grid, with a sampler that respects them.
 
     The constructor raises :class:`BudgetError` when no configuration fits.
 
@@ -170,15 +171,15 @@ class Budget:
       minimum and truncated to the slack ``max_params - min_total``), which never dead-ends.
     """
 
-    def __init__(self, space: SearchSpace, min_params: int | None, max_params: int | None) -> None:
-        self.space = space
+    def __init__(self, grid: ChoiceGrid, min_params: int | None, max_params: int | None) -> None:
+        self.grid = grid
         self.min_params = min_params
         self.max_params = max_params
-        lo_binding = min_params is not None and min_params > space.min_total
-        hi_binding = max_params is not None and max_params < space.max_total
+        lo_binding = min_params is not None and min_params > grid.min_total
+        hi_binding = max_params is not None and max_params < grid.max_total
         self._check_interval()
-        slack = (max_params - space.min_total) if max_params is not None else 0
-        self.exact = lo_binding and hi_binding and len(space) * (slack + 1) <= EXACT_MODE_MAX_BITS
+        slack = (max_params - grid.min_total) if max_params is not None else 0
+        self.exact = lo_binding and hi_binding and len(grid) * (slack + 1) <= EXACT_MODE_MAX_BITS
         if self.exact:
             self._check_exact(slack)
 
@@ -186,20 +187,20 @@ class Budget:
     def _describe(self) -> str:
         # plain integers (no thousands separators) so the numbers can be grepped / compared
         return (
-            f"smallest possible count is {self.space.min_total} and largest possible is "
-            f"{self.space.max_total}, but the budget asks for "
+            f"smallest possible count is {self.grid.min_total} and largest possible is "
+            f"{self.grid.max_total}, but the budget asks for "
             f"min_params={self.min_params}, max_params={self.max_params}"
         )
 
     def _check_interval(self) -> None:
-        if self.max_params is not None and self.max_params < self.space.min_total:
+        if self.max_params is not None and self.max_params < self.grid.min_total:
             raise BudgetError(f"parameter budget is infeasible: {self._describe()}")
-        if self.min_params is not None and self.min_params > self.space.max_total:
+        if self.min_params is not None and self.min_params > self.grid.max_total:
             raise BudgetError(f"parameter budget is infeasible: {self._describe()}")
 
     def _check_exact(self, slack: int) -> None:
-        reach = self._reachable(range(len(self.space)), slack)[0]
-        if not self._has_bit(reach, self.min_params - self.space.min_total, slack):
+        reach = self._reachable(range(len(self.grid)), slack)[0]
+        if not self._has_bit(reach, self.min_params - self.grid.min_total, slack):
             raise BudgetError(
                 "parameter budget is infeasible: no combination of choices has a count inside "
                 f"[min_params, max_params] although the window lies within the possible range; {self._describe()}"
@@ -219,7 +220,7 @@ class Budget:
         out = [0] * (len(order) + 1)
         out[-1] = 1  # empty suffix: sum 0
         for pos in range(len(order) - 1, -1, -1):
-            slot = self.space.slots[order[pos]]
+            slot = self.grid.slots[order[pos]]
             nxt, acc = out[pos + 1], 0
             for c in set(slot.costs):
                 shift = c - slot.min_cost
@@ -244,25 +245,25 @@ class Budget:
         result is always within budget. Returns None only on a dead end, which can happen
         solely with two binding bounds outside exact mode (caller retries).
         """
-        space = self.space
-        n = len(space)
+        grid = self.grid
+        n = len(grid)
         order = torch.randperm(n, generator=gen).tolist()
         draws = torch.rand(n, generator=gen, dtype=torch.float64).tolist()
         lo = self.min_params if self.min_params is not None else -1
-        hi = self.max_params if self.max_params is not None else space.max_total
+        hi = self.max_params if self.max_params is not None else grid.max_total
         # suffix min/max sums over the visiting order
         suf_min = [0] * (n + 1)
         suf_max = [0] * (n + 1)
         for pos in range(n - 1, -1, -1):
-            slot = space.slots[order[pos]]
+            slot = grid.slots[order[pos]]
             suf_min[pos] = suf_min[pos + 1] + slot.min_cost
             suf_max[pos] = suf_max[pos + 1] + slot.max_cost
-        reach = self._reachable(order, hi - space.min_total) if self.exact else None
+        reach = self._reachable(order, hi - grid.min_total) if self.exact else None
 
         key = [0] * n
         total = 0
         for pos, slot_id in enumerate(order):
-            slot = space.slots[slot_id]
+            slot = grid.slots[slot_id]
             allowed = []
             for i, c in enumerate(slot.costs):
                 t = total + c

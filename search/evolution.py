@@ -23,7 +23,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from .budget import Budget, BudgetError, Config, Key, SearchSpace
+from .budget import Budget, BudgetError, Config, Key, ChoiceGrid
 
 __all__ = ["EvolutionSettings", "EvolutionSearch", "BudgetError"]
 
@@ -93,12 +93,12 @@ class EvolutionSearch:
         costs: Mapping[str, Mapping[str, Mapping[str, int]]],
         settings: EvolutionSettings | None = None,
     ) -> None:
-        self.space = SearchSpace(choices, costs)
+        self.grid = ChoiceGrid(choices, costs)
         self._setup(settings if settings is not None else EvolutionSettings())
 
     def _setup(self, settings: EvolutionSettings) -> None:
         self.settings = settings
-        self.budget = Budget(self.space, settings.min_params, settings.max_params)  # may raise BudgetError
+        self.budget = Budget(self.grid, settings.min_params, settings.max_params)  # may raise BudgetError
         self._gen = torch.Generator().manual_seed(settings.seed)
         self._generation = 0
         # history entries keep the index key; configs are decoded on demand
@@ -128,17 +128,17 @@ class EvolutionSearch:
     @property
     def history(self) -> list[dict[str, Any]]:
         return [
-            {"generation": g, "config": self.space.decode(k), "params": p, "score": s}
+            {"generation": g, "config": self.grid.decode(k), "params": p, "score": s}
             for g, k, p, s in self._history
         ]
 
     def cost(self, config: Mapping[str, Mapping[str, str]]) -> int:
         """Parameter count of a configuration (sum of per-slot choice costs)."""
-        return self.space.cost(self.space.encode(config))
+        return self.grid.cost(self.grid.encode(config))
 
     def _entry(self, index: int) -> Candidate:
         _, key, params, score = self._history[index]
-        return self.space.decode(key), score, params
+        return self.grid.decode(key), score, params
 
     # ---- ask / tell ------------------------------------------------------------------------
     def ask(self) -> list[Config]:
@@ -150,7 +150,7 @@ class EvolutionSearch:
             return []
         if self._pending is None:
             self._pending = self._propose()
-        return [self.space.decode(k) for k in self._pending]
+        return [self.grid.decode(k) for k in self._pending]
 
     def tell(self, scores: Sequence[float]) -> None:
         """Record scores for the batch of the last ask() (same order) and advance a generation."""
@@ -160,7 +160,7 @@ class EvolutionSearch:
         if len(scores) != len(self._pending):
             raise ValueError(f"tell() got {len(scores)} scores for {len(self._pending)} candidates")
         for key, score in zip(self._pending, scores):
-            self._history.append((self._generation, key, self.space.cost(key), float(score)))
+            self._history.append((self._generation, key, self.grid.cost(key), float(score)))
             self._seen.add(key)
         self._update_top(len(self._history) - len(scores))
         self._pending = None
@@ -201,7 +201,7 @@ class EvolutionSearch:
             for _ in range(count):
                 for _ in range(s.max_tries):
                     key = make()
-                    if key is not None and key not in taken and self.budget.admits(self.space.cost(key)):
+                    if key is not None and key not in taken and self.budget.admits(self.grid.cost(key)):
                         taken.add(key)
                         batch.append(key)
                         break
@@ -224,9 +224,9 @@ class EvolutionSearch:
     def _mutant(self) -> Key:
         """Each slot of a random top-k parent is re-drawn uniformly with prob mutation_prob."""
         parent = self._parent()
-        n = len(self.space)
+        n = len(self.grid)
         flips = torch.rand(n, generator=self._gen, dtype=torch.float64).tolist()
-        fresh = self.space.sample_uniform(self._gen)
+        fresh = self.grid.sample_uniform(self._gen)
         p = self.settings.mutation_prob
         return tuple(f if u < p else k for k, f, u in zip(parent, fresh, flips))
 
@@ -234,14 +234,14 @@ class EvolutionSearch:
         """Each slot taken from one of two distinct top-k parents with prob 0.5."""
         a, b = torch.randperm(len(self._top), generator=self._gen)[:2].tolist()
         pa, pb = self._history[self._top[a]][1], self._history[self._top[b]][1]
-        coin = torch.rand(len(self.space), generator=self._gen, dtype=torch.float64).tolist()
+        coin = torch.rand(len(self.grid), generator=self._gen, dtype=torch.float64).tolist()
         return tuple(x if u < 0.5 else y for x, y, u in zip(pa, pb, coin))
 
     def _random_candidate(self) -> Key | None:
         """Uniform draws first (paper's distribution); budget-guided sampler if they keep failing."""
         for _ in range(UNIFORM_TRIES):
-            key = self.space.sample_uniform(self._gen)
-            if self.budget.admits(self.space.cost(key)):
+            key = self.grid.sample_uniform(self._gen)
+            if self.budget.admits(self.grid.cost(key)):
                 return key
         return self.budget.sample(self._gen)
 
@@ -251,12 +251,12 @@ class EvolutionSearch:
         return {
             "version": STATE_VERSION,
             "settings": asdict(self.settings),
-            "choices": copy.deepcopy(self.space.choices_plain),
-            "costs": copy.deepcopy(self.space.costs_plain),
+            "choices": copy.deepcopy(self.grid.choices_plain),
+            "costs": copy.deepcopy(self.grid.costs_plain),
             "generation": self._generation,
             "history": self.history,
             "top_k": list(self._top),
-            "pending": None if self._pending is None else [self.space.decode(k) for k in self._pending],
+            "pending": None if self._pending is None else [self.grid.decode(k) for k in self._pending],
             "rng_state": self._gen.get_state().clone(),
         }
 
@@ -266,17 +266,17 @@ class EvolutionSearch:
         depends on it)."""
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"unsupported search state version {state.get('version')!r}")
-        if state["choices"] != self.space.choices_plain or state["costs"] != self.space.costs_plain:
+        if state["choices"] != self.grid.choices_plain or state["costs"] != self.grid.costs_plain:
             raise ValueError("search state was saved for a different search space (choices or costs differ)")
         known = {f.name for f in fields(EvolutionSettings)}
         saved = {k: v for k, v in state["settings"].items() if k in known}
         self._setup(EvolutionSettings(**{**saved, **({"generations": generations} if generations is not None else {})}))
         for h in state["history"]:
-            key = self.space.encode(h["config"])
+            key = self.grid.encode(h["config"])
             self._history.append((int(h["generation"]), key, int(h["params"]), float(h["score"])))
             self._seen.add(key)
         self._top = [int(i) for i in state["top_k"]]
         self._generation = int(state["generation"])
         pending = state.get("pending")
-        self._pending = None if pending is None else [self.space.encode(c) for c in pending]
+        self._pending = None if pending is None else [self.grid.encode(c) for c in pending]
         self._gen.set_state(torch.as_tensor(state["rng_state"], dtype=torch.uint8).clone())

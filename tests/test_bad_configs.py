@@ -53,7 +53,7 @@ def test_real_cli_exit_status(script, tmp_path):
     assert "Traceback" not in proc.stderr and not (tmp_path / "o").exists()
 
 
-@pytest.mark.parametrize("stage,key", [("train", "train.device"), ("search", "train.device"), ("retrain", "retrain.device")])
+@pytest.mark.parametrize("stage,key", [("train", "train.device"), ("search", "search.device"), ("retrain", "retrain.device")])
 @pytest.mark.parametrize("cuda_devices,local_rank,needle", [
     (0, "0", "cuda was asked for but torch sees no CUDA device"),
     (2, "2", "LOCAL_RANK 2 but 2 CUDA devices are visible"),  # torchrun started more processes than GPUs

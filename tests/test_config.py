@@ -137,6 +137,36 @@ def test_space_found_from_any_working_directory(tmp_path, monkeypatch):
         load_config(p, ["space=huge"])
 
 
+def test_the_space_is_parsed_once_when_the_config_loads(tmp_path, monkeypatch):
+    """load_config and config_from_dict keep the parsed space on the config (search_space), so the
+    stages do not parse it again; `space` stays as given (to_dict, config.yaml, fingerprints and the
+    configuration reference hold no parsed copy), and a config whose `space` changes since is parsed anew."""
+    import dataclasses
+
+    import engine.config as C
+    from runcfg import tiny_config
+
+    parses = []
+    real = C.load_space
+    monkeypatch.setattr(C, "load_space", lambda space: parses.append(space) or real(space))
+    small = str(ROOT / "configs" / "space" / "small.yaml")
+    for make in (lambda: load_config(write_config(tmp_path / "c.yaml", tmp_path / "out", space=small)),
+                 lambda: C.config_from_dict(tiny_config(tmp_path / "out", space=yaml.safe_load(open(small))))):
+        cfg = make()
+        assert len(parses) == 1
+        space = cfg.search_space
+        assert cfg.search_space is space and len(parses) == 1 and space.to_dict() == real(small).to_dict()
+        assert list(cfg.to_dict()) == [f.name for f in dataclasses.fields(cfg)] and "search_space" not in repr(cfg)
+        assert cfg.to_dict()["space"] in (small, yaml.safe_load(open(small)))
+        parses.clear()
+    cfg.space = str(ROOT / "configs" / "space" / "large.yaml")
+    assert cfg.search_space.source == cfg.space and len(parses) == 1
+    cfg.space = yaml.safe_load(open(small))
+    cfg.space["choices"]["A"] = ["none"]  # changed in place, after being parsed
+    assert cfg.search_space.to_dict()["choices"]["A"] == ["none"]
+    assert "search_space" not in (ROOT / "docs" / "configuration.md").read_text()
+
+
 def test_data_normalize_resolves_and_keeps_older_runs_resumable(tmp_path):
     """data.normalize: model gives the backbone's pre-training mean/std (0.5 for timm's ViTs), imagenet
     (the default) ImageNet's. A run written before the key existed compares equal to one at the default,

@@ -117,14 +117,12 @@ def _forward_on_cpu(cfg, seen: set) -> None:
 
     size = probe_input(cfg)[0]
     num_classes = cfg.data.num_classes or min(cfg.data.demo_classes, 4)  # more: the demo data refuses it, in the stage
-    from supernet import load_space
-
-    key = yaml.safe_dump([dataclasses.asdict(cfg.model), load_space(cfg.space).to_dict(), size, num_classes])
+    key = yaml.safe_dump([dataclasses.asdict(cfg.model), cfg.search_space.to_dict(), size, num_classes])
     if key in seen:
         return
     seen.add(key)
     model = build_model(cfg.model, num_classes)
-    apply_glora(model, cfg.space)
+    apply_glora(model, cfg.search_space)
     with torch.no_grad():
         assert model(torch.zeros(2, 3, size, size)).shape == (2, num_classes)
 

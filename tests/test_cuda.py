@@ -117,7 +117,8 @@ def test_pipeline_on_cuda(tmp_path, precision):
     """train -> search -> retrain with the model on the GPU; the merged export is an ordinary timm state dict."""
     info = dist.setup("cuda")
     assert info.device.type == "cuda"
-    sections = dict(train={"device": "cuda", "precision": precision}, retrain={"device": "cuda", "precision": precision})
+    sections = dict(train={"device": "cuda", "precision": precision}, search={"device": "cuda", "precision": precision},
+                    retrain={"device": "cuda", "precision": precision})
     cfg = config_from_dict(tiny_config(tmp_path / "run", **sections))
     assert run_train(cfg, info, "t.yaml") == "done"
     losses = [json.loads(l)["loss"] for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"train"' in l]

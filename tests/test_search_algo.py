@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from search import Budget, BudgetError, EvolutionSearch, EvolutionSettings, SearchSpace
+from search import Budget, BudgetError, EvolutionSearch, EvolutionSettings, ChoiceGrid
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -87,7 +87,7 @@ def run_search(choices, costs, settings, scorer=None) -> EvolutionSearch:
 # ---------------------------------------------------------------------------------------
 def test_every_candidate_respects_max_and_min_budget():
     choices, costs = make_space()
-    space = SearchSpace(choices, costs)
+    space = ChoiceGrid(choices, costs)
     lo = space.min_total + (space.max_total - space.min_total) // 5
     hi = space.min_total + (space.max_total - space.min_total) // 3
     search = run_search(choices, costs, small_settings(min_params=lo, max_params=hi))
@@ -102,7 +102,7 @@ def test_every_candidate_respects_max_and_min_budget():
 
 def test_max_only_budget_is_respected_by_uniform_and_evolved_candidates():
     choices, costs = make_space()
-    space = SearchSpace(choices, costs)
+    space = ChoiceGrid(choices, costs)
     hi = (space.min_total + space.max_total) // 2  # about half of uniform draws fail
     search = run_search(choices, costs, small_settings(max_params=hi))
     assert all(h["params"] <= hi for h in search.history)
@@ -130,7 +130,7 @@ def test_no_config_is_evaluated_twice_even_when_space_is_exhausted():
 
 def test_same_seed_is_deterministic_and_different_seed_differs():
     choices, costs = make_space()
-    space = SearchSpace(choices, costs)
+    space = ChoiceGrid(choices, costs)
     hi = (space.min_total + space.max_total) // 3
     a = run_search(choices, costs, small_settings(max_params=hi, seed=7))
     b = run_search(choices, costs, small_settings(max_params=hi, seed=7))
@@ -160,7 +160,7 @@ def test_ask_is_identical_across_processes():
 @pytest.mark.parametrize("stop_after_ask", [False, True])
 def test_resume_from_saved_state_equals_uninterrupted_run(tmp_path, stop_after_ask):
     choices, costs = make_space()
-    space = SearchSpace(choices, costs)
+    space = ChoiceGrid(choices, costs)
     settings = small_settings(max_params=(space.min_total + space.max_total) // 3, seed=3)
     scorer = make_scorer(choices)
     full = run_search(choices, costs, settings, scorer)
@@ -194,7 +194,7 @@ def test_load_state_rejects_a_different_space():
 
 def test_infeasible_budget_raises_budget_error_with_smallest_count():
     choices, costs = make_space()
-    space = SearchSpace(choices, costs)
+    space = ChoiceGrid(choices, costs)
     with pytest.raises(BudgetError) as err:
         EvolutionSearch(choices, costs, small_settings(max_params=space.min_total - 1))
     assert str(space.min_total) in str(err.value)
@@ -217,7 +217,7 @@ def test_window_between_reachable_sums_is_infeasible():
 
 def test_very_tight_budget_completes_quickly():
     choices, costs = make_space()
-    space = SearchSpace(choices, costs)
+    space = ChoiceGrid(choices, costs)
     hi = space.min_total + 130  # only a handful of cheap vectors/scalars fit
     start = time.perf_counter()
     search = run_search(choices, costs, small_settings(max_params=hi, generations=5))
@@ -229,7 +229,7 @@ def test_very_tight_budget_completes_quickly():
 def test_narrow_window_inside_the_range_completes_quickly():
     # both bounds binding and a 3-parameter window: naive rejection would essentially never hit it
     choices, costs = make_space()
-    space = SearchSpace(choices, costs)
+    space = ChoiceGrid(choices, costs)
     mid = (space.min_total + space.max_total) // 2
     start = time.perf_counter()
     search = run_search(choices, costs, small_settings(min_params=mid, max_params=mid + 2, generations=4))
@@ -240,7 +240,7 @@ def test_narrow_window_inside_the_range_completes_quickly():
 
 def test_guided_sampler_alone_always_lands_in_budget():
     choices, costs = make_space()
-    space = SearchSpace(choices, costs)
+    space = ChoiceGrid(choices, costs)
     g = torch.Generator().manual_seed(0)
     for lo, hi in [(None, space.min_total + 5), (space.max_total - 500, None), (30000, 30100)]:
         budget = Budget(space, lo, hi)
@@ -251,7 +251,7 @@ def test_guided_sampler_alone_always_lands_in_budget():
 
 def test_search_improves_over_first_generation():
     choices, costs = make_space()
-    space = SearchSpace(choices, costs)
+    space = ChoiceGrid(choices, costs)
     settings = EvolutionSettings(population=30, top_k=10, mutation_count=15, crossover_count=15,
                                  generations=20, max_params=(space.min_total + space.max_total) // 2, seed=1)
     search = run_search(choices, costs, settings)

@@ -159,6 +159,50 @@ def test_a_finished_search_resumed_with_more_generations_goes_on(trained):
         run_search(_cfg(trained, max_params=20000, generations=4, seed=7, mutation_prob=0.5), INFO, "t.yaml")
 
 
+def test_a_search_from_before_search_precision_resumes_or_is_refused_clearly(trained, tmp_path):
+    """search.precision and search.device came after searches existed, which scored in train.precision
+    on train.device. A state written then (its config.yaml and digest lack both keys) resumes where
+    search.precision equals that run's train.precision (the defaults: fp32); at another value one
+    line names the key and the value that resumes it."""
+    import hashlib
+
+    from engine.rundir import fingerprint, guard_output_dir, relevant_config
+
+    def as_before(cfg) -> dict:  # the config as written before the keys existed
+        old = cfg.to_dict()
+        del old["search"]["precision"], old["search"]["device"]
+        return old
+
+    def old_digest(old: dict, legacy: bool = False) -> str:  # rundir.fingerprint as computed then
+        blob = json.dumps(relevant_config(old, "search", legacy), sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    cfg = _cfg(trained, max_params=20000, generations=2, seed=7)
+    assert run_search(cfg, INFO, "t.yaml", overwrite=True) == "done"
+    sdir = trained / "search"
+    (sdir / "config.yaml").write_text(yaml.safe_dump(as_before(cfg), sort_keys=False))
+    state = torch.load(sdir / "state.pt", weights_only=True)
+    state["fingerprint"] = old_digest(as_before(cfg))
+    torch.save(state, sdir / "state.pt")
+    longer = _cfg(trained, max_params=20000, generations=3, seed=7, device="cpu")
+    assert run_search(longer, INFO, "t.yaml") == "done"  # resumed: another digest would be refused
+    assert torch.load(sdir / "state.pt", weights_only=True)["search"]["generation"] == 3
+
+    # a run that trained (and so searched) in bf16: rundir's checks alone, no bf16 supernet needed
+    bf16 = config_from_dict(tiny_config(tmp_path / "run", train={"precision": "bf16"}))
+    assert bf16.search.precision == "fp32"
+    (tmp_path / "search").mkdir()
+    (tmp_path / "search" / "config.yaml").write_text(yaml.safe_dump(as_before(bf16), sort_keys=False))
+    with pytest.raises(ConfigError, match=r"different configuration \(search\.precision\); it predates search\.precision: "
+                                          r"--set search\.precision=bf16 resumes it; choose another output_dir or pass --overwrite"):
+        guard_output_dir(tmp_path / "search", bf16, "search", "t.yaml", overwrite=False)
+    assert fingerprint(bf16, "search") != old_digest(as_before(bf16))
+    same = config_from_dict(tiny_config(tmp_path / "run", train={"precision": "bf16"}, search={"precision": "bf16"}))
+    guard_output_dir(tmp_path / "search", same, "search", "t.yaml", overwrite=False)
+    assert fingerprint(same, "search") == old_digest(as_before(same))
+    assert fingerprint(same, "search", legacy=True) == old_digest(as_before(same), legacy=True)  # older still: with generations
+
+
 def test_budget_that_admits_nothing_fails_clearly(trained):
     # caught when the config is loaded, before the search touches output_dir
     with pytest.raises(ConfigError, match=r"search\.min_params: .* is above the largest configuration"):

@@ -82,7 +82,7 @@ def _demo_subnet() -> dict:
 
     cfg = load_config(DEMO)
     model = meta_model(cfg.model, cfg.data.demo_classes)
-    apply_glora(model, cfg.space)
+    apply_glora(model, cfg.search_space)
     return subnet_to_dict(get_subnet(model))
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch.nn as nn
 
-from supernet import adapter_metadata, load_adapter, load_space
+from supernet import adapter_metadata, load_adapter
 
 from .. import distributed as dist
 from ..config import ConfigError, RunConfig
@@ -50,7 +50,7 @@ def load_supernet(cfg: RunConfig, num_classes: int, info: dist.DistInfo, source:
     if same_training and "config" in meta:
         diffs = config_differences(meta["config"], relevant_config(cfg.to_dict(), "train"))
     else:  # retraining, or a file written before the metadata held the whole configuration
-        diffs = ["space"] if "space" in meta and meta["space"] != load_space(cfg.space).to_dict() else []
+        diffs = ["space"] if "space" in meta and meta["space"] != cfg.search_space.to_dict() else []
     if diffs:
         raise ConfigError(source, [f"{key}: {path} was trained with another configuration ({', '.join(diffs[:5])}; "
                                    f"see its metadata in supernet.yaml): run train.py with this one, or set those keys back"])

@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from supernet import (GLoraLayer, apply_glora, atomic_write_text, extract_subnet, get_subnet, head_params,
-                      load_space, load_subnet, merged_file_summary, save_adapter, set_subnet, subnet_to_dict, write_merged)
+from supernet import (GLoraLayer, apply_glora, atomic_write_text, extract_subnet, get_subnet, head_params, load_subnet,
+                      merged_file_summary, save_adapter, set_subnet, subnet_to_dict, write_merged)
 
 import methods
 from methods.export import ADAPTED_FILE, forward_time_ratio, write_adapted
@@ -38,7 +38,7 @@ def prepare_retrain_model(cfg: RunConfig, num_classes: int, info: dist.DistInfo,
     if r.preset is not None:
         method, settings = method_settings(r)
         model = build_model(cfg.model, num_classes)
-        method.apply(model, settings, load_space(cfg.space))
+        method.apply(model, settings, cfg.search_space)
         return model, r.preset
     subnet_path = Path(r.subnet) if r.subnet else Path(cfg.output_dir) / "search" / "result.yaml"
     if not subnet_path.is_file():
@@ -49,7 +49,7 @@ def prepare_retrain_model(cfg: RunConfig, num_classes: int, info: dist.DistInfo,
         model = load_supernet(cfg, num_classes, info, source, same_training=False, path=r.supernet).train()
     else:
         model = build_model(cfg.model, num_classes)
-        apply_glora(model, cfg.space)
+        apply_glora(model, cfg.search_space)
     config = set_subnet(model, subnet_path)  # given the path, its errors name the file
     extract_subnet(model, config)
     return model, str(subnet_path)
@@ -136,7 +136,7 @@ def export(model: nn.Module, cfg: RunConfig, rdir: Path, val_ds, info: dist.Dist
     method = methods.get(cfg.retrain.preset or "glora")
     if not method.mergeable:
         _, settings = method_settings(cfg.retrain)
-        write_adapted(model, rdir / ADAPTED_FILE, method, settings, cfg.space, cfg.model.name, cfg.model.kwargs, spec)
+        write_adapted(model, rdir / ADAPTED_FILE, method, settings, cfg.search_space, cfg.model.name, cfg.model.kwargs, spec)
         base = build_model(dataclasses.replace(cfg.model, pretrained=False, checkpoint=None),
                            num_classes).to(info.device)
         return {"exported": ADAPTED_FILE, "model_params": sum(p.numel() for p in model.parameters()),

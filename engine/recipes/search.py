@@ -114,9 +114,9 @@ def run_search(cfg: RunConfig, info: dist.DistInfo, source: str, overwrite: bool
     if search.generation == 0:  # starting afresh (--overwrite, or no state to resume)
         remove_stale(sdir, ("result.yaml", "pareto.png"), info)  # else retrain.py could train that result
     tracker = Tracker(sdir, enabled=info.is_main)
-    warn_slow_precision(cfg.train.precision, "train.precision", info, tracker)
+    warn_slow_precision(s.precision, "search.precision", info, tracker)
     loader = torch.utils.data.DataLoader(val_ds, batch_size=s.eval_batch_size, num_workers=cfg.data.num_workers)
-    scorer = MergedScorer(model, loader, info, cfg.train.precision, compile=s.compile, compile_mode=s.compile_mode)
+    scorer = MergedScorer(model, loader, info, s.precision, compile=s.compile, compile_mode=s.compile_mode)
     from tqdm import tqdm
 
     bar = tqdm(total=settings.generations, initial=search.generation, desc="search", disable=not info.is_main, leave=False)

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch.nn as nn
 
-from supernet import (TENSORS, SubnetSampler, apply_glora, count_params, glora_layers, load_space, sample_subnet,
+from supernet import (TENSORS, SubnetSampler, apply_glora, count_params, glora_layers, sample_subnet,
                       save_adapter, set_subnet, subnet_to_dict)
 
 from .. import distributed as dist
@@ -56,7 +56,7 @@ def run_train(cfg: RunConfig, info: dist.DistInfo, source: str, overwrite: bool 
     seed_everything(t.seed)
     train_ds, val_ds, num_classes = build_splits(cfg.data, "search", *probe_input(cfg))
     model = build_model(cfg.model, num_classes)
-    apply_glora(model, cfg.space)
+    apply_glora(model, cfg.search_space)
     if t.grad_checkpointing:
         set_grad_checkpointing(model, "train.grad_checkpointing")
     model.to(info.device)
@@ -94,7 +94,7 @@ def run_train(cfg: RunConfig, info: dist.DistInfo, source: str, overwrite: bool 
     status = trainer.fit()
     if status == "done" and info.is_main:
         save_adapter(model, out / "supernet.safetensors", out / "supernet.yaml",
-                     metadata={"model": cfg.model.name, "num_classes": num_classes, "space": load_space(cfg.space).to_dict(),
+                     metadata={"model": cfg.model.name, "num_classes": num_classes, "space": cfg.search_space.to_dict(),
                                "config": relevant_config(cfg.to_dict(), "train")})
         tracker.print(f"supernet written to {out / 'supernet.safetensors'}")
     tracker.close()
