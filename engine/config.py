@@ -28,7 +28,9 @@ from typing import Any, Literal
 import yaml
 
 import methods
-from supernet import SearchSpace, SpaceError, load_space
+from methods.noah import NoahSpace
+from methods.supernets import GloraSupernet, NoahSupernet, parse_space, supernet_for
+from supernet import SearchSpace, SpaceError
 
 from .compiling import COMPILE_MODES
 from .mnist import MNIST_IMAGES
@@ -198,12 +200,18 @@ class RunConfig:
         self._parsed_space: tuple[Any, SearchSpace] | None = None  # (the `space` it was parsed from, the space)
 
     @property
-    def search_space(self) -> SearchSpace:
-        """``space`` as a validated :class:`supernet.SearchSpace`: parsed once, by the checks that
-        load_config and config_from_dict run, and again only where ``space`` was changed since."""
+    def search_space(self) -> SearchSpace | NoahSpace:
+        """``space`` validated: a :class:`supernet.SearchSpace` (GLoRA's) or a NOAH space
+        (``method: noah``), parsed once, by the checks that load_config and config_from_dict run,
+        and again only where ``space`` was changed since."""
         if self._parsed_space is None or self._parsed_space[0] != self.space:
-            self._parsed_space = (copy.deepcopy(self.space), load_space(self.space))
+            self._parsed_space = (copy.deepcopy(self.space), parse_space(self.space))
         return self._parsed_space[1]
+
+    @property
+    def supernet(self) -> GloraSupernet | NoahSupernet:
+        """What train.py, search.py and retrain.py ask of the space's supernet (methods/supernets.py)."""
+        return supernet_for(self.search_space)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -406,9 +414,12 @@ def _semantic_checks(cfg: RunConfig, base_dir: Path, problems: list[str]) -> Non
         cfg.space = found
         try:
             cfg.search_space  # parsed and validated here, once: the stages use this object
-        except SpaceError as err:
+        except (SpaceError, methods.MethodError) as err:
             problems.append(f"space: {err}")
     s = cfg.search
+    if s.compile and not problems and isinstance(cfg.search_space, NoahSpace):
+        problems.append("search.compile: a NOAH supernet is scored unmerged, its shapes changing with every candidate "
+                        "(torch.compile would recompile for each); leave it false")
     if s.top_k > s.population:
         problems.append(f"search.top_k: must be <= search.population ({s.population}), got {s.top_k}")
     if s.max_params is not None and s.min_params is not None and s.min_params > s.max_params:

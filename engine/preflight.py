@@ -239,7 +239,9 @@ def _check(key: str, parsed: _Unkeyed) -> tuple[tuple[str, ...], int | None, int
     """(problems, smallest and largest adapter parameter counts of the space) for one JSON-encoded
     set of inputs: a sweep validates the same model for every combination, the tests hundreds of times.
     ``parsed``: the space the key describes, as the run config parsed it."""
-    from supernet import SpaceError, apply_glora, choice_costs, load_subnet, set_subnet
+    from methods import MethodError
+    from methods.supernets import supernet_for
+    from supernet import SpaceError
 
     from .config import ModelConfig
 
@@ -274,10 +276,11 @@ def _check(key: str, parsed: _Unkeyed) -> tuple[tuple[str, ...], int | None, int
     too_big = _too_big(model, key_for_size, f"{cfg.name} with {num_classes} classes")
     if too_big:  # the adapters would only add to it
         return tuple(p for p in (*problems, too_big) if p), None, None
+    sn = supernet_for(parsed.value)
     try:
-        apply_glora(model, parsed.value)
+        sn.apply(model)
     except (Exception, _TooSlow) as err:  # SpaceError names the space file and the pattern already
-        text = str(err) if isinstance(err, SpaceError) else f"cannot be applied to {cfg.name} ({_reason(err)})"
+        text = str(err) if isinstance(err, (SpaceError, MethodError)) else f"cannot be applied to {cfg.name} ({_reason(err)})"
         culprit = _space_culprit(cfg, num_classes, parsed.value)
         problems.append(f"model.kwargs.{culprit}: with {culprit}: {cfg.kwargs[culprit]!r} the space does not fit the model: {text}"
                         if culprit else f"space: {text}")
@@ -287,12 +290,12 @@ def _check(key: str, parsed: _Unkeyed) -> tuple[tuple[str, ...], int | None, int
         try:
             # init: supernet takes its layers (and the choices they allow) from the supernet file,
             # which the stage compares with this space; there the file's own syntax is checked only.
-            set_subnet(model, k["subnet"][0]) if k["scratch"] else load_subnet(k["subnet"][0])
+            sn.activate(model, k["subnet"][0]) if k["scratch"] else sn.check_file(k["subnet"][0])
         except Exception as err:
-            problems.append(f"retrain.subnet: {err}" if isinstance(err, SpaceError) else f"retrain.subnet: {_reason(err)}")
+            problems.append(f"retrain.subnet: {err}" if isinstance(err, (SpaceError, MethodError)) else f"retrain.subnet: {_reason(err)}")
     if k["preset"]:
         problems.append(_check_preset(cfg, num_classes, k["preset"], parsed.value))
-    costs = choice_costs(model)
+    costs = sn.costs(model)
     low = sum(min(per.values()) for layer in costs.values() for per in layer.values())
     high = sum(max(per.values()) for layer in costs.values() for per in layer.values())
     return tuple(p for p in problems if p), low, high
@@ -300,13 +303,13 @@ def _check(key: str, parsed: _Unkeyed) -> tuple[tuple[str, ...], int | None, int
 
 def _space_culprit(cfg: "ModelConfig", num_classes: int, space: "SearchSpace") -> str | None:
     """The one model.kwargs key without which the space applies (depth: 0 leaves no layer to adapt)."""
-    from supernet import apply_glora
+    from methods.supernets import supernet_for
 
     for key in cfg.kwargs:
         try:
             with _guarded():
                 model = meta_model(dataclasses.replace(cfg, kwargs={k: v for k, v in cfg.kwargs.items() if k != key}), num_classes)
-                apply_glora(model, space)
+                supernet_for(space).apply(model)
             return key
         except (Exception, _TooSlow):
             continue

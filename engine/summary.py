@@ -16,6 +16,7 @@ from pathlib import Path
 
 import yaml
 
+import methods
 from supernet import TENSORS
 
 from .config import ConfigError, load_config
@@ -23,9 +24,11 @@ from .config import ConfigError, load_config
 
 def choice_counts(subnet: dict[str, dict[str, str]]) -> str:
     """How often each choice was picked per support tensor across the layers, e.g.
-    ``A: lora4 x5, vector x3 | B: ...`` (the paper's layer-wise configuration, in one line)."""
+    ``A: lora4 x5, vector x3 | B: ...`` (the paper's layer-wise configuration, in one line; NOAH's
+    modules likewise)."""
     parts = []
-    for tensor in TENSORS:
+    first = next(iter(subnet.values()), {})
+    for tensor in (TENSORS if set(first) <= set(TENSORS) else list(first)):
         counts = Counter(str(choices.get(tensor, "none")) for choices in subnet.values())
         parts.append(f"{tensor}: " + ", ".join(f"{c} x{n}" for c, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))))
     return " | ".join(parts)
@@ -54,7 +57,7 @@ def summarise(output_dir: Path, baselines: list[Path] = ()) -> str:
     m = _metrics(output_dir)
     lines = ["", "=== GLoRA pipeline summary ==="]
     result = output_dir / "search" / "result.yaml"
-    if m.get("method", "glora") != "glora":
+    if not methods.get(m.get("method", "glora")).searched:
         lines.append(f"search:   not used: retrain trained the {m['method']!r} preset")
     elif not m.get("subnet_from_search", True):
         lines.append(f"search:   not used: retrain trained the sub-network in {m['subnet']}")

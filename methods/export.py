@@ -18,11 +18,12 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
-from supernet import AdapterError, atomic_write, load_space, read_metadata, read_safetensors, state_dict_mismatch
+from supernet import AdapterError, SpaceError, atomic_write, read_metadata, read_safetensors, state_dict_mismatch
 from supernet.export import model_from_metadata
 
 from . import get
 from .base import Method, MethodError
+from .supernets import parse_space
 
 ADAPTED_FILE = "adapted.safetensors"
 
@@ -32,7 +33,7 @@ def write_adapted(model: nn.Module, path: str | os.PathLike, method: Method, set
     """Write ``model`` (adapted by ``method`` with ``settings``, over ``space``) with what rebuilds it."""
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     meta = {"model": model_name, "kwargs": json.dumps(dict(kwargs)), "method": method.name,
-            "settings": json.dumps(dataclasses.asdict(settings)), "space": json.dumps(load_space(space).to_dict()),
+            "settings": json.dumps(dataclasses.asdict(settings)), "space": json.dumps(parse_space(space).to_dict()),
             "input": json.dumps(dict(zip(("size", "mean", "std"), spec)))}
     atomic_write(Path(path), lambda tmp: save_file(state, tmp, metadata=meta))
 
@@ -49,8 +50,8 @@ def _method_of(path: str, meta: Mapping[str, str]) -> tuple[Method, Any, Any]:
     try:
         method = get(meta["method"])
         settings = method.config(**json.loads(meta.get("settings") or "{}"))
-        space = load_space(json.loads(meta["space"]))
-    except (MethodError, TypeError, ValueError, KeyError) as err:
+        space = parse_space(json.loads(meta["space"]))
+    except (MethodError, SpaceError, TypeError, ValueError, KeyError) as err:
         raise AdapterError(f"{path}: its method metadata cannot be used ({str(err)[:200]})") from None
     return method, settings, space
 

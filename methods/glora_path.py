@@ -23,6 +23,8 @@ def glora_preset(name: str, summary: str, config: type, choice: Callable[[Any], 
 
 
 def one_choice_space(space: SearchSpace, choice: dict[str, str]) -> dict:
-    """``space``'s targets and exclusions, with the one choice per tensor."""
-    targets = space.targets if isinstance(space.targets, str) else list(space.targets)
-    return {"targets": targets, "exclude": list(space.exclude), "choices": {t: [c] for t, c in choice.items()}}
+    """``space``'s targets and exclusions, with the one choice per tensor (every linear layer where
+    the run's space is not GLoRA's, as NOAH's)."""
+    targets = getattr(space, "targets", "all-linear")
+    targets = targets if isinstance(targets, str) else list(targets)
+    return {"targets": targets, "exclude": list(getattr(space, "exclude", [])), "choices": {t: [c] for t, c in choice.items()}}

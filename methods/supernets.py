@@ -158,19 +158,26 @@ def _read(config: Any) -> Mapping:
     return config
 
 
-def supernet_for(space: Any) -> GloraSupernet | NoahSupernet:
-    """The supernet a run's space describes (a path, a mapping or a parsed space)."""
-    if isinstance(space, noah.NoahSpace):
-        return NoahSupernet(space)
+def parse_space(space: Any) -> "glora.SearchSpace | noah.NoahSpace":
+    """A run's ``space`` (a path, a mapping or a parsed space), validated: a NOAH space when it says
+    ``method: noah``, else GLoRA's. Raises ``SpaceError`` or ``MethodError`` with every problem."""
+    if isinstance(space, (glora.SearchSpace, noah.NoahSpace)):
+        return space
     raw = space
-    if isinstance(space, (str,)) or hasattr(space, "__fspath__"):
+    if isinstance(space, str) or hasattr(space, "__fspath__"):
         import yaml
         from pathlib import Path
 
         try:
             raw = yaml.safe_load(Path(space).read_text())
-        except (OSError, yaml.YAMLError):
+        except (OSError, yaml.YAMLError, UnicodeDecodeError):
             raw = None  # GLoRA's loader reports the file's problem
     if noah.is_noah_space(raw):
-        return NoahSupernet(noah.load_noah_space(raw, str(space) if not isinstance(space, Mapping) else "space"))
-    return GloraSupernet(space)
+        return noah.load_noah_space(raw, str(space) if not isinstance(space, Mapping) else "space")
+    return glora.load_space(space)
+
+
+def supernet_for(space: Any) -> GloraSupernet | NoahSupernet:
+    """The supernet a run's space describes (a path, a mapping or a parsed space)."""
+    parsed = parse_space(space)
+    return NoahSupernet(parsed) if isinstance(parsed, noah.NoahSpace) else GloraSupernet(parsed)

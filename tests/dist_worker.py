@@ -47,15 +47,17 @@ def main() -> None:
         return
     if stage == "train":
         # record the sub-network every step on every rank
-        original = train_recipe.SubnetSampler.__call__
+        import supernet
+
+        original = supernet.SubnetSampler.__call__
 
         def recording(self, gen, activate=True):
             out = original(self, gen, activate)
             if activate:
-                tags.append(train_recipe.subnet_tag(out))
+                tags.append(train_recipe.subnet_tag(cfg.supernet, out))
             return out
 
-        train_recipe.SubnetSampler.__call__ = recording
+        supernet.SubnetSampler.__call__ = recording
         captured = {}
         original_fit = train_recipe.Trainer.fit
 

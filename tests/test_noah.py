@@ -129,3 +129,32 @@ def test_the_shipped_space_is_noahs():
 
     sn = supernet_for(str(ROOT / "configs" / "space" / "noah.yaml"))
     assert isinstance(sn, NoahSupernet) and sn.space.largest() == {"prompt": 10, "lora": 8, "adapter": 8}
+
+
+def test_noah_runs_the_three_stages_and_its_export_evaluates(tmp_path, capsys):
+    """train.py trains NOAH's supernet, search.py (search/'s evolution) keeps the budget, retrain.py
+    slices the choice out and exports adapted.safetensors, which evaluate.py scores as retrain did."""
+    import json
+
+    import yaml
+
+    from engine import distributed as dist
+    from engine.config import config_from_dict
+    from engine.evaluate import main as evaluate
+    from engine.recipes.retrain import run_retrain
+    from engine.recipes.search import run_search
+    from engine.recipes.train import run_train
+    from runcfg import tiny_config, write_config
+
+    out, info = tmp_path / "run", dist.DistInfo()
+    sections = {"space": SPACE, "search": {"max_params": 1200}}
+    cfg = config_from_dict(tiny_config(out, **sections))
+    assert run_train(cfg, info, "t") == run_search(cfg, info, "t") == run_retrain(cfg, info, "t") == "done"
+    result = yaml.safe_load((out / "search" / "result.yaml").read_text())
+    assert result["params"] <= 1200 and set(result["subnet"]) == {"blocks.0", "blocks.1"}
+    m = json.loads((out / "retrain" / "metrics.json").read_text())
+    assert m["method"] == "noah" and m["exported"] == "adapted.safetensors" and m["adapter_params"] == result["params"]
+    capsys.readouterr()
+    path = write_config(tmp_path / "c.yaml", out, **sections)
+    assert evaluate(argv=["--config", str(path), "--checkpoint", str(out / "retrain" / "adapted.safetensors")]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["top1"] == pytest.approx(m["test_top1"])

@@ -7,8 +7,6 @@ from pathlib import Path
 
 import torch.nn as nn
 
-from supernet import adapter_metadata, load_adapter
-
 from .. import distributed as dist
 from ..config import ConfigError, RunConfig
 from ..models import build_model
@@ -46,7 +44,8 @@ def load_supernet(cfg: RunConfig, num_classes: int, info: dist.DistInfo, source:
         raise ConfigError(source, [f"{key}: {path}: no trained supernet; run train.py with this config first{hint}"])
     # The supernet comes from the file: a config changed since train.py (its space above all, whose
     # choices the file's layers would silently keep) would describe a supernet that was never trained.
-    meta = adapter_metadata(path)
+    sn = cfg.supernet
+    meta = sn.metadata(path)
     if same_training and "config" in meta:
         diffs = config_differences(meta["config"], relevant_config(cfg.to_dict(), "train"))
     else:  # retraining, or a file written before the metadata held the whole configuration
@@ -55,6 +54,6 @@ def load_supernet(cfg: RunConfig, num_classes: int, info: dist.DistInfo, source:
         raise ConfigError(source, [f"{key}: {path} was trained with another configuration ({', '.join(diffs[:5])}; "
                                    f"see its metadata in supernet.yaml): run train.py with this one, or set those keys back"])
     model = build_model(cfg.model, num_classes)
-    load_adapter(model, path)
+    sn.load(model, path)
     return model.to(info.device).eval()
 

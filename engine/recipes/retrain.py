@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from supernet import (GLoraLayer, apply_glora, atomic_write_text, extract_subnet, get_subnet, head_params, load_subnet,
-                      merged_file_summary, save_adapter, set_subnet, subnet_to_dict, write_merged)
+from supernet import (GLoraLayer, atomic_write_text, get_subnet, head_params, merged_file_summary, save_adapter, subnet_to_dict,
+                      write_merged)
 
 import methods
 from methods.export import ADAPTED_FILE, forward_time_ratio, write_adapted
@@ -44,19 +44,20 @@ def prepare_retrain_model(cfg: RunConfig, num_classes: int, info: dist.DistInfo,
     if not subnet_path.is_file():
         hint = f" ({dist.SHARED_FS_HINT})" if info.enabled else ""
         raise ConfigError(source, [f"retrain.subnet: {subnet_path} not found; run search.py first, or set retrain.subnet or retrain.preset{hint}"])
-    load_subnet(subnet_path)  # a broken file stops here, before the supernet is loaded
+    sn = cfg.supernet
+    sn.check_file(subnet_path)  # a broken file stops here, before the supernet is loaded
     if r.init == "supernet":
         model = load_supernet(cfg, num_classes, info, source, same_training=False, path=r.supernet).train()
     else:
         model = build_model(cfg.model, num_classes)
-        apply_glora(model, cfg.search_space)
-    config = set_subnet(model, subnet_path)  # given the path, its errors name the file
-    extract_subnet(model, config)
+        sn.apply(model)
+    sn.extract(model, subnet_path)  # given the path, its errors name the file
     return model, str(subnet_path)
 
 
-def adapter_params(model: nn.Module, preset: str | None) -> int:
-    return methods.get(preset or "glora").count(model)
+def method_of(cfg: RunConfig) -> methods.Method:
+    """The method retrain.py trains: the preset, else the space's searched method (GLoRA or NOAH)."""
+    return methods.get(cfg.retrain.preset or cfg.supernet.name)
 
 
 def run_retrain(cfg: RunConfig, info: dist.DistInfo, source: str, overwrite: bool = False) -> str:
@@ -76,8 +77,9 @@ def run_retrain(cfg: RunConfig, info: dist.DistInfo, source: str, overwrite: boo
     tracker = Tracker(rdir, enabled=info.is_main)
     warn_slow_precision(r.precision, "retrain.precision", info, tracker)
     subnet = None
-    if any(isinstance(m, GLoraLayer) for m in model.modules()):
-        chosen = json.dumps(subnet_to_dict(get_subnet(model)), sort_keys=True)
+    if any(isinstance(m, GLoraLayer) for m in model.modules()) or r.preset is None:
+        active = subnet_to_dict(get_subnet(model)) if r.preset is not None else cfg.supernet.active(model)
+        chosen = json.dumps(active, sort_keys=True)
         subnet = (hashlib.sha256(chosen.encode()).hexdigest()[:16], origin)
     trainer = Trainer(model, train_ds, None, r, rdir, info, tracker, fingerprint=fingerprint(cfg, "retrain"),
                       subnet=subnet, num_workers=cfg.data.num_workers, desc="retrain")
@@ -85,7 +87,7 @@ def run_retrain(cfg: RunConfig, info: dist.DistInfo, source: str, overwrite: boo
         tracker.print(f"resumed from {trainer.ckpt_path} at epoch {trainer.epoch}, step {trainer.step}")
     else:
         remove_stale(rdir, ("merged.safetensors", ADAPTED_FILE, "metrics.json", "adapter.safetensors", "subnet.yaml"), info)
-    n_adapter = adapter_params(model, r.preset)
+    n_adapter = method_of(cfg).count(model)
     n_head = head_params(model)
     tracker.print(f"retrain ({origin}): {n_adapter:,} adapter + {n_head:,} head parameters, "
                   f"{len(train_ds)} train / {len(test_ds)} test images, {trainer.total_steps} steps")
@@ -109,7 +111,7 @@ def run_retrain(cfg: RunConfig, info: dist.DistInfo, source: str, overwrite: boo
             "head_params": n_head,
             "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
             **exported,
-            "method": r.preset or "glora",
+            "method": method_of(cfg).name,
             "subnet": origin,
             "subnet_from_search": r.preset is None and not r.subnet,  # this output_dir's search/result.yaml
             "epochs": r.epochs,
@@ -133,9 +135,10 @@ def export(model: nn.Module, cfg: RunConfig, rdir: Path, val_ds, info: dist.Dist
         save_adapter(model, rdir / "adapter.safetensors", rdir / "subnet.yaml",
                      metadata={"model": cfg.model.name, "kwargs": cfg.model.kwargs})
     x = next(iter(torch.utils.data.DataLoader(val_ds, batch_size=min(32, len(val_ds)))))[0].to(info.device)
-    method = methods.get(cfg.retrain.preset or "glora")
+    method = method_of(cfg)
     if not method.mergeable:
-        _, settings = method_settings(cfg.retrain)
+        settings = (method_settings(cfg.retrain)[1] if cfg.retrain.preset else
+                    method.settings(blocks=cfg.supernet.active(model)))  # NOAH: the retrained sub-network
         write_adapted(model, rdir / ADAPTED_FILE, method, settings, cfg.search_space, cfg.model.name, cfg.model.kwargs, spec)
         base = build_model(dataclasses.replace(cfg.model, pretrained=False, checkpoint=None),
                            num_classes).to(info.device)

@@ -14,7 +14,7 @@ import torch.nn as nn
 import yaml
 
 from search import BudgetError, EvolutionSearch, EvolutionSettings
-from supernet import MergedCopy, atomic_write, atomic_write_text, choice_costs, count_params, layer_choices, set_subnet
+from supernet import MergedCopy, atomic_write, atomic_write_text, head_params, set_subnet
 
 from .. import distributed as dist
 from ..checkpoint import CheckpointError, safe_torch_load
@@ -33,13 +33,16 @@ class MergedScorer:
     """Scores candidates by merging their weights into one plain copy of the model (docs/method.md §1).
 
     The validation set is kept in memory, so a candidate costs one merge (a few small matrix
-    products per layer) plus a plain forward pass over the validation images.
+    products per layer) plus a plain forward pass over the validation images. A supernet that
+    cannot merge (NOAH's, ``mergeable=False``) is scored with the candidate activated in it.
     """
 
-    def __init__(self, model: nn.Module, loader, info: dist.DistInfo, precision: str = "fp32", compile: bool = False, compile_mode: str = "default"):
+    def __init__(self, model: nn.Module, loader, info: dist.DistInfo, precision: str = "fp32", compile: bool = False,
+                 compile_mode: str = "default", activate=set_subnet, mergeable: bool = True):
         self.model, self.info, self.precision = model, info, precision
-        self.merged = MergedCopy(model)
-        self.plain = self.merged.plain
+        self.activate, self.mergeable = activate, mergeable
+        self.merged = MergedCopy(model) if mergeable else None
+        self.plain = self.merged.plain if mergeable else None
         # Compiled once: each candidate is copied into the same tensors in place, which the
         # compiled graph reads without recompiling.
         self.compiled = compile_model(self.plain, compile_mode) if compile else None
@@ -52,14 +55,14 @@ class MergedScorer:
 
     @torch.no_grad()
     def predictions(self, config, merged: bool = True) -> torch.Tensor:
-        if merged:
+        if merged and self.mergeable:
             self.load(config)
             if self.compiled is not None:
                 with compile_errors("search.compile"):
                     return self.predict(self.compiled, self.mark_steps)
             net = self.plain
         else:
-            set_subnet(self.model, config)
+            self.activate(self.model, config)
             net = self.model.eval()
         return self.predict(net)
 
@@ -96,9 +99,10 @@ def run_search(cfg: RunConfig, info: dist.DistInfo, source: str, overwrite: bool
     settings = EvolutionSettings(population=s.population, top_k=s.top_k, mutation_count=s.mutation_count,
                                  mutation_prob=s.mutation_prob, crossover_count=s.crossover_count,
                                  generations=s.generations, max_params=s.max_params, min_params=s.min_params, seed=s.seed)
-    choices = {n: {t: [str(c) for c in cs] for t, cs in per.items()} for n, per in layer_choices(model).items()}
+    sn = cfg.supernet
+    choices = sn.choices(model)
     try:
-        search = EvolutionSearch(choices, choice_costs(model), settings)
+        search = EvolutionSearch(choices, sn.costs(model), settings)
     except BudgetError as err:
         raise ConfigError(source, [f"search.max_params: {err}"]) from None
     state_path = sdir / "state.pt"
@@ -116,7 +120,8 @@ def run_search(cfg: RunConfig, info: dist.DistInfo, source: str, overwrite: bool
     tracker = Tracker(sdir, enabled=info.is_main)
     warn_slow_precision(s.precision, "search.precision", info, tracker)
     loader = torch.utils.data.DataLoader(val_ds, batch_size=s.eval_batch_size, num_workers=cfg.data.num_workers)
-    scorer = MergedScorer(model, loader, info, s.precision, compile=s.compile, compile_mode=s.compile_mode)
+    scorer = MergedScorer(model, loader, info, s.precision, compile=s.compile, compile_mode=s.compile_mode,
+                          activate=sn.activate, mergeable=sn.mergeable)
     from tqdm import tqdm
 
     bar = tqdm(total=settings.generations, initial=search.generation, desc="search", disable=not info.is_main, leave=False)
@@ -150,7 +155,7 @@ def run_search(cfg: RunConfig, info: dist.DistInfo, source: str, overwrite: bool
         "accuracy": acc,
         "params": params,
         "params_note": "adapter parameters counted per SPEC section 2; the classifier head is excluded",
-        "head_params": count_params(model).head,
+        "head_params": head_params(model),
         "split": "validation",
         "budget": {"max_params": settings.max_params, "min_params": settings.min_params},
         "evaluated": len(search.history),

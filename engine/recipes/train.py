@@ -1,4 +1,5 @@
-"""Stage 1: train the GLoRA supernet, one random sub-network per step (train.py).
+"""Stage 1: train the supernet (GLoRA's, or NOAH's for a NOAH space), one random sub-network per
+step (train.py).
 
 Writes ``supernet.safetensors`` and ``supernet.yaml`` into ``output_dir`` once training is done.
 """
@@ -12,8 +13,7 @@ from typing import Any
 
 import torch.nn as nn
 
-from supernet import (TENSORS, SubnetSampler, apply_glora, count_params, glora_layers, sample_subnet,
-                      save_adapter, set_subnet, subnet_to_dict)
+from supernet import head_params
 
 from .. import distributed as dist
 from ..config import RunConfig
@@ -26,26 +26,17 @@ from ..trainer import Trainer, evaluate
 from .common import probe_input, warn_slow_precision
 
 
-def reference_subnets(model: nn.Module, seed: int, n_random: int) -> dict[str, Any]:
+def reference_subnets(sn, model: nn.Module, seed: int, n_random: int) -> dict[str, Any]:
     """The largest and smallest sub-networks plus ``n_random`` fixed random ones."""
-    layers = dict(glora_layers(model))
-
-    def extreme(pick):
-        out = {}
-        for name, layer in layers.items():
-            out[name] = {t: str(pick(layer.choices[t], key=lambda c: layer.choice_cost(t, c)))
-                         for t in TENSORS}
-        return out
-
-    refs = {"largest": extreme(max), "smallest": extreme(min)}
+    refs = sn.extremes(model)
     for i in range(n_random):
-        refs[f"random{i}"] = sample_subnet(model, step_generator(seed, i, stream=1), activate=False)
+        refs[f"random{i}"] = sn.sample(model, step_generator(seed, i, stream=1))
     return refs
 
 
-def subnet_tag(config) -> int:
+def subnet_tag(sn, config) -> int:
     """A short stable hash of a configuration, logged per step and compared across ranks."""
-    text = json.dumps(subnet_to_dict(config), sort_keys=True)
+    text = json.dumps(sn.to_dict(config), sort_keys=True)
     return int(hashlib.sha256(text.encode()).hexdigest()[:8], 16)
 
 
@@ -56,20 +47,21 @@ def run_train(cfg: RunConfig, info: dist.DistInfo, source: str, overwrite: bool 
     seed_everything(t.seed)
     train_ds, val_ds, num_classes = build_splits(cfg.data, "search", *probe_input(cfg))
     model = build_model(cfg.model, num_classes)
-    apply_glora(model, cfg.search_space)
+    sn = cfg.supernet
+    sn.apply(model)
     if t.grad_checkpointing:
         set_grad_checkpointing(model, "train.grad_checkpointing")
     model.to(info.device)
     write_config(out, cfg, info)
     tracker = Tracker(out, enabled=info.is_main)
     warn_slow_precision(t.precision, "train.precision", info, tracker)
-    refs = reference_subnets(model, t.seed, t.reference_subnets)
+    refs = reference_subnets(sn, model, t.seed, t.reference_subnets)
 
-    sampler = SubnetSampler(model)
+    sampler = sn.sampler(model)
 
     def before_step(step: int) -> int:
         config = sampler(step_generator(t.seed, step))
-        return subnet_tag(config)
+        return subnet_tag(sn, config)
 
     trainer = Trainer(model, train_ds, val_ds, t, out, info, tracker, before_step=before_step,
                       fingerprint=fingerprint(cfg, "train"), num_workers=cfg.data.num_workers, desc="supernet")
@@ -77,7 +69,7 @@ def run_train(cfg: RunConfig, info: dist.DistInfo, source: str, overwrite: bool 
     def on_eval(epoch: int, step: int) -> dict[str, float]:
         scores = {}
         for name, ref in refs.items():
-            set_subnet(model, ref)
+            sn.activate(model, ref)
             scores[f"acc_{name}"] = evaluate(model, trainer.eval_loader, info, t.precision)["top1"]
         return scores
 
@@ -86,16 +78,16 @@ def run_train(cfg: RunConfig, info: dist.DistInfo, source: str, overwrite: bool 
         tracker.print(f"resumed from {trainer.ckpt_path} at epoch {trainer.epoch}, step {trainer.step}")
     else:
         remove_stale(out, ("supernet.safetensors", "supernet.yaml"), info)  # else search.py could search it
-    pc = count_params(model, refs["largest"])
-    tracker.print(f"supernet: {len(refs['largest'])} GLoRA layers, {sum(p.numel() for p in trainer.params):,} trainable "
-                  f"tensors' parameters (largest sub-network {pc.adapter:,} adapter + {pc.head:,} head), "
+    tracker.print(f"supernet ({sn.name}): {len(refs['largest'])} adapted layers, {sum(p.numel() for p in trainer.params):,} trainable "
+                  f"tensors' parameters (largest sub-network {sn.count(model, refs['largest']):,} adapter + "
+                  f"{head_params(model):,} head), "
                   f"{len(train_ds)} train / {len(val_ds)} val images, {trainer.total_steps} steps")
     trainer.install_signal_handlers()
     status = trainer.fit()
     if status == "done" and info.is_main:
-        save_adapter(model, out / "supernet.safetensors", out / "supernet.yaml",
-                     metadata={"model": cfg.model.name, "num_classes": num_classes, "space": cfg.search_space.to_dict(),
-                               "config": relevant_config(cfg.to_dict(), "train")})
+        sn.save(model, out / "supernet.safetensors", out / "supernet.yaml",
+                metadata={"model": cfg.model.name, "num_classes": num_classes, "space": cfg.search_space.to_dict(),
+                          "config": relevant_config(cfg.to_dict(), "train")})
         tracker.print(f"supernet written to {out / 'supernet.safetensors'}")
     tracker.close()
     dist.barrier()
