@@ -25,7 +25,7 @@ if str(ROOT) not in sys.path:
 from engine import config as C  # noqa: E402
 
 OUT = ROOT / "docs" / "configuration.md"
-CHECKS = {"_positive": "> 0", "_non_negative": ">= 0", "_probability": "between 0 and 1"}
+CHECKS = {"positive": "> 0", "non_negative": ">= 0", "probability": "between 0 and 1"}  # engine/schema.py's validators
 
 
 def _comments(cls) -> dict[str, str]:

@@ -10,7 +10,8 @@
 
 ``--set key.path=value`` overrides are parsed as YAML and then typed like the field they
 replace. Validation collects every problem (unknown keys with the closest valid name, wrong
-types, out-of-range values, missing files) and raises one :class:`ConfigError`.
+types, out-of-range values: engine/schema.py; then the checks across keys and files here) and
+raises one :class:`ConfigError`.
 """
 
 from __future__ import annotations
@@ -19,11 +20,9 @@ import copy
 import dataclasses
 import difflib
 import os
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 
@@ -35,6 +34,7 @@ from supernet import SearchSpace, SpaceError
 from .compiling import COMPILE_MODES
 from .mnist import MNIST_IMAGES
 from .pretrained import WEIGHT_SUFFIXES, PretrainedError, resolve_checkpoint
+from .schema import at_most, build, check, non_negative, parse_overrides, positive, probability, set_path
 
 CompileMode = Literal[COMPILE_MODES]  # type: ignore[valid-type]  # the tuple's strings, as Literal's arguments
 Preset = Literal[methods.PRESETS]  # type: ignore[valid-type]  # every registered method but GLoRA
@@ -49,36 +49,13 @@ class ConfigError(ValueError):
         super().__init__("\n".join(f"{source}: {p}" for p in problems))
 
 
-def _positive(v):
-    return None if v > 0 else "must be > 0"
-
-
-def _non_negative(v):
-    return None if v >= 0 else "must be >= 0"
-
-
-def _probability(v):
-    return None if 0 <= v <= 1 else "must be between 0 and 1"
-
-
-def _at_most(limit: int, why: str):
-    """Positive and at most ``limit``: beyond it a run cannot work (it would exhaust memory or processes)."""
-    def checker(v):
-        return "must be > 0" if v <= 0 else f"must be at most {limit:,} ({why})" if v > limit else None
-    return checker
-
-
-def check(fn):
-    return {"check": fn}
-
-
 @dataclass
 class ModelConfig:
     name: str = "vit_base_patch16_224"
     pretrained: bool = False  # timm's own loading (hub tags such as vit_base_patch16_224.augreg_in21k)
     checkpoint: str | None = None  # local .npz (original ViT format), .safetensors, .pth/.pt state dict, or package:NAME
     kwargs: dict = field(default_factory=dict)  # extra timm.create_model arguments (img_size, depth, ...)
-    drop_path_rate: float = field(default=0.1, metadata=check(_probability))
+    drop_path_rate: float = field(default=0.1, metadata=check(probability))
     # The task's new classifier: timm's own initialisation, or zero (as BiT does): the first steps then
     # train the head alone, since no gradient reaches the adapters through a zero head. On a frozen CNN
     # a random head's large initial logits drive the adapters of wide layers off at once (the demo).
@@ -93,17 +70,17 @@ class DataConfig:
     root: str | None = None  # dataset root (vtab1k, fewshot, imagefolder)
     task: str | None = None  # vtab1k task folder name
     dataset: str | None = None  # fewshot dataset folder name
-    shots: int = field(default=16, metadata=check(_positive))  # fewshot
+    shots: int = field(default=16, metadata=check(positive))  # fewshot
     # the few-shot list seed; also the demo's generation seed and MNIST-5k's split seed (numpy's
     # generators take no negative seed)
-    seed: int = field(default=0, metadata=check(_non_negative))
+    seed: int = field(default=0, metadata=check(non_negative))
     # null: inferred from the labels of all splits (max label + 1); if given, labels are checked against it
-    num_classes: int | None = field(default=None, metadata=check(_positive))
-    num_workers: int = field(default=0, metadata=check(lambda v: _non_negative(v) or (
+    num_classes: int | None = field(default=None, metadata=check(positive))
+    num_workers: int = field(default=0, metadata=check(lambda v: non_negative(v) or (
         "must be at most 256 (one decoding process each)" if v > 256 else None)))
     # The square size images are resized to; null: the model's own (a ViT's img_size, else timm's
     # pretrained_cfg). A CNN takes any size; a ViT only its own (or with dynamic_img_size).
-    img_size: int | None = field(default=None, metadata=check(_positive))
+    img_size: int | None = field(default=None, metadata=check(positive))
     # imagenet: ImageNet mean/std, the VTAB-1k protocol of the GLoRA/NOAH papers, whatever the
     # backbone; model: the mean/std the backbone was pre-trained with (timm's pretrained_cfg).
     normalize: Literal["imagenet", "model"] = "imagenet"
@@ -111,60 +88,61 @@ class DataConfig:
     # so for a split of at most 4 GiB. Same tensors either way; it only saves decoding every epoch.
     cache: Literal["auto", "always", "never"] = "auto"
     # The embedded tasks: demo (generated, 2-4 classes) and mnist (MNIST-5k, 10 classes); split sizes
-    demo_classes: int = field(default=4, metadata=check(_positive))
-    demo_train: int = field(default=800, metadata=check(_positive))
-    demo_val: int = field(default=200, metadata=check(_positive))
-    demo_test: int = field(default=400, metadata=check(_positive))
+    demo_classes: int = field(default=4, metadata=check(positive))
+    demo_train: int = field(default=800, metadata=check(positive))
+    demo_val: int = field(default=200, metadata=check(positive))
+    demo_test: int = field(default=400, metadata=check(positive))
 
 
 @dataclass
 class TrainConfig:
     """Optimisation settings; defaults are the paper's ViT-B/16 VTAB-1k recipe (docs/method.md §3)."""
 
-    epochs: int = field(default=500, metadata=check(_positive))
-    batch_size: int = field(default=64, metadata=check(_positive))
-    eval_batch_size: int = field(default=128, metadata=check(_positive))
+    epochs: int = field(default=500, metadata=check(positive))
+    batch_size: int = field(default=64, metadata=check(positive))
+    eval_batch_size: int = field(default=128, metadata=check(positive))
     # The largest part of a batch run forward and backward at once (gradients accumulate over the
     # parts before the one optimizer step): saves activation memory, changes nothing else. None: all.
-    micro_batch_size: int | None = field(default=None, metadata=check(_positive))
+    micro_batch_size: int | None = field(default=None, metadata=check(positive))
     grad_checkpointing: bool = False  # timm's activation checkpointing: recompute blocks in backward
-    lr: float = field(default=1e-4, metadata=check(_positive))
-    weight_decay: float = field(default=1e-4, metadata=check(_non_negative))
-    warmup_epochs: float = field(default=10, metadata=check(_non_negative))
-    warmup_lr: float = field(default=1e-7, metadata=check(_non_negative))
-    min_lr: float = field(default=1e-5, metadata=check(_non_negative))
-    grad_clip: float | None = field(default=None, metadata=check(_positive))
-    label_smoothing: float = field(default=0.0, metadata=check(_probability))
+    lr: float = field(default=1e-4, metadata=check(positive))
+    weight_decay: float = field(default=1e-4, metadata=check(non_negative))
+    warmup_epochs: float = field(default=10, metadata=check(non_negative))
+    warmup_lr: float = field(default=1e-7, metadata=check(non_negative))
+    min_lr: float = field(default=1e-5, metadata=check(non_negative))
+    grad_clip: float | None = field(default=None, metadata=check(positive))
+    label_smoothing: float = field(default=0.0, metadata=check(probability))
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     seed: int = 0
-    eval_every: int = field(default=10, metadata=check(_positive))  # epochs
-    reference_subnets: int = field(default=2, metadata=check(lambda v: _non_negative(v) or (
+    eval_every: int = field(default=10, metadata=check(positive))  # epochs
+    reference_subnets: int = field(default=2, metadata=check(lambda v: non_negative(v) or (
         "must be at most 1,000 (each is scored at every evaluation)" if v > 1000 else None)))  # random ones, besides largest and smallest
-    checkpoint_every: int = field(default=0, metadata=check(_non_negative))  # steps; 0 = end of each epoch only
-    log_every: int = field(default=10, metadata=check(_positive))  # steps
+    checkpoint_every: int = field(default=0, metadata=check(non_negative))  # steps; 0 = end of each epoch only
+    log_every: int = field(default=10, metadata=check(positive))  # steps
     resume: str = "auto"  # auto | never | a checkpoint path
     device: str = "auto"  # auto | cpu | cuda
     compile: bool = False  # torch.compile the training step (retrain only: the supernet changes sub-network every step)
     compile_mode: CompileMode = "default"  # with compile: true; reduce-overhead replays CUDA graphs on a GPU
 
-
-# Testing aids that left the schema for environment variables (engine/trainer.py). A null value,
-# as every config.yaml written before holds, still loads; any other is refused with this line.
-_MOVED_TO_ENV = {"fail_at_step": "GLORA_TEST_FAIL_AT_STEP", "stop_at_step": "GLORA_TEST_STOP_AT_STEP"}
+    # Testing aids that left the schema for environment variables (engine/trainer.py). A null value,
+    # as every config.yaml written before holds, still loads; any other is refused with this line.
+    RETIRED_KEYS: ClassVar[dict[str, str]] = {
+        key: f"a testing aid that moved to the {env} environment variable"
+        for key, env in (("fail_at_step", "GLORA_TEST_FAIL_AT_STEP"), ("stop_at_step", "GLORA_TEST_STOP_AT_STEP"))}
 
 
 @dataclass
 class SearchConfig:
-    population: int = field(default=50, metadata=check(_at_most(1_000_000, "each candidate is one pass over the validation split")))
-    top_k: int = field(default=10, metadata=check(_positive))
-    mutation_count: int = field(default=25, metadata=check(_non_negative))
-    mutation_prob: float = field(default=0.2, metadata=check(_probability))
-    crossover_count: int = field(default=25, metadata=check(_non_negative))
-    generations: int = field(default=20, metadata=check(_positive))
-    max_params: int | None = field(default=None, metadata=check(_positive))  # adapter parameters, head excluded
-    min_params: int | None = field(default=None, metadata=check(_non_negative))
+    population: int = field(default=50, metadata=check(at_most(1_000_000, "each candidate is one pass over the validation split")))
+    top_k: int = field(default=10, metadata=check(positive))
+    mutation_count: int = field(default=25, metadata=check(non_negative))
+    mutation_prob: float = field(default=0.2, metadata=check(probability))
+    crossover_count: int = field(default=25, metadata=check(non_negative))
+    generations: int = field(default=20, metadata=check(positive))
+    max_params: int | None = field(default=None, metadata=check(positive))  # adapter parameters, head excluded
+    min_params: int | None = field(default=None, metadata=check(non_negative))
     seed: int = 0
-    eval_batch_size: int = field(default=128, metadata=check(_positive))
+    eval_batch_size: int = field(default=128, metadata=check(positive))
     # The autocast candidates are scored under (a search started before this key existed used train.precision)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     device: str = "auto"  # auto | cpu | cuda (a search started before this key existed used train.device)
@@ -180,7 +158,7 @@ class RetrainConfig(TrainConfig):
     # A registered method (docs/methods.md) to train instead of the searched GLoRA sub-network
     preset: Preset | None = None
     # The preset's size: the LoRA rank, an adapter's bottleneck width, a prompt's length, FacT's rank
-    rank: int = field(default=8, metadata=check(_positive))
+    rank: int = field(default=8, metadata=check(positive))
     method_args: dict = field(default_factory=dict)  # the preset's other settings, by name (docs/methods.md)
     init: Literal["supernet", "scratch"] = "supernet"
 
@@ -218,119 +196,6 @@ class RunConfig:
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
-
-
-# ---------------------------------------------------------------------------------------------
-def _type_name(tp) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return "one of " + ", ".join(map(str, typing.get_args(tp)))
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
-    return {type(None): "null", int: "an integer", float: "a number", str: "a string", bool: "true/false",
-            dict: "a mapping", list: "a list"}.get(tp, getattr(tp, "__name__", str(tp)))
-
-
-_MISSING = object()
-
-
-def _coerce(value: Any, tp) -> Any:
-    """``value`` as type ``tp``, or _MISSING. Accepts '1e-4' for floats (PyYAML reads it as a string)."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        for a in args:
-            if a is type(None):
-                continue
-            out = _coerce(value, a)
-            if out is not _MISSING:
-                return out
-        return _MISSING
-    if origin is Literal:
-        return value if value in typing.get_args(tp) else _MISSING
-    if tp is Any:
-        return value
-    if tp is bool:
-        return value if isinstance(value, bool) else _MISSING
-    if tp is int:
-        if isinstance(value, bool):
-            return _MISSING
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        return _MISSING
-    if tp is float:
-        if isinstance(value, bool):
-            return _MISSING
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                return _MISSING
-        return _MISSING
-    if tp is str:
-        return value if isinstance(value, str) else _MISSING
-    if tp is dict:
-        return dict(value) if isinstance(value, dict) else _MISSING
-    if tp is list:
-        return list(value) if isinstance(value, (list, tuple)) else _MISSING
-    return _MISSING
-
-
-def _build(cls, data: Any, prefix: str, problems: list[str]):
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        problems.append(f"{prefix or 'top level'}: expected a mapping, got {type(data).__name__}")
-        return cls()
-    kwargs = {}
-    for key, value in data.items():
-        path = f"{prefix}.{key}" if prefix else str(key)
-        if key not in fields and key in _MOVED_TO_ENV and issubclass(cls, TrainConfig):
-            if value is not None:
-                problems.append(f"{path}: a testing aid that moved to the {_MOVED_TO_ENV[key]} environment variable")
-            continue
-        if key not in fields:
-            close = difflib.get_close_matches(str(key), list(fields), n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(fields)}"
-            problems.append(f"{path}: unknown key{hint}")
-            continue
-        tp = hints[key]
-        if dataclasses.is_dataclass(tp):
-            kwargs[key] = _build(tp, value, path, problems)
-            continue
-        out = _coerce(value, tp)
-        if out is _MISSING:
-            problems.append(f"{path}: expected {_type_name(tp)}, got {value!r}")
-            continue
-        checker = fields[key].metadata.get("check")
-        if checker is not None and out is not None:
-            msg = checker(out)
-            if msg:
-                problems.append(f"{path}: {msg}, got {out!r}")
-                continue
-        kwargs[key] = out
-    return cls(**kwargs)
-
-
-def _set_path(data: dict, dotted: str, value: Any, problems: list[str]) -> None:
-    keys = dotted.split(".")
-    node = data
-    for k in keys[:-1]:
-        if node.get(k) is None:
-            node[k] = {}
-        if not isinstance(node[k], dict):
-            problems.append(f"--set {dotted}: {k} is not a section")
-            return
-        node = node[k]
-    node[keys[-1]] = value
 
 
 # The spaces this repository ships (configs/space/*.yaml), for configs run from another directory.
@@ -482,7 +347,7 @@ def method_settings(r: RetrainConfig, problems: list[str] | None = None) -> tupl
         args[method.size] = r.rank
     settings = None
     try:
-        settings = _build(method.config, args, "retrain.method_args", collect)
+        settings = build(method.config, args, "retrain.method_args", collect)
     except methods.MethodError as err:
         key, _, msg = str(err).partition(": ")
         collect.append(f"retrain.rank: {msg}" if key == method.size else f"retrain.method_args.{key}: {msg}")
@@ -500,21 +365,6 @@ def _check_budget(cfg: "RunConfig", low: int, high: int, problems: list[str]) ->
     if s.min_params is not None and s.min_params > high:
         problems.append(f"search.min_params: {s.min_params:,} is above the largest configuration of this space "
                         f"({high:,} adapter parameters)")
-
-
-def parse_overrides(overrides: list[str] | None, problems: list[str]) -> list[tuple[str, Any]]:
-    out = []
-    for item in overrides or []:
-        if "=" not in item:
-            problems.append(f"--set {item}: expected key.path=value")
-            continue
-        key, raw = item.split("=", 1)
-        try:
-            value = yaml.safe_load(raw) if raw != "" else None
-        except yaml.YAMLError:
-            value = raw
-        out.append((key.strip(), value))
-    return out
 
 
 def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None) -> RunConfig:
@@ -542,20 +392,19 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
         if not isinstance(data, dict):
             raise ConfigError(source, [f"expected a mapping at the top level, got {type(data).__name__}"])
     for key, value in parse_overrides(overrides, problems):
-        _set_path(data, key, value, problems)
-    cfg = _build(RunConfig, data, "", problems)
-    if not problems:
-        _semantic_checks(cfg, Path(path).parent if path else Path("."), problems)
-    if problems:
-        raise ConfigError(source, problems)
-    return cfg
+        set_path(data, key, value, problems)
+    return _validated(data, Path(path).parent if path else Path("."), source, problems)
 
 
 def config_from_dict(data: dict, source: str = "<dict>") -> RunConfig:
-    problems: list[str] = []
-    cfg = _build(RunConfig, data, "", problems)
+    """A run config from its content (paths relative to the working directory), validated as load_config does."""
+    return _validated(data, Path("."), source, [])
+
+
+def _validated(data: Any, base_dir: Path, source: str, problems: list[str]) -> RunConfig:
+    cfg = build(RunConfig, data, "", problems)
     if not problems:
-        _semantic_checks(cfg, Path("."), problems)
+        _semantic_checks(cfg, base_dir, problems)  # parses the space, once (RunConfig.search_space)
     if problems:
         raise ConfigError(source, problems)
     return cfg
