@@ -113,8 +113,6 @@ def _forward_on_cpu(cfg, seen: set) -> None:
     distinct model, space, size and class count: most edits change none of them)."""
     from engine.models import build_model
     from engine.recipes.common import probe_input
-    from supernet import apply_glora
-
     size = probe_input(cfg)[0]
     num_classes = cfg.data.num_classes or min(cfg.data.demo_classes, 4)  # more: the demo data refuses it, in the stage
     key = yaml.safe_dump([dataclasses.asdict(cfg.model), cfg.search_space.to_dict(), size, num_classes])
@@ -122,7 +120,7 @@ def _forward_on_cpu(cfg, seen: set) -> None:
         return
     seen.add(key)
     model = build_model(cfg.model, num_classes)
-    apply_glora(model, cfg.search_space)
+    cfg.supernet.apply(model)
     with torch.no_grad():
         assert model(torch.zeros(2, 3, size, size)).shape == (2, num_classes)
 
