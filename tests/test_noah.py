@@ -158,3 +158,47 @@ def test_noah_runs_the_three_stages_and_its_export_evaluates(tmp_path, capsys):
     path = write_config(tmp_path / "c.yaml", out, **sections)
     assert evaluate(argv=["--config", str(path), "--checkpoint", str(out / "retrain" / "adapted.safetensors")]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["top1"] == pytest.approx(m["test_top1"])
+
+
+def _noah_train(out, **train):
+    from engine import distributed as dist
+    from engine.config import config_from_dict
+    from engine.recipes.train import run_train
+    from runcfg import tiny_config
+
+    cfg = config_from_dict(tiny_config(out, space=SPACE, train=train, model={"drop_path_rate": 0.0}))
+    return run_train(cfg, dist.DistInfo(), "t")
+
+
+def test_an_interrupted_noah_supernet_resumes_to_the_same_tensors(tmp_path):
+    from safetensors.torch import load_file
+
+    from runcfg import trainer_hooks
+
+    assert _noah_train(tmp_path / "a") == "done"
+    with trainer_hooks(stop_at_step=2):
+        assert _noah_train(tmp_path / "b") == "SIGTERM"
+    assert _noah_train(tmp_path / "b") == "done"
+    a, b = (load_file(tmp_path / r / "supernet.safetensors") for r in ("a", "b"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_two_processes_train_the_noah_supernet_as_one(tmp_path):
+    """As for every retrained method (tests/test_methods_pipeline.py): two ranks of 16 images a step
+    take the halves of one process's 32, the sub-network of a step is the same on every rank."""
+    import os
+    import subprocess
+    import sys
+
+    from runcfg import ROOT, write_config
+
+    cfg = write_config(tmp_path / "c.yaml", tmp_path / "two", space=SPACE, model={"drop_path_rate": 0.0})
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(ROOT / "train.py"), "--config", str(cfg)], capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _noah_train(tmp_path / "one", batch_size=32) == "done"
+    a, b = (torch.load(tmp_path / r / "checkpoints" / "last.pt", weights_only=True)["model"] for r in ("one", "two"))
+    assert a.keys() == b.keys()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-4
