@@ -133,7 +133,7 @@ def test_space_found_from_any_working_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert load_config(p, ["space=mine.yaml"]).space == "mine.yaml"
     with pytest.raises(ConfigError, match=r"space: file not found: huge \(looked in the working directory, next to the config "
-                                          r".*among the shipped spaces: conv, large, middle, small\)"):
+                                          r".*among the shipped spaces: conv, large, middle, noah, small\)"):
         load_config(p, ["space=huge"])
 
 
