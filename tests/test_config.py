@@ -147,8 +147,8 @@ def test_the_space_is_parsed_once_when_the_config_loads(tmp_path, monkeypatch):
     from runcfg import tiny_config
 
     parses = []
-    real = C.load_space
-    monkeypatch.setattr(C, "load_space", lambda space: parses.append(space) or real(space))
+    real = C.parse_space
+    monkeypatch.setattr(C, "parse_space", lambda space: parses.append(space) or real(space))
     small = str(ROOT / "configs" / "space" / "small.yaml")
     for make in (lambda: load_config(write_config(tmp_path / "c.yaml", tmp_path / "out", space=small)),
                  lambda: C.config_from_dict(tiny_config(tmp_path / "out", space=yaml.safe_load(open(small))))):

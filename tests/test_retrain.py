@@ -63,10 +63,10 @@ def test_merged_export_predicts_like_unmerged(tmp_path, monkeypatch):
     captured = {}
     real_export = st.export
 
-    def spy(model, cfg, rdir, val_ds, info, spec):
+    def spy(model, cfg, rdir, val_ds, info, spec, num_classes):
         captured["model"] = model
         captured["x"] = next(iter(torch.utils.data.DataLoader(val_ds, batch_size=24)))[0]
-        return real_export(model, cfg, rdir, val_ds, info, spec)
+        return real_export(model, cfg, rdir, val_ds, info, spec, num_classes)
 
     monkeypatch.setattr(st, "export", spy)
     out = tmp_path / "run"
@@ -104,9 +104,9 @@ def test_merge_that_gives_a_bias_free_layer_a_bias(tmp_path, monkeypatch, capsys
     captured = {}
     real_export = st.export
 
-    def spy(model, cfg, rdir, val_ds, info, spec):
+    def spy(model, cfg, rdir, val_ds, info, spec, num_classes):
         captured["model"], captured["x"] = model, next(iter(torch.utils.data.DataLoader(val_ds, batch_size=8)))[0]
-        return real_export(model, cfg, rdir, val_ds, info, spec)
+        return real_export(model, cfg, rdir, val_ds, info, spec, num_classes)
 
     monkeypatch.setattr(st, "export", spy)
     out = tmp_path / "swin"
