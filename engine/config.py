@@ -29,7 +29,7 @@ import yaml
 import methods
 from methods.noah import NoahSpace
 from methods.supernets import GloraSupernet, NoahSupernet, parse_space, supernet_for
-from supernet import SearchSpace, SpaceError
+from supernet import LoraScaling, SearchSpace, SpaceError
 
 from .compiling import COMPILE_MODES
 from .mnist import MNIST_IMAGES
@@ -95,6 +95,18 @@ class DataConfig:
 
 
 @dataclass
+class LoraOptions:
+    """LoRA's scale s of every low-rank GLoRA tensor (A, B, C lora_r; vector, scalar and none are not scaled), with PEFT's names (docs/lora-family.md): s = lora_alpha / r, or lora_alpha / sqrt(r) with use_rslora (rsLoRA), r the rank of the active choice. Saved with the adapter and supernet files."""
+
+    lora_alpha: float | None = field(default=None, metadata=check(positive))  # null: s = 1 (unscaled, as before this key); PEFT's default is 8
+    use_rslora: bool = False  # s = lora_alpha / sqrt(r) (rsLoRA, Kalajdzievski 2023); needs lora_alpha
+
+    def scaling(self) -> LoraScaling | None:
+        """What :func:`supernet.apply_glora` takes (None: s = 1)."""
+        return None if self.lora_alpha is None else LoraScaling(self.lora_alpha, self.use_rslora)
+
+
+@dataclass
 class TrainConfig:
     """Optimisation settings; defaults are the paper's ViT-B/16 VTAB-1k recipe (docs/method.md §3)."""
 
@@ -123,6 +135,9 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     compile: bool = False  # torch.compile the training step (retrain only: the supernet changes sub-network every step)
     compile_mode: CompileMode = "default"  # with compile: true; reduce-overhead replays CUDA graphs on a GPU
+    # LoRA's scale of the low-rank GLoRA tensors (and of the lora preset in retrain); retrain's applies to the retrained
+    # model whatever scale its supernet was trained with (retrain.init: supernet then starts a new training)
+    lora: LoraOptions = field(default_factory=LoraOptions)
 
     # Testing aids that left the schema for environment variables (engine/trainer.py). A null value,
     # as every config.yaml written before holds, still loads; any other is refused with this line.
@@ -297,6 +312,7 @@ def _semantic_checks(cfg: RunConfig, base_dir: Path, problems: list[str]) -> Non
         t = getattr(cfg, section)
         if t.device not in ("auto", "cpu", "cuda"):
             problems.append(f"{section}.device: expected one of auto, cpu, cuda, got {t.device!r}")
+    _lora_checks(cfg, problems)
     if cfg.train.compile:
         problems.append("train.compile: not supported for the supernet, whose sub-network changes every step "
                         "(torch.compile would recompile for each one); use retrain.compile")
@@ -324,6 +340,25 @@ def _semantic_checks(cfg: RunConfig, base_dir: Path, problems: list[str]) -> Non
         costs = check_model(cfg, problems)
         if costs is not None:
             _check_budget(cfg, *costs, problems)
+
+
+def _lora_checks(cfg: RunConfig, problems: list[str]) -> None:
+    """train.lora and retrain.lora: use_rslora needs lora_alpha; a scale only where there are GLoRA layers to scale."""
+    for section in ("train", "retrain"):
+        lora = getattr(cfg, section).lora
+        if lora.use_rslora and lora.lora_alpha is None:
+            problems.append(f"{section}.lora.use_rslora: rsLoRA scales by lora_alpha / sqrt(r), so it needs {section}.lora.lora_alpha")
+    if cfg.train.lora.lora_alpha is not None and isinstance(cfg.search_space, NoahSpace):
+        problems.append("train.lora.lora_alpha: scales GLoRA's low-rank tensors; a NOAH supernet has none (leave it null)")
+    r = cfg.retrain
+    if r.lora.lora_alpha is None:
+        return
+    if r.preset is not None and not methods.get(r.preset).lora_scaling:
+        takes = ", ".join(m for m in methods.PRESETS if methods.get(m).lora_scaling)
+        problems.append(f"retrain.lora.lora_alpha: scales GLoRA's low-rank tensors; preset {r.preset} has none "
+                        f"(the presets that take it: {takes})")
+    elif r.preset is None and isinstance(cfg.search_space, NoahSpace):
+        problems.append("retrain.lora.lora_alpha: scales GLoRA's low-rank tensors; a NOAH sub-network has none (leave it null)")
 
 
 def method_settings(r: RetrainConfig, problems: list[str] | None = None) -> tuple[methods.Method, Any]:
