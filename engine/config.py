@@ -348,7 +348,13 @@ def _lora_checks(cfg: RunConfig, problems: list[str]) -> None:
         lora = getattr(cfg, section).lora
         if lora.use_rslora and lora.lora_alpha is None:
             problems.append(f"{section}.lora.use_rslora: rsLoRA scales by lora_alpha / sqrt(r), so it needs {section}.lora.lora_alpha")
-    if cfg.train.lora.lora_alpha is not None and isinstance(cfg.search_space, NoahSpace):
+    def noah() -> bool:  # a space that failed to parse was reported already
+        try:
+            return isinstance(cfg.search_space, NoahSpace)
+        except (SpaceError, methods.MethodError, OSError, TypeError, ValueError):
+            return False
+
+    if cfg.train.lora.lora_alpha is not None and noah():
         problems.append("train.lora.lora_alpha: scales GLoRA's low-rank tensors; a NOAH supernet has none (leave it null)")
     r = cfg.retrain
     if r.lora.lora_alpha is None:
@@ -357,7 +363,7 @@ def _lora_checks(cfg: RunConfig, problems: list[str]) -> None:
         takes = ", ".join(m for m in methods.PRESETS if methods.get(m).lora_scaling)
         problems.append(f"retrain.lora.lora_alpha: scales GLoRA's low-rank tensors; preset {r.preset} has none "
                         f"(the presets that take it: {takes})")
-    elif r.preset is None and isinstance(cfg.search_space, NoahSpace):
+    elif r.preset is None and noah():
         problems.append("retrain.lora.lora_alpha: scales GLoRA's low-rank tensors; a NOAH sub-network has none (leave it null)")
 
 

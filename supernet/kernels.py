@@ -256,7 +256,8 @@ class _ScaleShiftLinear(torch.autograd.Function):
         gCd = gCu = gD = gE = None
         if with_bias:
             gCd, gCu, gD, gE = _bias_backward(gsum, weight, bias, Cd, Cu, needs[8:], plan)
-        return _scale_grads((gx, None, None, None, gAd, None, gBd, gBu, gCd, gCu, gD, gE), plan)
+        grads = gx, None, None, None, gAd, None, gBd, gBu, gCd, gCu, gD, gE
+        return grads if plan.scales is None else _scale_grads(grads, plan)
 
 
 def _dense_weight(W0: torch.Tensor, Ad: torch.Tensor, Au: torch.Tensor, Bd: torch.Tensor | None, Bu: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
@@ -313,7 +314,8 @@ class _RebuiltWeightLinear(torch.autograd.Function):
                 gBd, gBu = _lora_grads(gW, Bd, Bu, needs[6:8], 2, plan)
             elif needs[6]:
                 gBd = _full(gW.sum_to_size(Bd.shape), 2, plan, Bd.dtype)  # B broadcast over (out, in): a vector (out, 1) or a scalar (1, 1)
-        return _scale_grads((gx, None, None, None, gAd, gAu, gBd, gBu, gCd, gCu, gD, gE), plan)
+        grads = gx, None, None, None, gAd, gAu, gBd, gBu, gCd, gCu, gD, gE
+        return grads if plan.scales is None else _scale_grads(grads, plan)
 
 
 # The plan of a choice names the kernel above that computes it.

@@ -100,8 +100,6 @@ def _take(params: Sequence[torch.Tensor | None], plan: _Plan) -> list[torch.Tens
 def _scale_grads(grads: tuple, plan: _Plan, offset: int = 4) -> tuple:
     """The gradients an autograd function returns (parameter ``k`` at ``offset + k``), those of the
     scaled down factors multiplied by their scale: computed against the scaled slice, ``s·D``."""
-    if plan.scales is None:
-        return grads
     grads = list(grads)
     for k, s in plan.scales:
         if grads[offset + k] is not None:
