@@ -29,11 +29,12 @@ import yaml
 import methods
 from methods.noah import NoahSpace
 from methods.supernets import GloraSupernet, NoahSupernet, parse_space, supernet_for
-from supernet import LoraScaling, SearchSpace, SpaceError
+from supernet import SearchSpace, SpaceError
 
 from .compiling import COMPILE_MODES
 from .mnist import MNIST_IMAGES
 from .pretrained import WEIGHT_SUFFIXES, PretrainedError, resolve_checkpoint
+from .loraconfig import LoraOptions, lora_checks
 from .schema import at_most, build, check, non_negative, parse_overrides, positive, probability, set_path
 
 CompileMode = Literal[COMPILE_MODES]  # type: ignore[valid-type]  # the tuple's strings, as Literal's arguments
@@ -92,18 +93,6 @@ class DataConfig:
     demo_train: int = field(default=800, metadata=check(positive))
     demo_val: int = field(default=200, metadata=check(positive))
     demo_test: int = field(default=400, metadata=check(positive))
-
-
-@dataclass
-class LoraOptions:
-    """LoRA's scale s of every low-rank GLoRA tensor (A, B, C lora_r; vector, scalar and none are not scaled), with PEFT's names (docs/lora-family.md): s = lora_alpha / r, or lora_alpha / sqrt(r) with use_rslora (rsLoRA), r the rank of the active choice. Saved with the adapter and supernet files."""
-
-    lora_alpha: float | None = field(default=None, metadata=check(positive))  # null: s = 1 (unscaled, as before this key); PEFT's default is 8
-    use_rslora: bool = False  # s = lora_alpha / sqrt(r) (rsLoRA, Kalajdzievski 2023); needs lora_alpha
-
-    def scaling(self) -> LoraScaling | None:
-        """What :func:`supernet.apply_glora` takes (None: s = 1)."""
-        return None if self.lora_alpha is None else LoraScaling(self.lora_alpha, self.use_rslora)
 
 
 @dataclass
@@ -312,7 +301,7 @@ def _semantic_checks(cfg: RunConfig, base_dir: Path, problems: list[str]) -> Non
         t = getattr(cfg, section)
         if t.device not in ("auto", "cpu", "cuda"):
             problems.append(f"{section}.device: expected one of auto, cpu, cuda, got {t.device!r}")
-    _lora_checks(cfg, problems)
+    lora_checks(cfg, problems)
     if cfg.train.compile:
         problems.append("train.compile: not supported for the supernet, whose sub-network changes every step "
                         "(torch.compile would recompile for each one); use retrain.compile")
@@ -340,31 +329,6 @@ def _semantic_checks(cfg: RunConfig, base_dir: Path, problems: list[str]) -> Non
         costs = check_model(cfg, problems)
         if costs is not None:
             _check_budget(cfg, *costs, problems)
-
-
-def _lora_checks(cfg: RunConfig, problems: list[str]) -> None:
-    """train.lora and retrain.lora: use_rslora needs lora_alpha; a scale only where there are GLoRA layers to scale."""
-    for section in ("train", "retrain"):
-        lora = getattr(cfg, section).lora
-        if lora.use_rslora and lora.lora_alpha is None:
-            problems.append(f"{section}.lora.use_rslora: rsLoRA scales by lora_alpha / sqrt(r), so it needs {section}.lora.lora_alpha")
-    def noah() -> bool:  # a space that failed to parse was reported already
-        try:
-            return isinstance(cfg.search_space, NoahSpace)
-        except (SpaceError, methods.MethodError, OSError, TypeError, ValueError):
-            return False
-
-    if cfg.train.lora.lora_alpha is not None and noah():
-        problems.append("train.lora.lora_alpha: scales GLoRA's low-rank tensors; a NOAH supernet has none (leave it null)")
-    r = cfg.retrain
-    if r.lora.lora_alpha is None:
-        return
-    if r.preset is not None and not methods.get(r.preset).lora_scaling:
-        takes = ", ".join(m for m in methods.PRESETS if methods.get(m).lora_scaling)
-        problems.append(f"retrain.lora.lora_alpha: scales GLoRA's low-rank tensors; preset {r.preset} has none "
-                        f"(the presets that take it: {takes})")
-    elif r.preset is None and noah():
-        problems.append("retrain.lora.lora_alpha: scales GLoRA's low-rank tensors; a NOAH sub-network has none (leave it null)")
 
 
 def method_settings(r: RetrainConfig, problems: list[str] | None = None) -> tuple[methods.Method, Any]:
