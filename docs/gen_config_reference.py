@@ -110,13 +110,24 @@ def render() -> str:
             sections.append((f.name, tp))
         else:
             out.append(_row(f.name, f, tp, top.get(f.name, "")))
-    for name, cls in sections:
+    while sections:  # a section's own sections (train.lora) follow it
+        name, cls = sections.pop(0)
         doc = inspect.getdoc(cls) or ""
         doc = "" if doc.startswith(cls.__name__ + "(") else doc  # dataclasses' generated signature
         out += ["", f"## {name}", "", f"`{cls.__name__}`" + (f": {doc}" if doc else ""), "",
                 "| key | type | default | check | notes |", "|---|---|---|---|---|"]
         chints, comments = typing.get_type_hints(cls), _field_comments(cls)
-        out += [_row(f"{name}.{f.name}", f, chints[f.name], comments.get(f.name, "")) for f in dataclasses.fields(cls)]
+        nested = []
+        for f in dataclasses.fields(cls):
+            tp = chints[f.name]
+            if dataclasses.is_dataclass(tp):
+                key = f"{name}.{f.name}"
+                note = comments.get(f.name, "").replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;")
+                out.append(f"| `{key}` | section | | | [{key}](#{key.replace('.', '')}) ({tp.__name__}){': ' + note if note else ''} |")
+                nested.append((key, tp))
+            else:
+                out.append(_row(f"{name}.{f.name}", f, tp, comments.get(f.name, "")))
+        sections[:0] = nested
     return "\n".join(out) + "\n"
 
 

@@ -34,6 +34,7 @@ from supernet import SearchSpace, SpaceError
 from .compiling import COMPILE_MODES
 from .mnist import MNIST_IMAGES
 from .pretrained import WEIGHT_SUFFIXES, PretrainedError, resolve_checkpoint
+from .loraconfig import LoraOptions, lora_checks
 from .schema import at_most, build, check, non_negative, parse_overrides, positive, probability, set_path
 
 CompileMode = Literal[COMPILE_MODES]  # type: ignore[valid-type]  # the tuple's strings, as Literal's arguments
@@ -123,6 +124,9 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     compile: bool = False  # torch.compile the training step (retrain only: the supernet changes sub-network every step)
     compile_mode: CompileMode = "default"  # with compile: true; reduce-overhead replays CUDA graphs on a GPU
+    # LoRA's scale of the low-rank GLoRA tensors (and of the lora preset in retrain); retrain's applies to the retrained
+    # model whatever scale its supernet was trained with (retrain.init: supernet then starts a new training)
+    lora: LoraOptions = field(default_factory=LoraOptions)
 
     # Testing aids that left the schema for environment variables (engine/trainer.py). A null value,
     # as every config.yaml written before holds, still loads; any other is refused with this line.
@@ -297,6 +301,7 @@ def _semantic_checks(cfg: RunConfig, base_dir: Path, problems: list[str]) -> Non
         t = getattr(cfg, section)
         if t.device not in ("auto", "cpu", "cuda"):
             problems.append(f"{section}.device: expected one of auto, cpu, cuda, got {t.device!r}")
+    lora_checks(cfg, problems)
     if cfg.train.compile:
         problems.append("train.compile: not supported for the supernet, whose sub-network changes every step "
                         "(torch.compile would recompile for each one); use retrain.compile")

@@ -37,6 +37,8 @@ _VOLATILE = {"resume", "device", "compile", "compile_mode", "stop_at_step", "fai
 _ADDED_KEYS = {
     ("data", "normalize"): lambda cfg: "imagenet",
     ("search", "precision"): lambda cfg: (cfg.get("train") or {}).get("precision", "fp32"),  # scored in train's before
+    ("train", "lora"): lambda cfg: {"lora_alpha": None, "use_rslora": False},  # LoRA's scale s = 1
+    ("retrain", "lora"): lambda cfg: {"lora_alpha": None, "use_rslora": False},
 }
 
 

@@ -47,6 +47,8 @@ class Method:
     starts_at_base: bool = True
     # Trained as a supernet and searched (train.py, search.py) before retrain.py: not a retrain.preset
     searched: bool = False
+    # Made of GLoRA layers whose low-rank tensors take LoRA's scale (retrain.lora; supernet.set_lora_scaling)
+    lora_scaling: bool = False
     # Sizes the test matrix tries on its 2-block, 32-wide ViT (tests/test_methods.py)
     test_sizes: tuple[int, ...] = (2,)
 

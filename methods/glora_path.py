@@ -7,7 +7,7 @@ from typing import Any, Callable
 
 import torch.nn as nn
 
-from supernet import SearchSpace, apply_glora, count_params, merge_glora
+from supernet import LoraScaling, SearchSpace, apply_glora, count_params, merge_glora
 
 from .base import Method
 
@@ -15,11 +15,12 @@ from .base import Method
 def glora_preset(name: str, summary: str, config: type, choice: Callable[[Any], dict[str, str]], size: str | None = None) -> Method:
     """The method whose every targeted layer holds the one GLoRA choice ``choice(settings)``."""
 
-    def apply(model: nn.Module, settings: Any, space: SearchSpace) -> nn.Module:
-        return apply_glora(model, one_choice_space(space, choice(settings)))
+    def apply(model: nn.Module, settings: Any, space: SearchSpace, lora_scaling: LoraScaling | None = None) -> nn.Module:
+        """``lora_scaling``: LoRA's scale of the low-rank tensors (retrain.lora), None: 1."""
+        return apply_glora(model, one_choice_space(space, choice(settings)), lora_scaling=lora_scaling)
 
     return Method(name=name, summary=summary, config=config, apply=apply, count=lambda m: count_params(m).adapter,
-                  merge=merge_glora, size=size)
+                  merge=merge_glora, size=size, lora_scaling=True)
 
 
 def one_choice_space(space: SearchSpace, choice: dict[str, str]) -> dict:

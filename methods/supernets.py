@@ -23,8 +23,12 @@ class GloraSupernet:
     def __init__(self, space: Any):
         self.space = glora.load_space(space)
 
-    def apply(self, model: nn.Module) -> nn.Module:
-        return glora.apply_glora(model, self.space)
+    def apply(self, model: nn.Module, lora_scaling: "glora.LoraScaling | None" = None) -> nn.Module:
+        """``lora_scaling``: LoRA's scale of the low-rank tensors (train.lora / retrain.lora), None: 1."""
+        return glora.apply_glora(model, self.space, lora_scaling=lora_scaling)
+
+    def set_lora_scaling(self, model: nn.Module, lora_scaling: "glora.LoraScaling | None") -> None:
+        glora.set_lora_scaling(model, lora_scaling)
 
     def choices(self, model: nn.Module) -> dict[str, dict[str, list[str]]]:
         return {n: {t: [str(c) for c in cs] for t, cs in per.items()} for n, per in glora.layer_choices(model).items()}
@@ -83,8 +87,14 @@ class NoahSupernet:
     def __init__(self, space: Any):
         self.space = space if isinstance(space, noah.NoahSpace) else noah.load_noah_space(space)
 
-    def apply(self, model: nn.Module) -> nn.Module:
+    def apply(self, model: nn.Module, lora_scaling: None = None) -> nn.Module:
+        if lora_scaling is not None:  # the run config refuses it first
+            raise noah.MethodError("lora_alpha: a NOAH supernet has no low-rank GLoRA tensors to scale")
         return noah.apply_noah(model, self.space.largest(), self.space.source)
+
+    def set_lora_scaling(self, model: nn.Module, lora_scaling: None) -> None:
+        if lora_scaling is not None:
+            raise noah.MethodError("lora_alpha: a NOAH supernet has no low-rank GLoRA tensors to scale")
 
     def choices(self, model: nn.Module) -> dict:
         return noah.block_choices(model, self.space)

@@ -17,7 +17,8 @@ from .io import (
 )
 from .conv import GLoraConv2d
 from .export import MERGE_TOLERANCE, create_merged_model, load_merged, merged_file_summary, merged_input_spec, write_merged
-from .layer import GLoraLayer, GLoraLinear, SupportTensors, choice_cost
+from .layer import GLoraLayer, GLoraLinear, SupportTensors, check_lora_scaling, choice_cost
+from .plans import LoraScaling
 from .merge import (MergeError, MergedCopy, add_zero_biases, added_biases, merge_glora, merged_bias_slots, merged_linear,
                     merged_module)
 from .model import (
@@ -34,8 +35,10 @@ from .model import (
     glora_layers,
     head_params,
     layer_choices,
+    lora_scalings,
     mark_trainable,
     sample_subnet,
+    set_lora_scaling,
     set_submodule,
     set_subnet,
     uniform_subnet,

@@ -77,7 +77,7 @@ class GLoraConv2d(GLoraLayer):
     All choices of docs/method.md §2 are allowed, for grouped and depthwise convolutions too.
     """
 
-    def __init__(self, base: nn.Conv2d, choices: Mapping[str, Sequence[Choice | str]]):
+    def __init__(self, base: nn.Conv2d, choices: Mapping[str, Sequence[Choice | str]], lora_scaling=None):
         super().__init__()
         problem = conv_problem(base)
         if problem is not None:
@@ -93,7 +93,7 @@ class GLoraConv2d(GLoraLayer):
         self._reversed_padding_repeated_twice = list(base._reversed_padding_repeated_twice)
         same = _conv2d_same_type()
         self.same_pad = base.same_pad if isinstance(base, GLoraConv2d) else (same is not None and type(base) is same)
-        self._setup(base, choices)
+        self._setup(base, choices, lora_scaling)
 
     # A and B act on the weight as (out, in/groups·kh·kw); C on the input channels (module docstring)
     @property
@@ -171,6 +171,8 @@ class GLoraConv2d(GLoraLayer):
         if lora_b:
             r = c.B.rank
             Bu, Bd = self.glora_Bu[:r], self.glora_Bd[:, :r]
+            s = self.lora_factor(c.B)
+            Bd = Bd if s is None else Bd * s  # LoRA's scale (LoraScaling)
             xb = self._conv(x, Bu.reshape(r, self.in_channels, *self.kernel_size), None, padding)
             y = y + F.conv2d(xb, Bd.reshape(self.out_channels, r, 1, 1))
         elif c.B.kind != "none":
@@ -227,4 +229,5 @@ class GLoraConv2d(GLoraLayer):
         spaces = " ".join(f"{t}=[{','.join(map(str, self.choices[t]))}]" for t in self.choices)
         geometry = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
                     f"padding={'same (dynamic)' if self.same_pad else self.padding}, dilation={self.dilation}, groups={self.groups}")
-        return f"{geometry}, bias={self.bias is not None}, {spaces}, active: {self.active}"
+        scaling = "" if self.lora_scaling is None else f", {self.lora_scaling}"
+        return f"{geometry}, bias={self.bias is not None}, {spaces}, active: {self.active}{scaling}"

@@ -20,7 +20,8 @@ from safetensors.torch import save_file
 
 from .atomic import atomic_write, atomic_write_text
 from .conv import GLoraConv2d, conv_problem
-from .layer import GLoraLayer, GLoraLinear
+from .layer import GLoraLayer, GLoraLinear, check_lora_scaling
+from .plans import LoraScaling
 from .model import classifier_names, get_subnet, glora_layer, glora_layers, mark_trainable, set_submodule, set_subnet
 from .space import TENSORS, SpaceError, parse_choice
 from .subnet import subnet_to_dict
@@ -68,12 +69,28 @@ def _geometry(module: nn.Module) -> dict[str, Any]:
     return {"in_features": module.in_features, "out_features": module.out_features}
 
 
+# What a layer record holds besides its base layer's geometry.
+_NOT_GEOMETRY = ("bias", "choices", "lora_alpha", "use_rslora")
+
+
 def _layer_record(layer: GLoraLayer) -> dict[str, Any]:
-    return {
+    rec = {
         **_geometry(layer),
         "bias": layer.bias is not None,
         "choices": {t: [str(c) for c in layer.choices[t]] for t in TENSORS},
     }
+    if layer.lora_scaling is not None:  # LoRA's scale; a layer without these keys scales by 1 (files written before)
+        rec.update(layer.lora_scaling.to_dict())
+    return rec
+
+
+def _record_scaling(rec: Mapping[str, Any]) -> LoraScaling | None:
+    """The LoRA scaling a layer record holds (None: scaled by 1); raises SpaceError for a bad one."""
+    if rec.get("lora_alpha") is None:
+        if rec.get("use_rslora"):
+            raise SpaceError("use_rslora without lora_alpha")
+        return None
+    return check_lora_scaling(LoraScaling(rec["lora_alpha"], rec.get("use_rslora", False)))
 
 
 def save_adapter(
@@ -202,7 +219,7 @@ def load_adapter(
     tensors, meta = read_safetensors(path)
     doc = _read_doc(path, Path(yaml_path) if yaml_path else None, meta)
     modules = dict(model.named_modules())
-    problems, new_layers = [], {}
+    problems, new_layers, scalings = [], {}, {}
     for name, rec in doc["layers"].items():
         module = modules.get(name)
         if module is None:
@@ -215,7 +232,7 @@ def load_adapter(
         if not conv and not isinstance(module, (nn.Linear, GLoraLinear)):
             problems.append(f"layer {name} is a {type(module).__name__}, not an nn.Linear")
             continue
-        want = {k: v for k, v in rec.items() if k not in ("bias", "choices")}
+        want = {k: v for k, v in rec.items() if k not in _NOT_GEOMETRY}
         have = _geometry(module)
         if have != want:
             diff = ", ".join(f"{k} {have.get(k)} vs file {want.get(k)}" for k in sorted(set(have) | set(want)) if have.get(k) != want.get(k))
@@ -226,7 +243,12 @@ def load_adapter(
         except (SpaceError, KeyError, TypeError) as err:
             problems.append(f"layer {name}: bad choices ({err})")
             continue
-        new_layers[name] = glora_layer(module, choices) if not isinstance(module, GLoraLayer) else None
+        try:
+            scalings[name] = _record_scaling(rec)
+        except (SpaceError, TypeError) as err:
+            problems.append(f"layer {name}: bad LoRA scaling ({err})")
+            continue
+        new_layers[name] = glora_layer(module, choices, scalings[name]) if not isinstance(module, GLoraLayer) else None
     if problems:
         raise AdapterError(f"{path}: does not fit the model: " + "; ".join(problems[:5]))
 
@@ -256,6 +278,8 @@ def load_adapter(
     for name, layer in new_layers.items():
         if layer is not None:
             set_submodule(model, name, layer)
+        else:  # a GLoRA layer already: it takes the file's scale
+            modules[name].set_lora_scaling(scalings[name])
     model.load_state_dict(tensors, strict=False)
     mark_trainable(model, [m for m in doc.get("modules_to_save", []) if m in modules])
     if doc.get("subnet"):

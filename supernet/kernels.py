@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .cast import _as, _compute_dtype, _eager_cache, _out
-from .plans import _fit, _full, _mm_full, _Plan, _take, _tensor_plan
+from .plans import LoraScaling, _fit, _full, _mm_full, _Plan, _scale_grads, _take, _tensor_plan, lora_factor
 from .space import TENSORS, LayerChoice
 
 
@@ -256,7 +256,8 @@ class _ScaleShiftLinear(torch.autograd.Function):
         gCd = gCu = gD = gE = None
         if with_bias:
             gCd, gCu, gD, gE = _bias_backward(gsum, weight, bias, Cd, Cu, needs[8:], plan)
-        return gx, None, None, None, gAd, None, gBd, gBu, gCd, gCu, gD, gE
+        grads = gx, None, None, None, gAd, None, gBd, gBu, gCd, gCu, gD, gE
+        return grads if plan.scales is None else _scale_grads(grads, plan)
 
 
 def _dense_weight(W0: torch.Tensor, Ad: torch.Tensor, Au: torch.Tensor, Bd: torch.Tensor | None, Bu: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
@@ -313,15 +314,18 @@ class _RebuiltWeightLinear(torch.autograd.Function):
                 gBd, gBu = _lora_grads(gW, Bd, Bu, needs[6:8], 2, plan)
             elif needs[6]:
                 gBd = _full(gW.sum_to_size(Bd.shape), 2, plan, Bd.dtype)  # B broadcast over (out, in): a vector (out, 1) or a scalar (1, 1)
-        return gx, None, None, None, gAd, gAu, gBd, gBu, gCd, gCu, gD, gE
+        grads = gx, None, None, None, gAd, gAu, gBd, gBu, gCd, gCu, gD, gE
+        return grads if plan.scales is None else _scale_grads(grads, plan)
 
 
 # The plan of a choice names the kernel above that computes it.
 # Every plan made so far is kept: at most (choices in the space) x (distinct layer shapes) of
 # them, a few thousand for a ViT in the largest space. Unbounded on purpose: an LRU cache smaller
 # than that would evict plans a supernet keeps drawing.
+# ``scaling`` (LoRA's scale, :class:`~supernet.plans.LoraScaling`) is part of the key: None, the default, makes the plans it always made.
 @functools.cache
-def _plan_for(choice: LayerChoice, shapes: tuple[tuple[int, ...] | None, ...], out_f: int, in_f: int) -> _Plan:
+def _plan_for(choice: LayerChoice, shapes: tuple[tuple[int, ...] | None, ...], out_f: int, in_f: int,
+              scaling: LoraScaling | None = None) -> _Plan:
     parts = [_tensor_plan(t, choice[t], shapes[k], shapes[k + 1] if t in "ABC" else None, out_f, in_f)
              for t, k in zip(TENSORS, (0, 2, 4, 6, 7))]
     names = tuple(n for part in parts for n in part[0])
@@ -329,4 +333,5 @@ def _plan_for(choice: LayerChoice, shapes: tuple[tuple[int, ...] | None, ...], o
     lead = tuple(n for part in parts for n in part[2])
     fn = None if all(n is None for n in names) else _RebuiltWeightLinear if choice.A.kind == "lora" else _ScaleShiftLinear
     first = next((k for k, n in enumerate(names) if n is not None), 0)
-    return _Plan(fn, names, index, lead, shapes, any(i is not None for i in index), first)
+    scales = tuple((k, s) for t, k in zip("ABC", (0, 2, 4)) if (s := lora_factor(choice[t], scaling)) is not None) or None
+    return _Plan(fn, names, index, lead, shapes, any(i is not None for i in index), first, scales)

@@ -26,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .kernels import _plan_for
+from .plans import LoraScaling, lora_factor
 from .space import TENSORS, Choice, LayerChoice, SpaceError, parse_choice
 
 NONE = Choice("none")
@@ -39,6 +40,22 @@ class SupportTensors(NamedTuple):
     C: torch.Tensor
     D: torch.Tensor
     E: torch.Tensor
+
+
+def check_lora_scaling(scaling: LoraScaling | None) -> LoraScaling | None:
+    """``scaling`` as a :class:`LoraScaling` (a pair or mapping with PEFT's names also does), checked: lora_alpha > 0."""
+    if scaling is None:
+        return None
+    if isinstance(scaling, Mapping):
+        scaling = LoraScaling(**scaling)
+    elif not isinstance(scaling, LoraScaling):
+        scaling = LoraScaling(*scaling)
+    alpha = scaling.lora_alpha
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0 or alpha == float("inf"):
+        raise SpaceError(f"lora_alpha: must be a finite number > 0, got {alpha!r}")
+    if not isinstance(scaling.use_rslora, bool):
+        raise SpaceError(f"use_rslora: must be true or false, got {scaling.use_rslora!r}")
+    return LoraScaling(float(alpha), scaling.use_rslora)
 
 
 def choice_cost(tensor: str, choice: Choice, out_features: int, in_features: int, c_in: int | None = None) -> int:
@@ -101,8 +118,10 @@ class GLoraLayer(nn.Module):
     rows: int
     cols: int
     c_rows: int
+    lora_scaling: LoraScaling | None = None  # LoRA's scale of the low-rank A, B, C; None: 1 (set_lora_scaling)
 
-    def _setup(self, base: nn.Module, choices: Mapping[str, Sequence[Choice | str]]) -> None:
+    def _setup(self, base: nn.Module, choices: Mapping[str, Sequence[Choice | str]],
+               lora_scaling: LoraScaling | None = None) -> None:
         self.weight = base.weight
         self.register_parameter("bias", base.bias)  # registered even when None: forward reads both from _parameters
         self.weight.requires_grad_(False)
@@ -119,7 +138,14 @@ class GLoraLayer(nn.Module):
             self.choices[t] = parsed
         self._allocate()
         self._param_shapes = tuple(None if (q := self._parameters[n]) is None else tuple(q.shape) for n in PARAMS)
+        object.__setattr__(self, "lora_scaling", check_lora_scaling(lora_scaling))
         self.active = LayerChoice(**{t: self.choices[t][0] for t in TENSORS})
+
+    def set_lora_scaling(self, scaling: LoraScaling | None) -> None:
+        """Scale every low-rank A, B, C by LoRA's ``s`` from now on (None: by 1). Plans kept elsewhere
+        (a :class:`SubnetSampler`'s) keep the old scale: build a new sampler after this."""
+        object.__setattr__(self, "lora_scaling", check_lora_scaling(scaling))
+        self.active = self.active  # the plan of the active choice, with the new scale
 
     # -- parameters -------------------------------------------------------------------------
     def _allocate(self) -> None:
@@ -175,9 +201,15 @@ class GLoraLayer(nn.Module):
         return sum(self.choice_cost(t, c) for t, c in choice.items())
 
     # -- the support tensors as slices of the shared parameters -----------------------------
+    def lora_factor(self, c: Choice) -> float | None:
+        """LoRA's scale of choice ``c`` on this layer; None where it is 1 (not lora, or no scaling)."""
+        return lora_factor(c, self.lora_scaling)
+
     def _matrix(self, t: str, c: Choice) -> torch.Tensor | None:
-        """A/B: (rows, cols) for lora, (rows, 1) vector, (1, 1) scalar; C: (c_rows, 1) lora or vector."""
-        return _compose(*_slices(c, getattr(self, f"glora_{t}d"), getattr(self, f"glora_{t}u")))
+        """A/B: (rows, cols) for lora (times LoRA's scale), (rows, 1) vector, (1, 1) scalar; C: (c_rows, 1) lora or vector."""
+        m = _compose(*_slices(c, getattr(self, f"glora_{t}d"), getattr(self, f"glora_{t}u")))
+        s = self.lora_factor(c)
+        return m if s is None else m * s
 
     def _vector(self, t: str, c: Choice) -> torch.Tensor | None:
         """D/E: (out,) for vector, (1,) for scalar."""
@@ -241,14 +273,15 @@ class GLoraLinear(GLoraLayer):
     of the base model are kept and only ``glora_*`` keys are added.
     """
 
-    def __init__(self, base: "nn.Linear | GLoraLinear", choices: Mapping[str, Sequence[Choice | str]]):
+    def __init__(self, base: "nn.Linear | GLoraLinear", choices: Mapping[str, Sequence[Choice | str]],
+                 lora_scaling: LoraScaling | None = None):
         # ``base`` may itself be a GLoRA layer: extract_subnet re-wraps the same frozen weights.
         super().__init__()
         if not isinstance(base, (nn.Linear, GLoraLinear)):
             raise SpaceError(f"GLoRA can only wrap nn.Linear, got {type(base).__name__}")
         self.in_features = base.in_features
         self.out_features = base.out_features
-        self._setup(base, choices)
+        self._setup(base, choices, lora_scaling)
 
     @property
     def rows(self) -> int:
@@ -264,7 +297,9 @@ class GLoraLinear(GLoraLayer):
 
     def _plan_of(self, choice: LayerChoice) -> "_Plan":
         """The plan this layer follows under ``choice`` (already checked against its choices)."""
-        return _plan_for(choice, self._param_shapes, self.out_features, self.in_features)
+        if self.lora_scaling is None:  # the default: the plans it always had
+            return _plan_for(choice, self._param_shapes, self.out_features, self.in_features)
+        return _plan_for(choice, self._param_shapes, self.out_features, self.in_features, self.lora_scaling)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         plan, p = self._plan, self._parameters
@@ -311,7 +346,8 @@ class GLoraLinear(GLoraLayer):
         else:
             W = torch.addcmul(W0, W0, A.to(dtype), out=W_out)
         if c.B.kind == "lora":
-            W.addmm_(self.glora_Bd[:, : c.B.rank].to(dtype), self.glora_Bu[: c.B.rank].to(dtype))
+            s = self.lora_factor(c.B)
+            W.addmm_(self.glora_Bd[:, : c.B.rank].to(dtype), self.glora_Bu[: c.B.rank].to(dtype), **({} if s is None else {"alpha": s}))
         elif c.B.kind != "none":
             W.add_(self._matrix("B", c.B).to(dtype))
         b_out = None if out is None else out[1]
@@ -335,4 +371,5 @@ class GLoraLinear(GLoraLayer):
 
     def extra_repr(self) -> str:
         spaces = " ".join(f"{t}=[{','.join(map(str, self.choices[t]))}]" for t in TENSORS)
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, {spaces}, active: {self.active}"
+        scaling = "" if self.lora_scaling is None else f", {self.lora_scaling}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, {spaces}, active: {self.active}{scaling}"

@@ -11,6 +11,7 @@ import torch.nn as nn
 
 from .conv import GLoraConv2d, conv_problem
 from .layer import GLoraLayer, GLoraLinear
+from .plans import LoraScaling
 from .space import TARGET_KINDS, TENSORS, LayerChoice, SearchSpace, SpaceError, any_match, load_space, pattern_matches
 from .subnet import Subnet, load_subnet, sample_config
 
@@ -93,11 +94,12 @@ def find_targets(model: nn.Module, space: SearchSpace) -> list[str]:
     return sorted(names, key=order.__getitem__)
 
 
-def glora_layer(base: nn.Module, choices) -> GLoraLayer:
-    """The GLoRA layer for ``base`` (an nn.Linear, an nn.Conv2d, or a GLoRA layer to re-wrap) with ``choices``."""
+def glora_layer(base: nn.Module, choices, lora_scaling: LoraScaling | None = None) -> GLoraLayer:
+    """The GLoRA layer for ``base`` (an nn.Linear, an nn.Conv2d, or a GLoRA layer to re-wrap) with
+    ``choices`` and LoRA's scale ``lora_scaling`` (None: 1)."""
     if isinstance(base, (nn.Conv2d, GLoraConv2d)):
-        return GLoraConv2d(base, choices)
-    return GLoraLinear(base, choices)
+        return GLoraConv2d(base, choices, lora_scaling)
+    return GLoraLinear(base, choices, lora_scaling)
 
 
 def glora_layers(model: nn.Module) -> Iterator[tuple[str, GLoraLayer]]:
@@ -144,6 +146,7 @@ def apply_glora(
     model: nn.Module,
     space: SearchSpace | Mapping[str, Any] | str | os.PathLike,
     modules_to_save: Any = "auto",
+    lora_scaling: LoraScaling | None = None,
 ) -> nn.Module:
     """Wrap every targeted ``nn.Linear`` (``nn.Conv2d``) of ``model`` in a :class:`GLoraLinear`
     (:class:`GLoraConv2d`) and freeze the rest.
@@ -151,16 +154,29 @@ def apply_glora(
     ``space`` is a :class:`SearchSpace`, its YAML content as a dict, or a path to the YAML.
     ``modules_to_save`` stay fully trainable: ``"auto"`` is a timm model's classifier
     (``get_classifier()``), which is never adapted; pass names or ``None`` to choose.
-    The model is changed in place and returned.
+    ``lora_scaling`` (:class:`LoraScaling`, PEFT's ``lora_alpha`` and ``use_rslora``) scales every
+    low-rank A, B, C by LoRA's ``s``; None scales by 1. The model is changed in place and returned.
     """
     space = load_space(space)
     targets = find_targets(model, space)
     keep = _resolve_modules_to_save(model, modules_to_save)
     for name in targets:
-        set_submodule(model, name, glora_layer(model.get_submodule(name), space.choices))
+        set_submodule(model, name, glora_layer(model.get_submodule(name), space.choices, lora_scaling))
     mark_trainable(model, keep)
     model.glora_space = space
     return model
+
+
+def set_lora_scaling(model: nn.Module, scaling: LoraScaling | None) -> None:
+    """LoRA's scale (:class:`LoraScaling`, None: 1) on every GLoRA layer of ``model``. A sampler
+    built before keeps the old scale's plans: build a new :class:`SubnetSampler` after this."""
+    for _, layer in _layers_or_raise(model).items():
+        layer.set_lora_scaling(scaling)
+
+
+def lora_scalings(model: nn.Module) -> set:
+    """The distinct LoRA scalings of the GLoRA layers of ``model`` (None: scaled by 1)."""
+    return {layer.lora_scaling for _, layer in glora_layers(model)}
 
 
 def layer_choices(model: nn.Module) -> dict[str, dict[str, tuple]]:
@@ -327,7 +343,7 @@ def extract_subnet(model: nn.Module, config: Subnet | Mapping[str, Any] | str | 
         layers, config = _check_subnet(model, config)
     for name, layer in layers.items():
         choice = config[name]
-        small = glora_layer(layer, {t: (choice[t],) for t in TENSORS})
+        small = glora_layer(layer, {t: (choice[t],) for t in TENSORS}, layer.lora_scaling)
         for pname, p in small.named_parameters(recurse=False):
             if pname.startswith("glora_"):
                 src = getattr(layer, pname)

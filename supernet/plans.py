@@ -15,6 +15,30 @@ from .cast import _as, _eager_cache
 from .space import Choice
 
 
+class LoraScaling(NamedTuple):
+    """LoRA's scale of a low-rank tensor, PEFT's names: ``s = lora_alpha / r`` (Hu et al. 2021), or
+    ``lora_alpha / sqrt(r)`` with ``use_rslora`` (rsLoRA, Kalajdzievski 2023, arXiv 2312.03732), ``r``
+    the rank of the active choice (a lora4 slice of a rank-8 shared tensor uses r = 4). A layer
+    without one (None) scales by 1. Only low-rank choices are scaled; vector, scalar and none are not."""
+
+    lora_alpha: float
+    use_rslora: bool = False
+
+    def scale(self, r: int) -> float:
+        return self.lora_alpha / math.sqrt(r) if self.use_rslora else self.lora_alpha / r
+
+    def to_dict(self) -> dict:
+        return {"lora_alpha": float(self.lora_alpha), "use_rslora": bool(self.use_rslora)}
+
+
+def lora_factor(c: Choice, scaling: LoraScaling | None) -> float | None:
+    """The scale of choice ``c`` under ``scaling``; None where it is 1 (nothing to multiply)."""
+    if scaling is None or c.kind != "lora":
+        return None
+    s = scaling.scale(c.rank)
+    return None if s == 1.0 else s
+
+
 class _Plan(NamedTuple):
     """What one layer computes under one choice, worked out when the choice is set.
 
@@ -35,6 +59,10 @@ class _Plan(NamedTuple):
     shapes: tuple[tuple[int, ...] | None, ...]
     sliced: bool  # some parameter is used in part
     first: int  # a parameter that is used (for the adapters' dtype)
+    # LoRA's scale s (LoraScaling) of the low-rank A, B, C: ((k, s), ...) for the down factors k
+    # scaled by s != 1, None where there is none. The down slice is multiplied by s when taken, and
+    # its gradient (of the scaled slice) by s on the way back; the up factor's needs nothing.
+    scales: tuple[tuple[int, float], ...] | None = None
 
 
 @functools.lru_cache(maxsize=4096)
@@ -60,9 +88,23 @@ def _tensor_plan(t: str, c: Choice, shape: tuple[int, ...] | None, up_shape: tup
 
 def _take(params: Sequence[torch.Tensor | None], plan: _Plan) -> list[torch.Tensor | None]:
     """The active slices of the shared parameters (None where unused)."""
-    if not plan.sliced:  # an extracted sub-network: every parameter is used whole
-        return params
-    return [p if i is None or p is None else p[i] for p, i in zip(params, plan.index)]
+    taken = params if not plan.sliced else [p if i is None or p is None else p[i] for p, i in zip(params, plan.index)]
+    if plan.scales is None:  # the default: no scale, not one multiply more
+        return taken
+    taken = list(taken)
+    for k, s in plan.scales:
+        taken[k] = taken[k] * s
+    return taken
+
+
+def _scale_grads(grads: tuple, plan: _Plan, offset: int = 4) -> tuple:
+    """The gradients an autograd function returns (parameter ``k`` at ``offset + k``), those of the
+    scaled down factors multiplied by their scale: computed against the scaled slice, ``s·D``."""
+    grads = list(grads)
+    for k, s in plan.scales:
+        if grads[offset + k] is not None:
+            grads[offset + k] = grads[offset + k].mul_(s)
+    return tuple(grads)
 
 
 def _full(g: torch.Tensor, k: int, plan: _Plan, dtype: torch.dtype) -> torch.Tensor:

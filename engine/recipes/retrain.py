@@ -38,7 +38,10 @@ def prepare_retrain_model(cfg: RunConfig, num_classes: int, info: dist.DistInfo,
     if r.preset is not None:
         method, settings = method_settings(r)
         model = build_model(cfg.model, num_classes)
-        method.apply(model, settings, cfg.search_space)
+        if method.lora_scaling:  # the GLoRA-path presets (lora, ...) take retrain.lora
+            method.apply(model, settings, cfg.search_space, lora_scaling=r.lora.scaling())
+        else:
+            method.apply(model, settings, cfg.search_space)
         return model, r.preset
     subnet_path = Path(r.subnet) if r.subnet else Path(cfg.output_dir) / "search" / "result.yaml"
     if not subnet_path.is_file():
@@ -48,9 +51,11 @@ def prepare_retrain_model(cfg: RunConfig, num_classes: int, info: dist.DistInfo,
     sn.check_file(subnet_path)  # a broken file stops here, before the supernet is loaded
     if r.init == "supernet":
         model = load_supernet(cfg, num_classes, info, source, same_training=False, path=r.supernet).train()
+        # retrain.lora, whatever scale the supernet was trained with (its file's): a new training from its slices
+        sn.set_lora_scaling(model, r.lora.scaling())
     else:
         model = build_model(cfg.model, num_classes)
-        sn.apply(model)
+        sn.apply(model, lora_scaling=r.lora.scaling())
     sn.extract(model, subnet_path)  # given the path, its errors name the file
     return model, str(subnet_path)
 

@@ -48,7 +48,7 @@ def run_train(cfg: RunConfig, info: dist.DistInfo, source: str, overwrite: bool 
     train_ds, val_ds, num_classes = build_splits(cfg.data, "search", *probe_input(cfg))
     model = build_model(cfg.model, num_classes)
     sn = cfg.supernet
-    sn.apply(model)
+    sn.apply(model, lora_scaling=t.lora.scaling())
     if t.grad_checkpointing:
         set_grad_checkpointing(model, "train.grad_checkpointing")
     model.to(info.device)
