@@ -49,7 +49,8 @@ class GloraSupernet:
         return glora.subnet_to_dict(glora.get_subnet(model))
 
     def to_dict(self, config: Any) -> dict:
-        return glora.subnet_to_dict(glora.load_subnet(config))
+        """A configuration the sampler drew (parsed already: every training step tags one), as strings."""
+        return glora.subnet_to_dict(config)
 
     def count(self, model: nn.Module, config: Any = None) -> int:
         return glora.count_params(model, config).adapter
@@ -103,13 +104,15 @@ class NoahSupernet:
         return noah.block_costs(model, self.space)
 
     def sampler(self, model: nn.Module) -> Callable[[torch.Generator], Any]:
-        choices = {n: {m: list(self.space.choices[m]) for m in noah.MODULES} for n in noah.noah_blocks(model)}
+        blocks = noah.noah_blocks(model)  # found once, as GLoRA's SubnetSampler finds its layers
+        choices = {n: {m: list(self.space.choices[m]) for m in noah.MODULES} for n in blocks}
 
         def draw(generator: torch.Generator, activate: bool = True) -> dict:
             config = {n: dict(zip(noah.MODULES, picked)) for n, picked in
                       glora.draw_choices(choices, generator, noah.MODULES).items()}
-            if activate:
-                noah.activate(model, config)
+            if activate:  # drawn from the space the blocks were sized for: nothing to validate
+                for name, block in blocks.items():
+                    block.activate(config[name])
             return config
         return draw
 

@@ -26,6 +26,18 @@ def tiny_vit(num_classes: int = 5, **kw):
     return timm.create_model("vit_tiny_patch16_224", pretrained=False, **args)
 
 
+def assert_same_grads(y, want, w, inputs, names, label, tol: float = 1e-10) -> None:
+    """The gradients of ``(y * w).sum()`` and ``(want * w).sum()`` with respect to ``inputs`` agree
+    within ``tol`` (a gradient one side lacks counts as zero); ``names`` label them in the message."""
+    got = torch.autograd.grad((y * w).sum(), inputs, allow_unused=True)
+    exp = torch.autograd.grad((want * w).sum(), inputs, allow_unused=True)
+    for name, g, e in zip(names, got, exp):
+        g = torch.zeros_like(e) if g is None and e is not None else g
+        e = torch.zeros_like(g) if e is None and g is not None else e
+        if g is not None:
+            assert (g - e).abs().max().item() <= tol, f"{label}: gradient of {name}"
+
+
 @pytest.fixture
 def vit():
     torch.manual_seed(0)

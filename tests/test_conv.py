@@ -12,7 +12,7 @@ import torch.nn as nn
 from torch.func import functional_call
 
 import models
-from conftest import LARGE_SPACE, needs_cxx
+from conftest import LARGE_SPACE, assert_same_grads, needs_cxx
 from supernet import (TENSORS, GLoraConv2d, GLoraLinear, LayerChoice, SpaceError, SubnetSampler, apply_glora, count_params,
                       extract_subnet, find_targets, glora_layers, load_adapter, load_merged, load_space, merge_glora,
                       sample_subnet, save_adapter, set_subnet, uniform_subnet)
@@ -112,13 +112,7 @@ def test_every_configuration_matches_dense_formula(build, size, bias):
         bm = torch.zeros_like(b) if bm is None else bm
         assert (Wm - W).abs().max().item() <= 1e-12 and (bm - b).abs().max().item() <= 1e-12, str(c)
         assert (_reference(ref, Wm, bm, x) - want).abs().max().item() <= 1e-10, str(c)
-        got = torch.autograd.grad((y * w).sum(), [x, *params], allow_unused=True)
-        exp = torch.autograd.grad((want * w).sum(), [x, *params], allow_unused=True)
-        for name, g, e in zip(["x"] + names, got, exp):
-            g = torch.zeros_like(e) if g is None and e is not None else g
-            e = torch.zeros_like(g) if e is None and g is not None else e
-            if g is not None:
-                assert (g - e).abs().max().item() <= 1e-10, f"{c}: gradient of {name}"
+        assert_same_grads(y, want, w, [x, *params], ["x"] + names, str(c))
     assert changed > len(combos) // 2
 
 

@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 import yaml
 
+from conftest import assert_same_grads
 from engine import distributed as dist
 from engine.config import ConfigError, LoraOptions, config_from_dict, load_config
 from engine.recipes.retrain import run_retrain
@@ -85,13 +86,7 @@ def test_linear_matches_dense_formula_with_scale(scaling, bias):
         out = (torch.full((5, 7), float("nan"), dtype=torch.float64), torch.full((5,), float("nan"), dtype=torch.float64))
         layer.merged_weight_bias(out=out)
         assert torch.equal(out[0], Wm) and torch.equal(out[1], torch.zeros(5, dtype=torch.float64) if bm is None else bm)
-        got = torch.autograd.grad((y * w).sum(), [x, *params], allow_unused=True)
-        exp = torch.autograd.grad((want * w).sum(), [x, *params], allow_unused=True)
-        for name, g, e in zip(["x"] + names, got, exp):
-            g = torch.zeros_like(e) if g is None and e is not None else g
-            e = torch.zeros_like(g) if e is None and g is not None else e
-            if g is not None:
-                assert (g - e).abs().max().item() <= 1e-10, f"{c}: gradient of {name}"
+        assert_same_grads(y, want, w, [x, *params], ["x"] + names, str(c))
     # the scale changes something: the unscaled layer differs wherever a low-rank tensor is active
     layer.set_choice(LayerChoice.parse({"A": "lora2", "B": "lora4", "C": "lora2", "D": "none", "E": "scalar"}))
     scaled = layer(x)
@@ -124,13 +119,7 @@ def test_conv_matches_dense_formula_with_scale(build, size, scaling):
         assert (y - want).abs().max().item() <= 1e-10, str(c)
         Wm, bm = layer.merged_weight_bias()
         assert (Wm - W).abs().max().item() <= 1e-12 and (bm - b).abs().max().item() <= 1e-12, str(c)
-        got = torch.autograd.grad((y * w).sum(), [x, *params], allow_unused=True)
-        exp = torch.autograd.grad((want * w).sum(), [x, *params], allow_unused=True)
-        for name, g, e in zip(["x"] + names, got, exp):
-            g = torch.zeros_like(e) if g is None and e is not None else g
-            e = torch.zeros_like(g) if e is None and g is not None else e
-            if g is not None:
-                assert (g - e).abs().max().item() <= 1e-10, f"{c}: gradient of {name}"
+        assert_same_grads(y, want, w, [x, *params], ["x"] + names, str(c))
 
 
 def _raw_support(layer, c):

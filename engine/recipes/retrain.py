@@ -81,11 +81,11 @@ def run_retrain(cfg: RunConfig, info: dist.DistInfo, source: str, overwrite: boo
     write_config(rdir, cfg, info)
     tracker = Tracker(rdir, enabled=info.is_main)
     warn_slow_precision(r.precision, "retrain.precision", info, tracker)
-    subnet = None
-    if any(isinstance(m, GLoraLayer) for m in model.modules()) or r.preset is None:
-        active = subnet_to_dict(get_subnet(model)) if r.preset is not None else cfg.supernet.active(model)
-        chosen = json.dumps(active, sort_keys=True)
-        subnet = (hashlib.sha256(chosen.encode()).hexdigest()[:16], origin)
+    # the retrained sub-network is part of what a checkpoint must match to resume: the searched one
+    # (GLoRA's or NOAH's), or the one-choice sub-network of a preset run through GLoRA's layers
+    active = (cfg.supernet.active(model) if r.preset is None else
+              subnet_to_dict(get_subnet(model)) if any(isinstance(m, GLoraLayer) for m in model.modules()) else None)
+    subnet = None if active is None else (hashlib.sha256(json.dumps(active, sort_keys=True).encode()).hexdigest()[:16], origin)
     trainer = Trainer(model, train_ds, None, r, rdir, info, tracker, fingerprint=fingerprint(cfg, "retrain"),
                       subnet=subnet, num_workers=cfg.data.num_workers, desc="retrain")
     if trainer.resume("never" if overwrite else r.resume):
