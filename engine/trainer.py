@@ -28,6 +28,7 @@ from .config import TrainConfig
 from .optim import adamw
 from .rng import get_rng_state, set_rng_state
 from .tracker import Tracker
+from methods.hooks import TrainingHooks, merged_param_groups
 
 
 class TrainError(RuntimeError):
@@ -151,12 +152,14 @@ class Trainer:
         subnet: tuple[str, str] | None = None,
         num_workers: int = 0,
         desc: str = "train",
+        hooks: Sequence[TrainingHooks] = (),
     ):
         self.model, self.cfg, self.info, self.tracker = model, cfg, info, tracker
         self.out_dir = Path(out_dir)
         self.ckpt_path = self.out_dir / "checkpoints" / "last.pt"
         self.before_step, self.on_eval = before_step, on_eval
         self.fingerprint, self.desc = fingerprint, desc
+        self.hooks = list(hooks)  # what training options and methods add to each step (methods/hooks.py)
         self.fail_at_step, self.stop_at_step = _env_step(FAIL_AT_STEP_ENV), _env_step(STOP_AT_STEP_ENV)  # test hooks
         # (digest of the fixed sub-network being trained, where it came from): a checkpoint of another
         # sub-network must not be resumed into this one (retrain after the search was rerun)
@@ -179,7 +182,8 @@ class Trainer:
                                           num_workers=num_workers)
         self.steps_per_epoch = math.ceil(len(self.sampler.inner) / cfg.batch_size)
         self.total_steps = self.steps_per_epoch * cfg.epochs
-        self.optimizer = adamw(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        groups = merged_param_groups(self.hooks, list(zip(self.param_names, self.params)), cfg.lr, cfg.weight_decay)
+        self.optimizer = adamw(self.params if groups is None else groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.scheduler = CosineLRScheduler(
             self.optimizer,
             t_initial=self.total_steps,
@@ -209,6 +213,11 @@ class Trainer:
         own = dict(self.model.named_parameters())
         return {n: own[n].detach().cpu().clone() for n in self.param_names}
 
+    def frozen_adapter_buffers(self) -> dict[str, torch.Tensor]:
+        """The adapters' own buffers (``glora_*``: the frozen initial factors of PiSSA and LoRA-GA),
+        which a data-dependent initialisation sets once and a resumed run must get back."""
+        return {n: b for n, b in self.model.named_buffers() if n.rsplit(".", 1)[-1].startswith("glora_")}
+
     def save(self) -> None:
         if not self.info.is_main:
             return
@@ -216,6 +225,8 @@ class Trainer:
         jsonl = self.tracker.log_dir / "metrics.jsonl"
         state = {
             "model": self.trainable_state(),
+            "buffers": {n: b.detach().cpu().clone() for n, b in self.frozen_adapter_buffers().items()},
+            "hooks": {h.name: h.state_dict() for h in self.hooks},
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
@@ -265,6 +276,19 @@ class Trainer:
                 if own[n].shape != state["model"][n].shape:
                     raise TrainError(f"{path}: {n} has shape {tuple(state['model'][n].shape)}, model {tuple(own[n].shape)}")
                 own[n].copy_(state["model"][n])
+            buffers = self.frozen_adapter_buffers()
+            saved = state.get("buffers", {})
+            lacking = [n for n in buffers if n not in saved]
+            if lacking:
+                raise TrainError(f"{path}: checkpoint lacks the adapters' frozen tensors {', '.join(lacking[:3])}")
+            for n, b in buffers.items():
+                if b.shape != saved[n].shape:
+                    raise TrainError(f"{path}: {n} has shape {tuple(saved[n].shape)}, model {tuple(b.shape)}")
+                b.copy_(saved[n])
+        for h in self.hooks:
+            if h.name not in state.get("hooks", {}):
+                raise TrainError(f"{path}: checkpoint lacks the state of {h.name}; start afresh with --overwrite")
+            h.load_state_dict(state["hooks"][h.name])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
@@ -331,6 +355,10 @@ class Trainer:
             with autocast_for(cfg.precision, self.info.device):
                 logits = self._forward(xs)
                 loss = self.criterion(logits.float(), ys)
+                for h in self.hooks:
+                    extra = h.extra_loss(self.model)
+                    if extra is not None:
+                        loss = loss + extra
             if len(ys) != len(y):
                 loss = loss * (len(ys) / len(y))
             if self.fail_at_step is not None and self.step == self.fail_at_step:
@@ -344,11 +372,16 @@ class Trainer:
             raise TrainError(f"non-finite loss at step {self.step} (epoch {self.epoch}); "
                              f"nothing was written after the last good checkpoint")
         dist.average_gradients(self.params, self.info.world_size)
+        if cfg.grad_clip or self.hooks:
+            self.scaler.unscale_(self.optimizer)  # the hooks see the true gradients
         if cfg.grad_clip:
-            self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_([p for p in self.params if p.grad is not None], cfg.grad_clip)
+        for h in self.hooks:
+            h.after_backward(self.model, self.step)
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        for h in self.hooks:
+            h.after_step(self.model, self.step, self.total_steps)
         self.optimizer.zero_grad(set_to_none=True)
         return mean_loss
 
