@@ -21,6 +21,8 @@ from timm.scheduler import CosineLRScheduler
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from tqdm import tqdm
 
+from methods.hooks import TrainingHooks, merged_param_groups
+
 from . import distributed as dist
 from .checkpoint import load_checkpoint, save_checkpoint
 from .compiling import compile_errors, compile_model, uses_cuda_graphs
@@ -28,7 +30,6 @@ from .config import TrainConfig
 from .optim import adamw
 from .rng import get_rng_state, set_rng_state
 from .tracker import Tracker
-from methods.hooks import TrainingHooks, merged_param_groups
 
 
 class TrainError(RuntimeError):

@@ -49,6 +49,9 @@ class Method:
     searched: bool = False
     # Made of GLoRA layers whose low-rank tensors take LoRA's scale (retrain.lora; supernet.set_lora_scaling)
     lora_scaling: bool = False
+    # What the method adds to the training loop: hooks(model, settings) -> [methods.hooks.TrainingHooks]
+    # (AdaLoRA's penalty, importance and pruning); None: nothing
+    hooks: Callable[[nn.Module, Any], list] | None = None
     # Sizes the test matrix tries on its 2-block, 32-wide ViT (tests/test_methods.py)
     test_sizes: tuple[int, ...] = (2,)
 
