@@ -15,9 +15,10 @@ from .base import Method
 def glora_preset(name: str, summary: str, config: type, choice: Callable[[Any], dict[str, str]], size: str | None = None) -> Method:
     """The method whose every targeted layer holds the one GLoRA choice ``choice(settings)``."""
 
-    def apply(model: nn.Module, settings: Any, space: SearchSpace, lora_scaling: LoraScaling | None = None) -> nn.Module:
-        """``lora_scaling``: LoRA's scale of the low-rank tensors (retrain.lora), None: 1."""
-        return apply_glora(model, one_choice_space(space, choice(settings)), lora_scaling=lora_scaling)
+    def apply(model: nn.Module, settings: Any, space: SearchSpace, lora_scaling: LoraScaling | None = None, **options: Any) -> nn.Module:
+        """``lora_scaling``: LoRA's scale of the low-rank tensors (retrain.lora), None: 1; ``options``: the
+        rest of :func:`supernet.apply_glora`'s layer options (the lora block: engine/lorasetup.py)."""
+        return apply_glora(model, one_choice_space(space, choice(settings)), lora_scaling=lora_scaling, **options)
 
     return Method(name=name, summary=summary, config=config, apply=apply, count=lambda m: count_params(m).adapter,
                   merge=merge_glora, size=size, lora_scaling=True)

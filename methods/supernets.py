@@ -23,9 +23,10 @@ class GloraSupernet:
     def __init__(self, space: Any):
         self.space = glora.load_space(space)
 
-    def apply(self, model: nn.Module, lora_scaling: "glora.LoraScaling | None" = None) -> nn.Module:
-        """``lora_scaling``: LoRA's scale of the low-rank tensors (train.lora / retrain.lora), None: 1."""
-        return glora.apply_glora(model, self.space, lora_scaling=lora_scaling)
+    def apply(self, model: nn.Module, lora_scaling: "glora.LoraScaling | None" = None, **options: Any) -> nn.Module:
+        """``lora_scaling``: LoRA's scale of the low-rank tensors (train.lora / retrain.lora), None: 1;
+        ``options``: the rest of :func:`supernet.apply_glora`'s layer options (engine/lorasetup.py)."""
+        return glora.apply_glora(model, self.space, lora_scaling=lora_scaling, **options)
 
     def set_lora_scaling(self, model: nn.Module, lora_scaling: "glora.LoraScaling | None") -> None:
         glora.set_lora_scaling(model, lora_scaling)
@@ -88,9 +89,9 @@ class NoahSupernet:
     def __init__(self, space: Any):
         self.space = space if isinstance(space, noah.NoahSpace) else noah.load_noah_space(space)
 
-    def apply(self, model: nn.Module, lora_scaling: None = None) -> nn.Module:
-        if lora_scaling is not None:  # the run config refuses it first
-            raise noah.MethodError("lora_alpha: a NOAH supernet has no low-rank GLoRA tensors to scale")
+    def apply(self, model: nn.Module, lora_scaling: None = None, **options: Any) -> nn.Module:
+        if lora_scaling is not None or any(options.values()):  # the run config refuses them first
+            raise noah.MethodError("lora: a NOAH supernet has no low-rank GLoRA tensors for the LoRA family's options")
         return noah.apply_noah(model, self.space.largest(), self.space.source)
 
     def set_lora_scaling(self, model: nn.Module, lora_scaling: None) -> None:

@@ -77,7 +77,8 @@ class GLoraConv2d(GLoraLayer):
     All choices of docs/method.md §2 are allowed, for grouped and depthwise convolutions too.
     """
 
-    def __init__(self, base: nn.Conv2d, choices: Mapping[str, Sequence[Choice | str]], lora_scaling=None):
+    def __init__(self, base: nn.Conv2d, choices: Mapping[str, Sequence[Choice | str]], lora_scaling=None,
+                 vector_params: bool = False):
         super().__init__()
         problem = conv_problem(base)
         if problem is not None:
@@ -93,7 +94,7 @@ class GLoraConv2d(GLoraLayer):
         self._reversed_padding_repeated_twice = list(base._reversed_padding_repeated_twice)
         same = _conv2d_same_type()
         self.same_pad = base.same_pad if isinstance(base, GLoraConv2d) else (same is not None and type(base) is same)
-        self._setup(base, choices, lora_scaling)
+        self._setup(base, choices, lora_scaling, vector_params)
 
     # A and B act on the weight as (out, in/groups·kh·kw); C on the input channels (module docstring)
     @property

@@ -70,7 +70,7 @@ def _geometry(module: nn.Module) -> dict[str, Any]:
 
 
 # What a layer record holds besides its base layer's geometry.
-_NOT_GEOMETRY = ("bias", "choices", "lora_alpha", "use_rslora")
+_NOT_GEOMETRY = ("bias", "choices", "lora_alpha", "use_rslora", "vector_params")
 
 
 def _layer_record(layer: GLoraLayer) -> dict[str, Any]:
@@ -81,6 +81,8 @@ def _layer_record(layer: GLoraLayer) -> dict[str, Any]:
     }
     if layer.lora_scaling is not None:  # LoRA's scale; a layer without these keys scales by 1 (files written before)
         rec.update(layer.lora_scaling.to_dict())
+    if layer.vector_params:  # absent: vector choices in the down factor (files written before)
+        rec["vector_params"] = True
     return rec
 
 
@@ -248,7 +250,14 @@ def load_adapter(
         except (SpaceError, TypeError) as err:
             problems.append(f"layer {name}: bad LoRA scaling ({err})")
             continue
-        new_layers[name] = glora_layer(module, choices, scalings[name]) if not isinstance(module, GLoraLayer) else None
+        if not isinstance(rec.get("vector_params", False), bool):
+            problems.append(f"layer {name}: vector_params must be true or false, got {rec['vector_params']!r}")
+            continue
+        if isinstance(module, GLoraLayer) and module.vector_params != rec.get("vector_params", False):
+            problems.append(f"layer {name}: vector_params {module.vector_params} in the model, {rec.get('vector_params', False)} in the file")
+            continue
+        new_layers[name] = (glora_layer(module, choices, scalings[name], rec.get("vector_params", False))
+                            if not isinstance(module, GLoraLayer) else None)
     if problems:
         raise AdapterError(f"{path}: does not fit the model: " + "; ".join(problems[:5]))
 

@@ -326,7 +326,13 @@ class _RebuiltWeightLinear(torch.autograd.Function):
 @functools.cache
 def _plan_for(choice: LayerChoice, shapes: tuple[tuple[int, ...] | None, ...], out_f: int, in_f: int,
               scaling: LoraScaling | None = None) -> _Plan:
-    parts = [_tensor_plan(t, choice[t], shapes[k], shapes[k + 1] if t in "ABC" else None, out_f, in_f)
+    # shapes has 8 entries (PARAMS), or 11 for a layer with vector_params: its vector and scalar choices
+    # of A, B, C then take their own parameter (VECTOR_PARAMS), named in the down factor's slot
+    def own(t: str) -> bool:
+        return len(shapes) > 8 and choice[t].kind in ("vector", "scalar") and shapes[8 + "ABC".index(t)] is not None
+
+    parts = [_tensor_plan(t, choice[t], shapes[8 + "ABC".index(t)] if t in "ABC" and own(t) else shapes[k],
+                          shapes[k + 1] if t in "ABC" else None, out_f, in_f, t in "ABC" and own(t))
              for t, k in zip(TENSORS, (0, 2, 4, 6, 7))]
     names = tuple(n for part in parts for n in part[0])
     index = tuple(i for part in parts for i in part[1])

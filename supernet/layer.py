@@ -82,6 +82,9 @@ def choice_cost(tensor: str, choice: Choice, out_features: int, in_features: int
 
 # The shared parameters of a layer, in the order the autograd functions take them.
 PARAMS = ("glora_Ad", "glora_Au", "glora_Bd", "glora_Bu", "glora_Cd", "glora_Cu", "glora_D", "glora_E")
+# A layer with vector_params: the own parameters of A's, B's and C's vector/scalar choices (a plan
+# names one of them in the down slot of its tensor)
+VECTOR_PARAMS = ("glora_Av", "glora_Bv", "glora_Cv")
 
 
 def _slices(c: Choice, down: torch.Tensor | None, up: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -119,9 +122,13 @@ class GLoraLayer(nn.Module):
     cols: int
     c_rows: int
     lora_scaling: LoraScaling | None = None  # LoRA's scale of the low-rank A, B, C; None: 1 (set_lora_scaling)
+    # Vector and scalar choices of a tensor that also has low-rank choices get their own parameter
+    # glora_{A,B,C}v instead of the first column of the down factor glora_{A,B,C}d (LoRA+: the down
+    # factors then hold only low-rank columns, which learn faster; the vectors keep the base rate)
+    vector_params: bool = False
 
     def _setup(self, base: nn.Module, choices: Mapping[str, Sequence[Choice | str]],
-               lora_scaling: LoraScaling | None = None) -> None:
+               lora_scaling: LoraScaling | None = None, vector_params: bool = False) -> None:
         self.weight = base.weight
         self.register_parameter("bias", base.bias)  # registered even when None: forward reads both from _parameters
         self.weight.requires_grad_(False)
@@ -136,8 +143,10 @@ class GLoraLayer(nn.Module):
                 # b0 = 0 makes every D choice a no-op, so the only honest choice is none.
                 parsed = (NONE,)
             self.choices[t] = parsed
+        self.vector_params = bool(vector_params)
         self._allocate()
-        self._param_shapes = tuple(None if (q := self._parameters[n]) is None else tuple(q.shape) for n in PARAMS)
+        names = PARAMS + VECTOR_PARAMS if self.vector_params else PARAMS
+        self._param_shapes = tuple(None if (q := self._parameters.get(n)) is None else tuple(q.shape) for n in names)
         object.__setattr__(self, "lora_scaling", check_lora_scaling(lora_scaling))
         self.active = LayerChoice(**{t: self.choices[t][0] for t in TENSORS})
 
@@ -162,6 +171,8 @@ class GLoraLayer(nn.Module):
                     down = torch.zeros(rows, rank, **kw)
                     up = torch.empty(rank, in_f if t != "C" else 1, **kw)
                     nn.init.xavier_uniform_(up)
+                    if self.vector_params and kinds & {"vector", "scalar"}:
+                        self._register(f"glora_{t}v", torch.zeros(rows if "vector" in kinds else 1, 1, **kw))
                 elif "vector" in kinds:
                     down = torch.zeros(rows, 1, **kw)
                 elif "scalar" in kinds:
@@ -207,9 +218,18 @@ class GLoraLayer(nn.Module):
 
     def _matrix(self, t: str, c: Choice) -> torch.Tensor | None:
         """A/B: (rows, cols) for lora (times LoRA's scale), (rows, 1) vector, (1, 1) scalar; C: (c_rows, 1) lora or vector."""
-        m = _compose(*_slices(c, getattr(self, f"glora_{t}d"), getattr(self, f"glora_{t}u")))
+        m = _compose(*_slices(c, self._down(t, c), getattr(self, f"glora_{t}u")))
         s = self.lora_factor(c)
         return m if s is None else m * s
+
+    def _down(self, t: str, c: Choice) -> torch.Tensor | None:
+        """The parameter holding choice ``c`` of A, B or C: the down factor, or a vector or scalar
+        choice's own parameter where the layer has one (``vector_params``)."""
+        if self.vector_params and c.kind in ("vector", "scalar"):
+            own = self._parameters.get(f"glora_{t}v")
+            if own is not None:
+                return own
+        return self._parameters[f"glora_{t}d"]
 
     def _vector(self, t: str, c: Choice) -> torch.Tensor | None:
         """D/E: (out,) for vector, (1,) for scalar."""
@@ -274,14 +294,14 @@ class GLoraLinear(GLoraLayer):
     """
 
     def __init__(self, base: "nn.Linear | GLoraLinear", choices: Mapping[str, Sequence[Choice | str]],
-                 lora_scaling: LoraScaling | None = None):
+                 lora_scaling: LoraScaling | None = None, vector_params: bool = False):
         # ``base`` may itself be a GLoRA layer: extract_subnet re-wraps the same frozen weights.
         super().__init__()
         if not isinstance(base, (nn.Linear, GLoraLinear)):
             raise SpaceError(f"GLoRA can only wrap nn.Linear, got {type(base).__name__}")
         self.in_features = base.in_features
         self.out_features = base.out_features
-        self._setup(base, choices, lora_scaling)
+        self._setup(base, choices, lora_scaling, vector_params)
 
     @property
     def rows(self) -> int:

@@ -94,12 +94,12 @@ def find_targets(model: nn.Module, space: SearchSpace) -> list[str]:
     return sorted(names, key=order.__getitem__)
 
 
-def glora_layer(base: nn.Module, choices, lora_scaling: LoraScaling | None = None) -> GLoraLayer:
+def glora_layer(base: nn.Module, choices, lora_scaling: LoraScaling | None = None, vector_params: bool = False) -> GLoraLayer:
     """The GLoRA layer for ``base`` (an nn.Linear, an nn.Conv2d, or a GLoRA layer to re-wrap) with
-    ``choices`` and LoRA's scale ``lora_scaling`` (None: 1)."""
+    ``choices``, LoRA's scale ``lora_scaling`` (None: 1) and ``vector_params`` (:attr:`GLoraLayer.vector_params`)."""
     if isinstance(base, (nn.Conv2d, GLoraConv2d)):
-        return GLoraConv2d(base, choices, lora_scaling)
-    return GLoraLinear(base, choices, lora_scaling)
+        return GLoraConv2d(base, choices, lora_scaling, vector_params)
+    return GLoraLinear(base, choices, lora_scaling, vector_params)
 
 
 def glora_layers(model: nn.Module) -> Iterator[tuple[str, GLoraLayer]]:
@@ -147,6 +147,7 @@ def apply_glora(
     space: SearchSpace | Mapping[str, Any] | str | os.PathLike,
     modules_to_save: Any = "auto",
     lora_scaling: LoraScaling | None = None,
+    vector_params: bool = False,
 ) -> nn.Module:
     """Wrap every targeted ``nn.Linear`` (``nn.Conv2d``) of ``model`` in a :class:`GLoraLinear`
     (:class:`GLoraConv2d`) and freeze the rest.
@@ -155,13 +156,15 @@ def apply_glora(
     ``modules_to_save`` stay fully trainable: ``"auto"`` is a timm model's classifier
     (``get_classifier()``), which is never adapted; pass names or ``None`` to choose.
     ``lora_scaling`` (:class:`LoraScaling`, PEFT's ``lora_alpha`` and ``use_rslora``) scales every
-    low-rank A, B, C by LoRA's ``s``; None scales by 1. The model is changed in place and returned.
+    low-rank A, B, C by LoRA's ``s``; None scales by 1. ``vector_params`` gives the vector and scalar
+    choices of A, B and C their own parameters rather than the down factor's first column (LoRA+
+    needs it: docs/lora-family.md). The model is changed in place and returned.
     """
     space = load_space(space)
     targets = find_targets(model, space)
     keep = _resolve_modules_to_save(model, modules_to_save)
     for name in targets:
-        set_submodule(model, name, glora_layer(model.get_submodule(name), space.choices, lora_scaling))
+        set_submodule(model, name, glora_layer(model.get_submodule(name), space.choices, lora_scaling, vector_params))
     mark_trainable(model, keep)
     model.glora_space = space
     return model
@@ -346,7 +349,9 @@ def extract_subnet(model: nn.Module, config: Subnet | Mapping[str, Any] | str | 
         small = glora_layer(layer, {t: (choice[t],) for t in TENSORS}, layer.lora_scaling)
         for pname, p in small.named_parameters(recurse=False):
             if pname.startswith("glora_"):
-                src = getattr(layer, pname)
+                t = pname[6]
+                # a one-choice layer keeps a vector choice in its down factor, wherever the supernet kept it
+                src = layer._down(t, choice[t]) if pname.endswith("d") and t in "ABC" else getattr(layer, pname)
                 p.copy_(src[tuple(slice(0, s) for s in p.shape)])
                 p.requires_grad_(True)
         small.active = choice

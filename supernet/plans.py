@@ -66,10 +66,12 @@ class _Plan(NamedTuple):
 
 
 @functools.lru_cache(maxsize=4096)
-def _tensor_plan(t: str, c: Choice, shape: tuple[int, ...] | None, up_shape: tuple[int, ...] | None, out_f: int, in_f: int):
+def _tensor_plan(t: str, c: Choice, shape: tuple[int, ...] | None, up_shape: tuple[int, ...] | None, out_f: int, in_f: int,
+                 own_vector: bool = False):
     """One tensor's share of a plan: the names, slices and slice shapes of its one (D, E) or two
-    (A, B, C: down and up) parameters. A supernet draws a new plan for most layers in its first
-    few hundred steps; building plans from these parts keeps each miss to a few microseconds."""
+    (A, B, C: down and up) parameters; ``own_vector``: a vector/scalar choice with its own parameter
+    ``glora_Xv``. A supernet draws a new plan for most layers in its first few hundred steps;
+    building plans from these parts keeps each miss to a few microseconds."""
     if t in ("D", "E"):
         leads = ({"vector": (out_f,), "scalar": (1,)}.get(c.kind),)
         shapes: tuple = (shape,)
@@ -81,7 +83,8 @@ def _tensor_plan(t: str, c: Choice, shape: tuple[int, ...] | None, up_shape: tup
             leads = ({"vector": (rows, 1), "scalar": (1, 1)}.get(c.kind), None)
         shapes = (shape, up_shape)
     base = "glora_" + t
-    names = tuple(None if n is None else name for n, name in zip(leads, (base + "d", base + "u") if t in "ABC" else (base,)))
+    down = base + ("v" if own_vector else "d")  # a vector/scalar choice's own parameter (GLoraLayer.vector_params)
+    names = tuple(None if n is None else name for n, name in zip(leads, (down, base + "u") if t in "ABC" else (base,)))
     index = tuple(None if n is None or n == s else tuple(slice(0, k) for k in n) for n, s in zip(leads, shapes))
     return names, index, leads
 

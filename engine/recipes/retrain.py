@@ -26,6 +26,7 @@ from methods.export import ADAPTED_FILE, forward_time_ratio, write_adapted
 from .. import distributed as dist
 from ..config import ConfigError, RunConfig, method_settings
 from ..data import build_splits
+from ..lorasetup import initialize_factors, layer_options, lora_hooks
 from ..models import build_model, set_grad_checkpointing
 from ..rng import seed_everything
 from ..rundir import fingerprint, guard_output_dir, remove_stale, write_config
@@ -39,7 +40,7 @@ def prepare_retrain_model(cfg: RunConfig, num_classes: int, info: dist.DistInfo,
         method, settings = method_settings(r)
         model = build_model(cfg.model, num_classes)
         if method.lora_scaling:  # the GLoRA-path presets (lora, ...) take retrain.lora
-            method.apply(model, settings, cfg.search_space, lora_scaling=r.lora.scaling())
+            method.apply(model, settings, cfg.search_space, **layer_options(r.lora))
         else:
             method.apply(model, settings, cfg.search_space)
         return model, r.preset
@@ -55,7 +56,7 @@ def prepare_retrain_model(cfg: RunConfig, num_classes: int, info: dist.DistInfo,
         sn.set_lora_scaling(model, r.lora.scaling())
     else:
         model = build_model(cfg.model, num_classes)
-        sn.apply(model, lora_scaling=r.lora.scaling())
+        sn.apply(model, **layer_options(r.lora))
     sn.extract(model, subnet_path)  # given the path, its errors name the file
     return model, str(subnet_path)
 
@@ -86,12 +87,19 @@ def run_retrain(cfg: RunConfig, info: dist.DistInfo, source: str, overwrite: boo
     active = (cfg.supernet.active(model) if r.preset is None else
               subnet_to_dict(get_subnet(model)) if any(isinstance(m, GLoraLayer) for m in model.modules()) else None)
     subnet = None if active is None else (hashlib.sha256(json.dumps(active, sort_keys=True).encode()).hexdigest()[:16], origin)
+    method = method_of(cfg)
+    hooks = lora_hooks(model, r.lora) if method.lora_scaling or method.name == "glora" else []
+    if method.hooks is not None:  # AdaLoRA's penalty, importance and pruning
+        hooks += method.hooks(model, method_settings(r)[1])
     trainer = Trainer(model, train_ds, None, r, rdir, info, tracker, fingerprint=fingerprint(cfg, "retrain"),
-                      subnet=subnet, num_workers=cfg.data.num_workers, desc="retrain")
+                      subnet=subnet, num_workers=cfg.data.num_workers, desc="retrain", hooks=hooks)
     if trainer.resume("never" if overwrite else r.resume):
         tracker.print(f"resumed from {trainer.ckpt_path} at epoch {trainer.epoch}, step {trainer.step}")
     else:
         remove_stale(rdir, ("merged.safetensors", ADAPTED_FILE, "metrics.json", "adapter.safetensors", "subnet.yaml"), info)
+        started = initialize_factors(model, r.lora, train_ds, r.batch_size, r.seed, info)
+        if started:
+            tracker.print(started)
     n_adapter = method_of(cfg).count(model)
     n_head = head_params(model)
     tracker.print(f"retrain ({origin}): {n_adapter:,} adapter + {n_head:,} head parameters, "

@@ -18,6 +18,7 @@ from supernet import head_params
 from .. import distributed as dist
 from ..config import RunConfig
 from ..data import build_splits
+from ..lorasetup import initialize_factors, layer_options, lora_hooks
 from ..models import build_model, set_grad_checkpointing
 from ..rng import seed_everything, step_generator
 from ..rundir import fingerprint, guard_output_dir, relevant_config, remove_stale, write_config
@@ -48,7 +49,7 @@ def run_train(cfg: RunConfig, info: dist.DistInfo, source: str, overwrite: bool 
     train_ds, val_ds, num_classes = build_splits(cfg.data, "search", *probe_input(cfg))
     model = build_model(cfg.model, num_classes)
     sn = cfg.supernet
-    sn.apply(model, lora_scaling=t.lora.scaling())
+    sn.apply(model, **layer_options(t.lora))
     if t.grad_checkpointing:
         set_grad_checkpointing(model, "train.grad_checkpointing")
     model.to(info.device)
@@ -64,7 +65,8 @@ def run_train(cfg: RunConfig, info: dist.DistInfo, source: str, overwrite: bool 
         return subnet_tag(sn, config)
 
     trainer = Trainer(model, train_ds, val_ds, t, out, info, tracker, before_step=before_step,
-                      fingerprint=fingerprint(cfg, "train"), num_workers=cfg.data.num_workers, desc="supernet")
+                      fingerprint=fingerprint(cfg, "train"), num_workers=cfg.data.num_workers, desc="supernet",
+                      hooks=lora_hooks(model, t.lora))
 
     def on_eval(epoch: int, step: int) -> dict[str, float]:
         scores = {}
@@ -78,6 +80,9 @@ def run_train(cfg: RunConfig, info: dist.DistInfo, source: str, overwrite: bool 
         tracker.print(f"resumed from {trainer.ckpt_path} at epoch {trainer.epoch}, step {trainer.step}")
     else:
         remove_stale(out, ("supernet.safetensors", "supernet.yaml"), info)  # else search.py could search it
+        started = initialize_factors(model, t.lora, train_ds, t.batch_size, t.seed, info)
+        if started:
+            tracker.print(started)
     tracker.print(f"supernet ({sn.name}): {len(refs['largest'])} adapted layers, {sum(p.numel() for p in trainer.params):,} trainable "
                   f"tensors' parameters (largest sub-network {sn.count(model, refs['largest']):,} adapter + "
                   f"{head_params(model):,} head), "
