@@ -75,6 +75,9 @@ def lora_checks(cfg, problems: list[str]) -> None:
     elif keys:
         _init_checks("train", cfg.train.lora, {t: space_kinds(t) for t in "ABC"}, problems)
     r = cfg.retrain
+    if r.preset is None and r.init == "supernet" and cfg.train.lora.use_dora and not r.lora.use_dora:
+        problems.append("retrain.lora.use_dora: the supernet is trained with DoRA (train.lora.use_dora) and retrain.init: supernet "
+                        "takes its magnitudes, which cannot be dropped without changing the sub-network; set it true too")
     keys = r.lora.set_keys()
     if not keys:
         return
@@ -96,9 +99,6 @@ def lora_checks(cfg, problems: list[str]) -> None:
         if r.lora.init_lora_weights != "default":
             problems.append(f"retrain.lora.init_lora_weights: {r.lora.init_lora_weights} sets the factors' start, and retrain.init: "
                             f"supernet takes them from the supernet; use one (retrain.init: scratch, or init_lora_weights: default)")
-        if cfg.train.lora.use_dora and not r.lora.use_dora:
-            problems.append("retrain.lora.use_dora: the supernet is trained with DoRA (train.lora.use_dora) and retrain.init: supernet "
-                            "takes its magnitudes, which cannot be dropped without changing the sub-network; set it true too")
 
 
 def _init_checks(section: str, lora: LoraOptions, kinds: dict[str, set[str]], problems: list[str]) -> None:
