@@ -124,8 +124,8 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     compile: bool = False  # torch.compile the training step (retrain only: the supernet changes sub-network every step)
     compile_mode: CompileMode = "default"  # with compile: true; reduce-overhead replays CUDA graphs on a GPU
-    # LoRA's scale of the low-rank GLoRA tensors (and of the lora preset in retrain); retrain's applies to the retrained
-    # model whatever scale its supernet was trained with (retrain.init: supernet then starts a new training)
+    # The LoRA family on the low-rank GLoRA tensors (and the lora preset in retrain): scale, start, DoRA, LoRA+, LoRA-Pro;
+    # retrain's applies to the retrained model whatever its supernet was trained with (docs/lora-family.md)
     lora: LoraOptions = field(default_factory=LoraOptions)
 
     # Testing aids that left the schema for environment variables (engine/trainer.py). A null value,
