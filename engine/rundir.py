@@ -8,6 +8,7 @@ the checkpoints and states that must only be resumed by the same configuration.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -18,6 +19,7 @@ from supernet import atomic_write_text
 
 from . import distributed as dist
 from .config import ConfigError, RunConfig
+from .loraconfig import LoraOptions
 
 
 # Which config sections each stage depends on: a finished stage refuses to be re-run into the
@@ -31,14 +33,16 @@ _VOLATILE = {"resume", "device", "compile", "compile_mode", "stop_at_step", "fai
              "micro_batch_size", "grad_checkpointing"}  # may change between a run and its resumption
 
 
+_LORA_DEFAULT = dataclasses.asdict(LoraOptions())
+
 # Keys added after runs existed, with the value (given the whole config) that reproduces how such
 # runs behaved: at that value a key is left out of fingerprints and comparisons, so those runs still
 # resume; at another, it is a difference, and the refusal names the value that would resume them.
 _ADDED_KEYS = {
     ("data", "normalize"): lambda cfg: "imagenet",
     ("search", "precision"): lambda cfg: (cfg.get("train") or {}).get("precision", "fp32"),  # scored in train's before
-    ("train", "lora"): lambda cfg: {"lora_alpha": None, "use_rslora": False},  # LoRA's scale s = 1
-    ("retrain", "lora"): lambda cfg: {"lora_alpha": None, "use_rslora": False},
+    ("train", "lora"): lambda cfg: _LORA_DEFAULT,  # LoRA's scale s = 1, and none of the family's options
+    ("retrain", "lora"): lambda cfg: _LORA_DEFAULT,
 }
 
 
