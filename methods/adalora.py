@@ -187,13 +187,12 @@ class AdaLoraHooks(TrainingHooks):
 
     # -- the schedule ---------------------------------------------------------------------------
     def check_schedule(self, total_steps: int) -> None:
-        """Raise, in one line, where the run is too short for a pruning phase (PEFT's condition
-        tinit < total_step − tfinal)."""
+        """Raise :class:`MethodError`, one line, where the run is too short for a pruning phase
+        (PEFT's condition tinit < total_step − tfinal). after_step checks it at every step; a caller
+        that knows the run's steps before training (the recipe) can call it first."""
         s = self.settings
         if s.tinit >= total_steps - s.tfinal:
-            from engine.trainer import TrainError  # engine imports methods: import it only when failing
-
-            raise TrainError(f"adalora: tinit ({s.tinit}) + tfinal ({s.tfinal}) leave no pruning phase in the run's "
+            raise MethodError(f"adalora: tinit ({s.tinit}) + tfinal ({s.tfinal}) leave no pruning phase in the run's "
                              f"{total_steps} training steps; lower retrain.method_args.tinit/tfinal or train longer")
 
     def budget(self, step: int, total_steps: int) -> tuple[int, bool]:
@@ -283,9 +282,7 @@ class AdaLoraHooks(TrainingHooks):
         known = set(devices) | {n for n, _ in self.layers}
         saved = set(state["avg_ipt"]) | set(state["avg_unc"]) | set(state["pattern"] or {})
         if saved - known:
-            from engine.trainer import TrainError
-
-            raise TrainError(f"adalora: the checkpoint's importance state is for other layers "
+            raise MethodError(f"adalora: the checkpoint's importance state is for other layers "
                              f"({sorted(saved - known)[0]}, ...); start afresh with --overwrite")
         self.avg_ipt = {k: v.to(devices[k]) for k, v in state["avg_ipt"].items()}
         self.avg_unc = {k: v.to(devices[k]) for k, v in state["avg_unc"].items()}

@@ -17,7 +17,7 @@ from conftest import LARGE_SPACE, tiny_vit
 from engine import distributed as dist
 from engine.config import TrainConfig
 from engine.tracker import Tracker
-from engine.trainer import FAIL_AT_STEP_ENV, STOP_AT_STEP_ENV, TrainError, Trainer
+from engine.trainer import FAIL_AT_STEP_ENV, STOP_AT_STEP_ENV, Trainer
 from methods.adalora import AdaLoraHooks, AdaLoraLinear, adalora_layers, effective_ranks
 from methods.hooks import TrainingHooks
 from supernet import SpaceError, load_space
@@ -304,14 +304,14 @@ def test_the_importance_state_resumes_mid_pruning():
     assert all(torch.equal(twin.avg_unc[k], hooks.avg_unc[k]) for k in hooks.avg_unc)
     other = AdaLoraHooks(_adapted(size=4, target_r=2)[1], s)
     state["avg_ipt"]["blocks.9.attn.qkv.P"] = torch.zeros(1)
-    with pytest.raises(TrainError, match="other layers"):
+    with pytest.raises(methods.MethodError, match="other layers"):
         other.load_state_dict(state)
 
 
 def test_a_run_too_short_for_the_schedule_fails_in_one_line(tmp_path):
     _, model, s = _adapted(size=4, target_r=2, tinit=10, tfinal=6)
     trainer = _trainer(tmp_path, model, [AdaLoraHooks(model, s)])  # 16 steps: 10 + 6 leave none
-    with pytest.raises(TrainError) as err:
+    with pytest.raises(methods.MethodError) as err:
         trainer.fit()
     msg = str(err.value)
     assert "\n" not in msg and "tinit (10)" in msg and "tfinal (6)" in msg and "16 training steps" in msg
