@@ -193,7 +193,7 @@ class AdaLoraHooks(TrainingHooks):
         s = self.settings
         if s.tinit >= total_steps - s.tfinal:
             raise MethodError(f"adalora: tinit ({s.tinit}) + tfinal ({s.tfinal}) leave no pruning phase in the run's "
-                             f"{total_steps} training steps; lower retrain.method_args.tinit/tfinal or train longer")
+                              f"{total_steps} training steps; lower retrain.method_args.tinit/tfinal or train longer")
 
     def budget(self, step: int, total_steps: int) -> tuple[int, bool]:
         """``(budget, mask_now)`` at ``step`` before the final phase (lorafamily.budget_schedule)."""
@@ -283,7 +283,7 @@ class AdaLoraHooks(TrainingHooks):
         saved = set(state["avg_ipt"]) | set(state["avg_unc"]) | set(state["pattern"] or {})
         if saved - known:
             raise MethodError(f"adalora: the checkpoint's importance state is for other layers "
-                             f"({sorted(saved - known)[0]}, ...); start afresh with --overwrite")
+                              f"({sorted(saved - known)[0]}, ...); start afresh with --overwrite")
         self.avg_ipt = {k: v.to(devices[k]) for k, v in state["avg_ipt"].items()}
         self.avg_unc = {k: v.to(devices[k]) for k, v in state["avg_unc"].items()}
         self.pattern = None if state["pattern"] is None else {k: v.to(devices[f"{k}.lam"]) for k, v in state["pattern"].items()}
