@@ -9,12 +9,12 @@ below; ``retrain.py --set retrain.preset=<name>`` trains it, and docs/methods.md
 
 from __future__ import annotations
 
-from . import adapter, adaptformer, bitfit, fact, full, glora, linear, lora, noah, prompt, repadapter, ssf, vpt
+from . import adalora, adapter, adaptformer, bitfit, fact, full, glora, linear, lora, noah, prompt, repadapter, ssf, vpt
 from .base import Method, MethodError, NoSettings
 
 REGISTRY: dict[str, Method] = {m.name: m for mod in (
     glora, lora, ssf, bitfit, prompt, linear, full,
-    vpt, adapter, adaptformer, repadapter, fact, noah,
+    vpt, adapter, adaptformer, repadapter, fact, adalora, noah,
 ) for m in getattr(mod, "METHODS", None) or (mod.METHOD,)}
 
 # The names retrain.preset takes: every method but the searched ones (GLoRA, NOAH), whose
