@@ -390,3 +390,23 @@ def test_bf16_autocast_is_finite_and_close():
             got = model(x)
     assert torch.isfinite(got).all()
     assert (got.float() - want).abs().max().item() <= 0.05 * max(1.0, want.abs().max().item())
+
+
+def test_with_vector_params():
+    """LoRA+'s layers (vector_params: vector/scalar choices in their own glora_Xv) take DoRA too: V is
+    built from the parameter each choice lives in, merges exactly and survives extraction."""
+    torch.manual_seed(0)
+    model = apply_glora(tiny_vit().double(), LARGE_SPACE, vector_params=True, use_dora=True).eval()
+    gen = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "glora_" in name and not name.endswith("glora_m"):
+                p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.05)
+    x = torch.randn(2, 3, 32, 32, generator=gen, dtype=F64)
+    config = {n: LayerChoice.parse({"A": "vector", "B": "scalar", "C": "vector", "D": "vector", "E": "scalar"})
+              for n, _ in glora_layers(model)}
+    set_subnet(model, config)
+    with torch.no_grad():
+        y = model(x)
+        assert (merge_glora(copy.deepcopy(model))(x) - y).abs().max().item() <= 1e-10
+        assert (extract_subnet(model)(x) - y).abs().max().item() <= 1e-10
