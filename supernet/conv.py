@@ -124,20 +124,6 @@ class GLoraConv2d(GLoraLayer):
     def _conv(self, x, weight, bias, padding, groups=None):
         return F.conv2d(x, weight, bias, self.stride, padding, self.dilation, self.groups if groups is None else groups)
 
-    def _bias_term(self, W0: torch.Tensor, C, D, E, dtype: torch.dtype) -> torch.Tensor | None:
-        """``b0 + b0 ⊙ D + E + W0 C`` (in ``dtype``), or None when the layer has no bias at all."""
-        b0 = self.bias
-        if C is None and D is None and E is None:
-            return b0
-        b = torch.zeros(self.out_channels, dtype=dtype, device=W0.device) if b0 is None else b0.to(dtype)
-        if D is not None:
-            b = b + b0.to(dtype) * D
-        if E is not None:
-            b = b + E
-        if C is not None:
-            b = b + self._weight_times_c(W0.to(dtype), C.to(dtype))
-        return b
-
     def _weight_times_c(self, W0: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
         """``(W0 C)[o] = Σ_{i in o's group, kh, kw} W0[o, i, kh, kw] C[i]``: ``(out,)``."""
         g, out, per = self.groups, self.out_channels, self.in_channels // self.groups
@@ -148,6 +134,9 @@ class GLoraConv2d(GLoraLayer):
         p, c = self._parameters, self.active
         W0 = p["weight"]
         x, padding = self._pad(x)
+        if self.use_dora:  # the dense form, one convolution (GLoraLayer._dora_weight_bias)
+            W, bias = self._dora_weight_bias()
+            return self._conv(x, W.view_as(W0), bias, padding)
         A = self._matrix("A", c.A)
         C = self._matrix("C", c.C)
         D = self._vector("D", c.D)
@@ -191,7 +180,7 @@ class GLoraConv2d(GLoraLayer):
         self, dtype: torch.dtype | None = None, out: tuple[torch.Tensor, torch.Tensor | None] | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``W = W0 + W0 ⊙ A + B`` (the weight's shape, ``(out, in/groups, kh, kw)``) and
-        ``b = b0 + b0 ⊙ D + E + W0 C`` for the active choice, as :meth:`GLoraLinear.merged_weight_bias`
+        ``b = b0 + b0 ⊙ D + E + W0 C`` for the active choice (DoRA: ``W = m ⊙ V / ‖V‖``), as :meth:`GLoraLinear.merged_weight_bias`
         (float32 or float64, ``b`` None when there is no bias at all, ``out=`` written in place)."""
         if dtype is None:
             dtype = torch.float64 if self.weight.dtype == torch.float64 else torch.float32
@@ -205,6 +194,8 @@ class GLoraConv2d(GLoraLayer):
         W = Wm.clone() if A is None else torch.addcmul(Wm, Wm, A.to(dtype))
         if B is not None:
             W.add_(B.to(dtype))
+        if self.use_dora:  # W' = m ⊙ V / ‖V‖ over each output channel; the bias is not rescaled
+            self._dora_rescale_(W)
         W = W.view_as(W0)
         b = self._bias_term(W0, self._matrix("C", c.C), self._vector("D", c.D), self._vector("E", c.E), dtype)
         b = None if b is None else b.to(dtype)
@@ -231,4 +222,5 @@ class GLoraConv2d(GLoraLayer):
         geometry = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
                     f"padding={'same (dynamic)' if self.same_pad else self.padding}, dilation={self.dilation}, groups={self.groups}")
         scaling = "" if self.lora_scaling is None else f", {self.lora_scaling}"
+        scaling += ", dora" if self.use_dora else ""
         return f"{geometry}, bias={self.bias is not None}, {spaces}, active: {self.active}{scaling}"

@@ -70,7 +70,7 @@ def _geometry(module: nn.Module) -> dict[str, Any]:
 
 
 # What a layer record holds besides its base layer's geometry.
-_NOT_GEOMETRY = ("bias", "choices", "lora_alpha", "use_rslora", "vector_params")
+_NOT_GEOMETRY = ("bias", "choices", "lora_alpha", "use_rslora", "vector_params", "use_dora")
 
 
 def _layer_record(layer: GLoraLayer) -> dict[str, Any]:
@@ -83,7 +83,17 @@ def _layer_record(layer: GLoraLayer) -> dict[str, Any]:
         rec.update(layer.lora_scaling.to_dict())
     if layer.vector_params:  # absent: vector choices in the down factor (files written before)
         rec["vector_params"] = True
+    if layer.use_dora:  # DoRA (its magnitude glora_m is among the tensors); absent: false (files written before)
+        rec["use_dora"] = True
     return rec
+
+
+def _record_dora(rec: Mapping[str, Any]) -> bool:
+    """Whether a layer record uses DoRA (absent: no); raises SpaceError for a value that is not a bool."""
+    value = rec.get("use_dora", False)
+    if not isinstance(value, bool):
+        raise SpaceError(f"use_dora: must be true or false, got {value!r}")
+    return value
 
 
 def _record_scaling(rec: Mapping[str, Any]) -> LoraScaling | None:
@@ -221,7 +231,7 @@ def load_adapter(
     tensors, meta = read_safetensors(path)
     doc = _read_doc(path, Path(yaml_path) if yaml_path else None, meta)
     modules = dict(model.named_modules())
-    problems, new_layers, scalings = [], {}, {}
+    problems, new_layers, scalings, doras = [], {}, {}, {}
     for name, rec in doc["layers"].items():
         module = modules.get(name)
         if module is None:
@@ -256,8 +266,18 @@ def load_adapter(
         if isinstance(module, GLoraLayer) and module.vector_params != rec.get("vector_params", False):
             problems.append(f"layer {name}: vector_params {module.vector_params} in the model, {rec.get('vector_params', False)} in the file")
             continue
+        try:
+            doras[name] = _record_dora(rec)
+        except SpaceError as err:
+            problems.append(f"layer {name}: {err}")
+            continue
+        if isinstance(module, GLoraLayer) and module.use_dora and not doras[name]:
+            problems.append(f"layer {name} uses DoRA and the file's does not (DoRA cannot be turned off)")
+            continue
         new_layers[name] = (glora_layer(module, choices, scalings[name], rec.get("vector_params", False))
                             if not isinstance(module, GLoraLayer) else None)
+        if new_layers[name] is not None and doras[name]:
+            new_layers[name].set_dora(True)  # registers glora_m, which the file's tensor then fills
     if problems:
         raise AdapterError(f"{path}: does not fit the model: " + "; ".join(problems[:5]))
 
@@ -272,6 +292,9 @@ def load_adapter(
             expected.pop(key)
         for pname, p in layer.state_dict().items():
             expected[f"{name}.{pname}"] = tuple(p.shape)
+    for name, dora in doras.items():  # a GLoRA layer already, without DoRA yet: it gets the file's magnitude
+        if dora and new_layers.get(name) is None:
+            expected[f"{name}.glora_m"] = (modules[name].rows,)
     for key, value in tensors.items():
         if key not in expected:
             problems.append(f"{key} is not a tensor of the model")
@@ -287,8 +310,10 @@ def load_adapter(
     for name, layer in new_layers.items():
         if layer is not None:
             set_submodule(model, name, layer)
-        else:  # a GLoRA layer already: it takes the file's scale
+        else:  # a GLoRA layer already: it takes the file's scale, and DoRA if the file's has it
             modules[name].set_lora_scaling(scalings[name])
+            if doras[name]:
+                modules[name].set_dora(True)
     model.load_state_dict(tensors, strict=False)
     mark_trainable(model, [m for m in doc.get("modules_to_save", []) if m in modules])
     if doc.get("subnet"):

@@ -19,12 +19,14 @@ testing; the tests check outputs and gradients of every configuration against it
 
 from __future__ import annotations
 
+import contextlib
 from typing import Mapping, NamedTuple, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .dora import dora_magnitude, dora_weight, row_norms
 from .kernels import _plan_for
 from .plans import LoraScaling, lora_factor
 from .space import TENSORS, Choice, LayerChoice, SpaceError, parse_choice
@@ -103,6 +105,12 @@ def _compose(down: torch.Tensor | None, up: torch.Tensor | None) -> torch.Tensor
     return down if up is None else down @ up
 
 
+def _full_precision(like: torch.Tensor):
+    """A context without autocast on ``like``'s device (DoRA's norm in the adapters' dtype), or a no-op one."""
+    device = like.device.type
+    return torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device) else contextlib.nullcontext()
+
+
 def _vec(c: Choice, p: torch.Tensor | None) -> torch.Tensor | None:
     """D or E of choice ``c``: ``(out,)`` for vector, ``(1,)`` for scalar."""
     return p if c.kind == "vector" else p[:1] if c.kind == "scalar" else None
@@ -126,6 +134,9 @@ class GLoraLayer(nn.Module):
     # glora_{A,B,C}v instead of the first column of the down factor glora_{A,B,C}d (LoRA+: the down
     # factors then hold only low-rank columns, which learn faster; the vectors keep the base rate)
     vector_params: bool = False
+    # DoRA (set_dora): the weight is m ⊙ V / ‖V‖ with a trainable magnitude ``glora_m``, registered
+    # only then, so a layer without DoRA has the state dict, files and forward it always had.
+    use_dora: bool = False
 
     def _setup(self, base: nn.Module, choices: Mapping[str, Sequence[Choice | str]],
                lora_scaling: LoraScaling | None = None, vector_params: bool = False) -> None:
@@ -155,6 +166,35 @@ class GLoraLayer(nn.Module):
         (a :class:`SubnetSampler`'s) keep the old scale: build a new sampler after this."""
         object.__setattr__(self, "lora_scaling", check_lora_scaling(scaling))
         self.active = self.active  # the plan of the active choice, with the new scale
+
+    def set_dora(self, enabled: bool = True) -> None:
+        """DoRA (Liu et al. 2024, arXiv 2402.09353; docs/lora-family.md "DoRA") on this layer from now
+        on: the weight becomes ``m ⊙ V / ‖V‖`` with ``V = W0 + W0 ⊙ A + B`` of the active choice,
+        row-wise norms detached in backward, and a new trainable magnitude ``glora_m: (rows,)``.
+
+        ``m`` starts at the row norms of the *current* V, so the layer's function is unchanged:
+        W0's norms on a fresh layer (the model starts at the base model exactly), the sub-network's
+        own V on a retrained or extracted one. Enabling twice does nothing. Disabling a DoRA layer is
+        refused: ``m`` is trained state and dropping it would change the function.
+        """
+        if not isinstance(enabled, bool):
+            raise SpaceError(f"use_dora: must be true or false, got {enabled!r}")
+        if enabled == self.use_dora:
+            return
+        if not enabled:
+            raise SpaceError("use_dora: this layer uses DoRA already and its magnitude m is part of its function; "
+                             "it cannot be turned off (build the layer again from the base model instead)")
+        with torch.no_grad(), _full_precision(self.weight):
+            # The same op on the same V as the forward's norm (dora_weight), so m / ‖V‖ is 1 exactly.
+            m = dora_magnitude(self._direction())
+        requires_grad = all(p.requires_grad for p in self.adapter_parameters())  # as the other adapters (True if none)
+        self.glora_m = nn.Parameter(m, requires_grad=requires_grad)
+        object.__setattr__(self, "use_dora", True)
+
+    @property
+    def base_cost(self) -> int:
+        """Parameters the retrained layer holds whatever its choice: DoRA's magnitude (``rows``), else 0."""
+        return self.rows if self.use_dora else 0
 
     # -- parameters -------------------------------------------------------------------------
     def _allocate(self) -> None:
@@ -208,8 +248,9 @@ class GLoraLayer(nn.Module):
         return choice_cost(tensor, choice, self.rows, self.cols, self.c_rows)
 
     def cost(self, choice: LayerChoice | None = None) -> int:
+        """Parameters the retrained layer holds under ``choice``: its :attr:`base_cost` plus each tensor's."""
         choice = choice or self.active
-        return sum(self.choice_cost(t, c) for t, c in choice.items())
+        return self.base_cost + sum(self.choice_cost(t, c) for t, c in choice.items())
 
     # -- the support tensors as slices of the shared parameters -----------------------------
     def lora_factor(self, c: Choice) -> float | None:
@@ -273,6 +314,53 @@ class GLoraLayer(nn.Module):
             E=zeros(out_f) if E is None else E.expand(out_f),
         )
 
+    # -- DoRA (set_dora) --------------------------------------------------------------------
+    def _direction(self) -> torch.Tensor:
+        """``V = W0 + W0 ⊙ A + B`` of the active choice as ``(rows, cols)``, with plain autograd (LoRA's
+        scale included: :meth:`_matrix`). DoRA normalises it; the layer's fast kernels never build it."""
+        c = self.active
+        W0 = self.weight.reshape(self.rows, self.cols)
+        A, B = self._matrix("A", c.A), self._matrix("B", c.B)
+        V = W0 if A is None else torch.addcmul(W0, W0, A)
+        return V if B is None else V + B
+
+    def _dora_weight_bias(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The DoRA layer's dense weight ``m ⊙ V / ‖V‖`` ``(rows, cols)`` (norm detached) and its bias
+        ``b0 + b0 ⊙ D + E + W0 C`` (not rescaled), with plain autograd.
+
+        Built in the adapters' own dtype even under autocast, where the product of the factors and
+        the norm would otherwise run in bf16/fp16; the layer's product then casts the result."""
+        c = self.active
+        with _full_precision(self.weight):
+            W = dora_weight(self._direction(), self.glora_m)
+            b = self._bias_term(self.weight, self._matrix("C", c.C), self._vector("D", c.D), self._vector("E", c.E),
+                                self.weight.dtype)
+        return W, b
+
+    @torch.no_grad()
+    def _dora_rescale_(self, W: torch.Tensor) -> torch.Tensor:
+        """``W ← m ⊙ W / ‖W‖`` row-wise, in place, for the merged weight (``W`` is V, ``(rows, …)``)."""
+        W.mul_((self.glora_m.to(W.dtype) / row_norms(W)).view(-1, *([1] * (W.dim() - 1))))
+        return W
+
+    def _bias_term(self, W0: torch.Tensor, C, D, E, dtype: torch.dtype) -> torch.Tensor | None:
+        """``b0 + b0 ⊙ D + E + W0 C`` (in ``dtype``) with plain autograd, or None when the layer has no bias at all."""
+        b0 = self.bias
+        if C is None and D is None and E is None:
+            return b0
+        b = torch.zeros(self.rows, dtype=dtype, device=W0.device) if b0 is None else b0.to(dtype)
+        if D is not None:
+            b = b + b0.to(dtype) * D
+        if E is not None:
+            b = b + E
+        if C is not None:
+            b = b + self._weight_times_c(W0.to(dtype), C.to(dtype))
+        return b
+
+    def _weight_times_c(self, W0: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
+        """``W0 C``: ``(rows,)`` (a linear layer's; the convolution sums over its kernel)."""
+        return torch.mv(W0, C.view(-1))
+
     def glora_like(self) -> torch.Tensor:
         params = self.adapter_parameters()
         return params[0] if params else self.weight
@@ -322,6 +410,9 @@ class GLoraLinear(GLoraLayer):
         return _plan_for(choice, self._param_shapes, self.out_features, self.in_features, self.lora_scaling)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.use_dora:  # the dense form under plain autograd; the kernels below are for GLoRA without DoRA
+            W, b = self._dora_weight_bias()
+            return F.linear(x, W, b)
         plan, p = self._plan, self._parameters
         if plan.fn is None:
             return F.linear(x, p["weight"], p["bias"])
@@ -336,7 +427,8 @@ class GLoraLinear(GLoraLayer):
     def merged_weight_bias(
         self, dtype: torch.dtype | None = None, out: tuple[torch.Tensor, torch.Tensor | None] | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``W = W0 + W0 ⊙ A + B`` and ``b = b0 + b0 ⊙ D + E + W0 C`` for the active choice.
+        """``W = W0 + W0 ⊙ A + B`` and ``b = b0 + b0 ⊙ D + E + W0 C`` for the active choice (with DoRA
+        ``W = m ⊙ V / ‖V‖`` of that ``V``, the bias as it is).
 
         Computed in float32 (float64 if the layer is float64) regardless of the training
         precision; the caller casts back. ``b`` is None when the result has no bias at all.
@@ -370,6 +462,8 @@ class GLoraLinear(GLoraLayer):
             W.addmm_(self.glora_Bd[:, : c.B.rank].to(dtype), self.glora_Bu[: c.B.rank].to(dtype), **({} if s is None else {"alpha": s}))
         elif c.B.kind != "none":
             W.add_(self._matrix("B", c.B).to(dtype))
+        if self.use_dora:  # W' = m ⊙ V / ‖V‖; the bias is not rescaled
+            self._dora_rescale_(W)
         b_out = None if out is None else out[1]
         if self.bias is None and c.C.is_none and c.E.is_none:
             return W, None if b_out is None else b_out.zero_()
@@ -392,4 +486,5 @@ class GLoraLinear(GLoraLayer):
     def extra_repr(self) -> str:
         spaces = " ".join(f"{t}=[{','.join(map(str, self.choices[t]))}]" for t in TENSORS)
         scaling = "" if self.lora_scaling is None else f", {self.lora_scaling}"
+        scaling += ", dora" if self.use_dora else ""
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, {spaces}, active: {self.active}{scaling}"

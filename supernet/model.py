@@ -148,6 +148,7 @@ def apply_glora(
     modules_to_save: Any = "auto",
     lora_scaling: LoraScaling | None = None,
     vector_params: bool = False,
+    use_dora: bool = False,
 ) -> nn.Module:
     """Wrap every targeted ``nn.Linear`` (``nn.Conv2d``) of ``model`` in a :class:`GLoraLinear`
     (:class:`GLoraConv2d`) and freeze the rest.
@@ -158,13 +159,20 @@ def apply_glora(
     ``lora_scaling`` (:class:`LoraScaling`, PEFT's ``lora_alpha`` and ``use_rslora``) scales every
     low-rank A, B, C by LoRA's ``s``; None scales by 1. ``vector_params`` gives the vector and scalar
     choices of A, B and C their own parameters rather than the down factor's first column (LoRA+
-    needs it: docs/lora-family.md). The model is changed in place and returned.
+    needs it: docs/lora-family.md). ``use_dora`` turns DoRA on in every layer
+    (:meth:`GLoraLayer.set_dora`: a trainable magnitude per output row, starting at W0's row norms,
+    so the model still starts at the base model). The model is changed in place and returned.
     """
     space = load_space(space)
     targets = find_targets(model, space)
     keep = _resolve_modules_to_save(model, modules_to_save)
+    if not isinstance(use_dora, bool):  # checked before the model is changed
+        raise SpaceError(f"use_dora: must be true or false, got {use_dora!r}")
     for name in targets:
-        set_submodule(model, name, glora_layer(model.get_submodule(name), space.choices, lora_scaling, vector_params))
+        layer = glora_layer(model.get_submodule(name), space.choices, lora_scaling, vector_params)
+        if use_dora:
+            layer.set_dora(True)
+        set_submodule(model, name, layer)
     mark_trainable(model, keep)
     model.glora_space = space
     return model
@@ -175,6 +183,30 @@ def set_lora_scaling(model: nn.Module, scaling: LoraScaling | None) -> None:
     built before keeps the old scale's plans: build a new :class:`SubnetSampler` after this."""
     for _, layer in _layers_or_raise(model).items():
         layer.set_lora_scaling(scaling)
+
+
+def set_dora(model: nn.Module, enabled: bool = True) -> None:
+    """DoRA on every GLoRA layer of ``model`` (:meth:`GLoraLayer.set_dora`): each new magnitude starts
+    at the row norms of its layer's active V, so the model's function is unchanged. Layers that have
+    it keep theirs. ``enabled=False`` is refused (SpaceError) if any layer has DoRA, and then nothing
+    changes. Build a new :class:`SubnetSampler` after this (its cached plans are kept but DoRA layers
+    ignore them, so an old one still works; the count of a configuration changes, though)."""
+    layers = _layers_or_raise(model)
+    if not isinstance(enabled, bool):
+        raise SpaceError(f"use_dora: must be true or false, got {enabled!r}")
+    if not enabled:
+        dora = [name for name, layer in layers.items() if layer.use_dora]
+        if dora:
+            raise SpaceError(f"use_dora: {_preview(dora, 3)} use DoRA and their magnitudes m are part of the model's function; "
+                             "DoRA cannot be turned off (build the model again from the base model instead)")
+        return
+    for layer in layers.values():
+        layer.set_dora(True)
+
+
+def dora_layers(model: nn.Module) -> list[str]:
+    """The names of the GLoRA layers of ``model`` that use DoRA."""
+    return [name for name, layer in glora_layers(model) if layer.use_dora]
 
 
 def lora_scalings(model: nn.Module) -> set:
@@ -188,10 +220,15 @@ def layer_choices(model: nn.Module) -> dict[str, dict[str, tuple]]:
 
 
 def choice_costs(model: nn.Module) -> dict[str, dict[str, dict[str, int]]]:
-    """Per layer, per tensor, per choice (as a string): the parameters it costs (docs/method.md §2)."""
+    """Per layer, per tensor, per choice (as a string): the parameters it costs (docs/method.md §2).
+
+    A layer's :attr:`~GLoraLayer.base_cost` (DoRA's magnitude: what it holds whatever its choice) is
+    added to every choice of its first tensor, A: the search sums one choice per tensor and layer,
+    so its sum is then :func:`count_params`. Without DoRA the base cost is 0 and nothing changes.
+    """
     return {
         name: {
-            t: {str(c): layer.choice_cost(t, c) for c in layer.choices[t]}
+            t: {str(c): layer.choice_cost(t, c) + (layer.base_cost if t == TENSORS[0] else 0) for c in layer.choices[t]}
             for t in TENSORS
         }
         for name, layer in _layers_or_raise(model).items()
@@ -338,7 +375,8 @@ def count_params(model: nn.Module, config: Subnet | Mapping[str, Any] | str | No
 def extract_subnet(model: nn.Module, config: Subnet | Mapping[str, Any] | str | None = None) -> nn.Module:
     """Replace every supernet layer by a GLoRA layer holding only ``config``'s tensors at their ranks.
 
-    Each new tensor is the leading slice of the shared one, so the output is unchanged. In place.
+    Each new tensor is the leading slice of the shared one, so the output is unchanged. A DoRA
+    layer's small layer has DoRA too, with the same magnitude ``glora_m``. In place.
     """
     if config is None:
         layers, config = _layers_or_raise(model), get_subnet(model)
@@ -347,6 +385,8 @@ def extract_subnet(model: nn.Module, config: Subnet | Mapping[str, Any] | str | 
     for name, layer in layers.items():
         choice = config[name]
         small = glora_layer(layer, {t: (choice[t],) for t in TENSORS}, layer.lora_scaling)
+        if layer.use_dora:
+            small.set_dora(True)  # registers glora_m, then copied below with the other tensors
         for pname, p in small.named_parameters(recurse=False):
             if pname.startswith("glora_"):
                 t = pname[6]
