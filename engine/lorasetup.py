@@ -18,9 +18,9 @@ from .loraconfig import LoraOptions
 
 
 def layer_options(lora: LoraOptions) -> dict[str, Any]:
-    """What :func:`supernet.apply_glora` takes for ``lora``: LoRA's scale, and own parameters for
-    vector and scalar choices under LoRA+ (so they do not learn at its ratio)."""
-    return {"lora_scaling": lora.scaling(), "vector_params": lora.loraplus_lr_ratio is not None}
+    """What :func:`supernet.apply_glora` takes for ``lora``: LoRA's scale, own parameters for vector
+    and scalar choices under LoRA+ (so they do not learn at its ratio), DoRA's magnitudes."""
+    return {"lora_scaling": lora.scaling(), "vector_params": lora.loraplus_lr_ratio is not None, "use_dora": lora.use_dora}
 
 
 def lora_hooks(model: nn.Module, lora: LoraOptions) -> list[TrainingHooks]:

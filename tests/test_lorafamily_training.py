@@ -239,8 +239,9 @@ def test_lora_block_refuses_pissa_without_a_low_rank_b(tmp_path):
 
 
 # -- through the recipes -----------------------------------------------------------------------
-TRAINING_OPTIONS = [{"loraplus_lr_ratio": 16}, {"lora_pro": True}, {"lora_pro": True, "loraplus_lr_ratio": 4, "lora_alpha": 8}]
-OPTION_IDS = ["loraplus", "lora_pro", "both"]
+TRAINING_OPTIONS = [{"loraplus_lr_ratio": 16}, {"lora_pro": True}, {"lora_pro": True, "loraplus_lr_ratio": 4, "lora_alpha": 8},
+                    {"use_dora": True}, {"use_dora": True, "lora_pro": True}]
+OPTION_IDS = ["loraplus", "lora_pro", "both", "dora", "dora+lora_pro"]
 
 
 @pytest.mark.parametrize("lora", TRAINING_OPTIONS, ids=OPTION_IDS)
@@ -272,3 +273,18 @@ def test_supernet_with_loraplus_and_lora_pro_through_three_stages(tmp_path):
     assert run_retrain(cfg, INFO, "t.yaml") == "done"
     m = json.loads((out / "retrain" / "metrics.json").read_text())
     assert m["exported"] == "merged.safetensors"
+
+
+def test_dora_retrain_from_a_supernet_trained_without_it(tmp_path):
+    """retrain.lora.use_dora on the slices of a plain supernet: magnitudes from the sub-network's own
+    rows (its function unchanged at the start), saved with the adapter, merged into plain weights."""
+    out = tmp_path / "run"
+    cfg = config_from_dict(tiny_config(out, retrain={"init": "supernet", "lora": {"use_dora": True}}))
+    assert run_train(cfg, INFO, "t.yaml") == "done" and run_search(cfg, INFO, "t.yaml") == "done"
+    assert run_retrain(cfg, INFO, "t.yaml") == "done"
+    doc = yaml.safe_load((out / "retrain" / "subnet.yaml").read_text())
+    assert all(rec.get("use_dora") for rec in doc["layers"].values())
+    m = json.loads((out / "retrain" / "metrics.json").read_text())
+    searched = yaml.safe_load((out / "search" / "result.yaml").read_text())
+    rows = sum(rec["out_features"] for rec in doc["layers"].values())
+    assert m["adapter_params"] == searched["params"] + rows and m["exported"] == "merged.safetensors"

@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from supernet import (GLoraLayer, atomic_write_text, get_subnet, head_params, merged_file_summary, save_adapter, subnet_to_dict,
-                      write_merged)
+from supernet import (GLoraLayer, atomic_write_text, get_subnet, head_params, merged_file_summary, save_adapter, set_dora,
+                      subnet_to_dict, write_merged)
 
 import methods
 from methods.export import ADAPTED_FILE, forward_time_ratio, write_adapted
@@ -58,6 +58,8 @@ def prepare_retrain_model(cfg: RunConfig, num_classes: int, info: dist.DistInfo,
         model = build_model(cfg.model, num_classes)
         sn.apply(model, **layer_options(r.lora))
     sn.extract(model, subnet_path)  # given the path, its errors name the file
+    if r.lora.use_dora:  # a supernet trained without DoRA: magnitudes from the sub-network's own rows, same function
+        set_dora(model, True)
     return model, str(subnet_path)
 
 
