@@ -183,6 +183,11 @@ class Trainer:
                                           num_workers=num_workers)
         self.steps_per_epoch = math.ceil(len(self.sampler.inner) / cfg.batch_size)
         self.total_steps = self.steps_per_epoch * cfg.epochs
+        for h in self.hooks:
+            try:
+                h.check(self.total_steps)
+            except ValueError as err:  # MethodError included: one line, before anything is trained
+                raise TrainError(str(err)) from None
         groups = merged_param_groups(self.hooks, list(zip(self.param_names, self.params)), cfg.lr, cfg.weight_decay)
         self.optimizer = adamw(self.params if groups is None else groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.scheduler = CosineLRScheduler(

@@ -195,6 +195,9 @@ class AdaLoraHooks(TrainingHooks):
             raise MethodError(f"adalora: tinit ({s.tinit}) + tfinal ({s.tfinal}) leave no pruning phase in the run's "
                               f"{total_steps} training steps; lower retrain.method_args.tinit/tfinal or train longer")
 
+    def check(self, total_steps: int) -> None:
+        self.check_schedule(total_steps)
+
     def budget(self, step: int, total_steps: int) -> tuple[int, bool]:
         """``(budget, mask_now)`` at ``step`` before the final phase (lorafamily.budget_schedule)."""
         s = self.settings

@@ -33,6 +33,10 @@ class TrainingHooks:
         group. Each group's ``lr`` is its base rate: the scheduler scales every group by the same factor."""
         return None
 
+    def check(self, total_steps: int) -> None:
+        """Raise ValueError (one line) where the run cannot work with these hooks (AdaLoRA's schedule
+        needs a pruning phase within ``total_steps``); the trainer calls it before training."""
+
     def extra_loss(self, model: nn.Module) -> torch.Tensor | None:
         """A term added to every micro-batch's loss (a regulariser), or None."""
         return None
