@@ -288,3 +288,15 @@ def test_dora_retrain_from_a_supernet_trained_without_it(tmp_path):
     searched = yaml.safe_load((out / "search" / "result.yaml").read_text())
     rows = sum(rec["out_features"] for rec in doc["layers"].values())
     assert m["adapter_params"] == searched["params"] + rows and m["exported"] == "merged.safetensors"
+
+
+def test_a_hook_refuses_a_run_before_training(tmp_path):
+    """AdaLoRA's schedule without a pruning phase in the run's steps: one TrainError line (the CLI's
+    clean exit), before a step is taken or a checkpoint written."""
+    from engine.trainer import TrainError
+
+    out = tmp_path / "run"
+    cfg = config_from_dict(tiny_config(out, retrain={"preset": "adalora", "rank": 4, "method_args": {"target_r": 2, "tinit": 100}}))
+    with pytest.raises(TrainError, match=r"^adalora: tinit \(100\) \+ tfinal \(0\) leave no pruning phase in the run's 5 training steps"):
+        run_retrain(cfg, INFO, "t.yaml")
+    assert not (out / "retrain" / "checkpoints" / "last.pt").exists()
