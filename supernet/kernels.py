@@ -167,13 +167,19 @@ class _ScaleShiftLinear(torch.autograd.Function):
     because on small models the dozen tiny autograd nodes they otherwise make per layer cost
     more than their arithmetic.
 
-    The arguments after ``plan`` are the layer's whole shared parameters (None where inactive).
+    The arguments after ``plan`` are the layer's whole shared parameters (None where inactive),
+    then, only for a layer with a data-aware init (PiSSA, LoRA-GA), its six frozen initial factors
+    (:data:`~supernet.plans.OFFSETS`, None where absent): the offset form ``s (D U − D⁰ U⁰)``,
+    each difference taken before it is added to anything (:func:`_lowrank`).
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, plan, *params):
-        (A, _, Bd, Bu, Cd, Cu, D, E), offs = _with_offsets(params, plan)
-        _, _, Bd0, Bu0, Cd0, Cu0 = offs or (None,) * 6
+        if len(params) == 8:  # no offsets (LoRA's init): not one call more than before them
+            A, _, Bd, Bu, Cd, Cu, D, E = _take(params, plan)
+            Bd0 = Bu0 = Cd0 = Cu0 = None
+        else:
+            (A, _, Bd, Bu, Cd, Cu, D, E), (_, _, Bd0, Bu0, Cd0, Cu0) = _with_offsets(params, plan)
         lora_b = Bu is not None
         dt = _compute_dtype(x)  # what F.linear computes in: the autocast dtype under autocast
         # The (out,) vectors are made in dt (the scale and the bias written so by their last op): on
@@ -337,7 +343,11 @@ class _RebuiltWeightLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, plan, *params):
-        (Ad, Au, Bd, Bu, Cd, Cu, D, E), offs = _with_offsets(params, plan)
+        if len(params) == 8:  # no offsets (LoRA's init)
+            Ad, Au, Bd, Bu, Cd, Cu, D, E = _take(params, plan)
+            offs = None
+        else:
+            (Ad, Au, Bd, Bu, Cd, Cu, D, E), offs = _with_offsets(params, plan)
         dt = _compute_dtype(x)
         b = _bias_forward(weight, bias, Cd if Cu is None else _lowrank(Cd, Cu, *(offs[4:6] if offs else (None, None))), D, E, dt, Ad.dtype)
         x = _as(x, dt)  # cast once: F.linear would cast it again under autocast, and x is kept for the backward
