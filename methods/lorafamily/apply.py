@@ -112,7 +112,9 @@ def estimate_weight_grads(
     eval mode (no dropout or drop-path noise, batch-norm statistics untouched), with autocast off
     (the authors estimate in float32). Only the GLoRA layers' weights require a gradient meanwhile.
     ``reduce`` is applied to each averaged tensor (in place, or returning the result): pass an
-    all-reduce that averages over the processes of a distributed run. Afterwards the model's
+    all-reduce that averages over the processes of a distributed run, and pass the unwrapped model
+    (not a DistributedDataParallel wrapper, whose reducer expects the adapters' gradients, not the
+    weights'). Afterwards the model's
     ``requires_grad`` flags, active choices, modes and weight gradients are as they were.
     """
     layers = dict(glora_layers(model))
