@@ -175,7 +175,7 @@ class _ScaleShiftLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, plan, *params):
-        if len(params) == 8:  # no offsets (LoRA's init): not one call more than before them
+        if len(params) == len(plan.names):  # no offsets (LoRA's init): not one call more than before them
             A, _, Bd, Bu, Cd, Cu, D, E = _take(params, plan)
             Bd0 = Bu0 = Cd0 = Cu0 = None
         else:
@@ -309,7 +309,7 @@ class _ScaleShiftLinear(torch.autograd.Function):
         grads = gx, None, None, None, gAd, None, gBd, gBu, gCd, gCu, gD, gE
         grads = grads if plan.scales is None else _scale_grads(grads, plan)
         # the frozen initial factors passed after the parameters (offset form) have no gradient
-        return grads if len(needs) == 12 else grads + (None,) * (len(needs) - 12)
+        return grads if len(needs) == len(grads) else grads + (None,) * (len(needs) - len(grads))
 
 
 def _dense_weight(W0: torch.Tensor, Ad: torch.Tensor, Au: torch.Tensor, Bd: torch.Tensor | None, Bu: torch.Tensor | None, dtype: torch.dtype,
@@ -343,7 +343,7 @@ class _RebuiltWeightLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, plan, *params):
-        if len(params) == 8:  # no offsets (LoRA's init)
+        if len(params) == len(plan.names):  # no offsets (LoRA's init)
             Ad, Au, Bd, Bu, Cd, Cu, D, E = _take(params, plan)
             offs = None
         else:
@@ -381,7 +381,7 @@ class _RebuiltWeightLinear(torch.autograd.Function):
         grads = gx, None, None, None, gAd, gAu, gBd, gBu, gCd, gCu, gD, gE
         grads = grads if plan.scales is None else _scale_grads(grads, plan)
         # the frozen initial factors passed after the parameters (offset form) have no gradient
-        return grads if len(needs) == 12 else grads + (None,) * (len(needs) - 12)
+        return grads if len(needs) == len(grads) else grads + (None,) * (len(needs) - len(grads))
 
 
 # The plan of a choice names the kernel above that computes it.

@@ -152,17 +152,18 @@ OFFSETS = ("glora_Ad0", "glora_Au0", "glora_Bd0", "glora_Bu0", "glora_Cd0", "glo
 
 
 def _split_offsets(params: Sequence[torch.Tensor | None], plan: _Plan):
-    """``(the 8 parameters, their 6 frozen initial factors taken as :func:`_take` takes the factors)``:
+    """``(the parameters, their 6 frozen initial factors taken as :func:`_take` takes the factors)``:
     sliced like the parameter they belong to and, for a scaled down factor, multiplied by the same
     ``s``, so ``s D⁰`` is the very computation ``s D`` is and their products cancel bit for bit.
-    A layer without offsets passes only the 8 parameters: ``(params, None)``. An offset whose
+    A layer without offsets passes only the parameters: ``(params, None)``. An offset whose
     parameter the choice leaves unused is None."""
-    if len(params) == 8:
+    n = len(plan.names)
+    if len(params) == n:
         return params, None
     offs = [None if o is None or plan.names[k] is None else o if plan.index[k] is None else o[plan.index[k]]
-            for k, o in enumerate(params[8:])]
+            for k, o in enumerate(params[n:])]
     if plan.scales is not None:
         for k, s in plan.scales:
             if k < 6 and offs[k] is not None:
                 offs[k] = offs[k] * s
-    return params[:8], offs
+    return params[:n], offs
