@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from methods.hooks import TrainingHooks
@@ -51,5 +52,5 @@ def initialize_factors(model: nn.Module, lora: LoraOptions, train_ds: Dataset, b
         device = next(model.parameters()).device
         batches = ((x.to(device), y.to(device)) for x, y in loader)
         reduce = (lambda t: dist.all_reduce_sum(t).div_(info.world_size)) if info.enabled else None
-        grads = lora_init.estimate_weight_grads(model, batches, nn.CrossEntropyLoss(), reduce=reduce)
+        grads = lora_init.estimate_weight_grads(model, batches, lambda m, b: F.cross_entropy(m(b[0]), b[1]), reduce=reduce)
         return lora_init.init_lora_ga(model, grads)

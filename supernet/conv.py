@@ -164,7 +164,13 @@ class GLoraConv2d(GLoraLayer):
             s = self.lora_factor(c.B)
             Bd = Bd if s is None else Bd * s  # LoRA's scale (LoraScaling)
             xb = self._conv(x, Bu.reshape(r, self.in_channels, *self.kernel_size), None, padding)
-            y = y + F.conv2d(xb, Bd.reshape(self.out_channels, r, 1, 1))
+            if "B" not in self.lora_init:
+                y = y + F.conv2d(xb, Bd.reshape(self.out_channels, r, 1, 1))
+            else:  # offset form: the same two convolutions with the frozen initial factors, the difference first (exact zero at the start)
+                Bu0, Bd0 = self.glora_Bu0[:r], self.glora_Bd0[:, :r]
+                Bd0 = Bd0 if s is None else Bd0 * s
+                xb0 = self._conv(x, Bu0.reshape(r, self.in_channels, *self.kernel_size), None, padding)
+                y = y + (F.conv2d(xb, Bd.reshape(self.out_channels, r, 1, 1)) - F.conv2d(xb0, Bd0.reshape(self.out_channels, r, 1, 1)))
         elif c.B.kind != "none":
             g = self.groups
             ones = _ones_kernel(g, self.in_channels // g, *self.kernel_size, x.dtype, x.device)
@@ -223,4 +229,5 @@ class GLoraConv2d(GLoraLayer):
                     f"padding={'same (dynamic)' if self.same_pad else self.padding}, dilation={self.dilation}, groups={self.groups}")
         scaling = "" if self.lora_scaling is None else f", {self.lora_scaling}"
         scaling += ", dora" if self.use_dora else ""
+        scaling += "" if not self.lora_init else f", init={dict(self.lora_init)}"
         return f"{geometry}, bias={self.bias is not None}, {spaces}, active: {self.active}{scaling}"

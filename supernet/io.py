@@ -20,8 +20,8 @@ from safetensors.torch import save_file
 
 from .atomic import atomic_write, atomic_write_text
 from .conv import GLoraConv2d, conv_problem
-from .layer import GLoraLayer, GLoraLinear, check_lora_scaling
-from .plans import LoraScaling
+from .layer import LORA_INITS, GLoraLayer, GLoraLinear, check_lora_scaling
+from .plans import OFFSETS, LoraScaling
 from .model import classifier_names, get_subnet, glora_layer, glora_layers, mark_trainable, set_submodule, set_subnet
 from .space import TENSORS, SpaceError, parse_choice
 from .subnet import subnet_to_dict
@@ -70,7 +70,7 @@ def _geometry(module: nn.Module) -> dict[str, Any]:
 
 
 # What a layer record holds besides its base layer's geometry.
-_NOT_GEOMETRY = ("bias", "choices", "lora_alpha", "use_rslora", "vector_params", "use_dora")
+_NOT_GEOMETRY = ("bias", "choices", "lora_alpha", "use_rslora", "vector_params", "use_dora", "lora_init")
 
 
 def _layer_record(layer: GLoraLayer) -> dict[str, Any]:
@@ -85,6 +85,8 @@ def _layer_record(layer: GLoraLayer) -> dict[str, Any]:
         rec["vector_params"] = True
     if layer.use_dora:  # DoRA (its magnitude glora_m is among the tensors); absent: false (files written before)
         rec["use_dora"] = True
+    if layer.lora_init:  # PiSSA, LoRA-GA (offset form: the frozen glora_<t>d0/u0 are in the tensors); absent: LoRA's init
+        rec["lora_init"] = dict(layer.lora_init)
     return rec
 
 
@@ -94,6 +96,27 @@ def _record_dora(rec: Mapping[str, Any]) -> bool:
     if not isinstance(value, bool):
         raise SpaceError(f"use_dora: must be true or false, got {value!r}")
     return value
+
+
+def _record_init(rec: Mapping[str, Any]) -> dict[str, str]:
+    """The data-aware inits a layer record holds, ``{tensor: kind}`` ({} without the key: files
+    written before it); raises SpaceError for a bad one."""
+    init = rec.get("lora_init") or {}
+    if not isinstance(init, Mapping):
+        raise SpaceError(f"lora_init: expected a mapping of A, B, C to {' or '.join(LORA_INITS)}, got {init!r}")
+    for t, kind in init.items():
+        if t not in ("A", "B", "C") or kind not in LORA_INITS:
+            raise SpaceError(f"lora_init: expected A, B or C mapped to {' or '.join(LORA_INITS)}, got {t!r}: {kind!r}")
+    return dict(init)
+
+
+def _set_record_init(layer: GLoraLayer, init: Mapping[str, str]) -> None:
+    """Give ``layer`` exactly the offsets ``init`` names, holding its current factors until the file's
+    tensors are loaded over them (SpaceError where a tensor has no low-rank choice)."""
+    layer.clear_lora_init()
+    for t, kind in init.items():
+        down, up = layer._lowrank_factors(t, kind)
+        layer.set_lora_offsets(t, kind, down, up)
 
 
 def _record_scaling(rec: Mapping[str, Any]) -> LoraScaling | None:
@@ -231,7 +254,7 @@ def load_adapter(
     tensors, meta = read_safetensors(path)
     doc = _read_doc(path, Path(yaml_path) if yaml_path else None, meta)
     modules = dict(model.named_modules())
-    problems, new_layers, scalings, doras = [], {}, {}, {}
+    problems, new_layers, scalings, doras, inits = [], {}, {}, {}, {}
     for name, rec in doc["layers"].items():
         module = modules.get(name)
         if module is None:
@@ -278,6 +301,18 @@ def load_adapter(
                             if not isinstance(module, GLoraLayer) else None)
         if new_layers[name] is not None and doras[name]:
             new_layers[name].set_dora(True)  # registers glora_m, which the file's tensor then fills
+        try:
+            inits[name] = _record_init(rec)
+            # the frozen initial factors exist before the tensors are checked and loaded; a layer
+            # already in the model gets them only once every check passed
+            if new_layers[name] is not None:
+                _set_record_init(new_layers[name], inits[name])
+            else:
+                for t, kind in inits[name].items():
+                    module._lowrank_factors(t, kind)  # the checks alone
+        except (SpaceError, TypeError, ValueError) as err:
+            problems.append(f"layer {name}: bad lora_init ({err})")
+            continue
     if problems:
         raise AdapterError(f"{path}: does not fit the model: " + "; ".join(problems[:5]))
 
@@ -286,7 +321,12 @@ def load_adapter(
     for key, value in model.state_dict().items():
         expected[key] = tuple(value.shape)
     for name, layer in new_layers.items():
-        if layer is None:
+        if layer is None:  # a GLoRA layer already: the file's offsets replace its own
+            for key in [f"{name}.{b}" for b in OFFSETS]:
+                expected.pop(key, None)
+            for t in inits[name]:
+                for f in "du":
+                    expected[f"{name}.glora_{t}{f}0"] = tuple(getattr(modules[name], f"glora_{t}{f}").shape)
             continue
         for key in [k for k in expected if k.startswith(name + ".")]:
             expected.pop(key)
@@ -310,10 +350,11 @@ def load_adapter(
     for name, layer in new_layers.items():
         if layer is not None:
             set_submodule(model, name, layer)
-        else:  # a GLoRA layer already: it takes the file's scale, and DoRA if the file's has it
+        else:  # a GLoRA layer already: it takes the file's scale, DoRA if the file's has it, and its inits
             modules[name].set_lora_scaling(scalings[name])
             if doras[name]:
                 modules[name].set_dora(True)
+            _set_record_init(modules[name], inits[name])
     model.load_state_dict(tensors, strict=False)
     mark_trainable(model, [m for m in doc.get("modules_to_save", []) if m in modules])
     if doc.get("subnet"):

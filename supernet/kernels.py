@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .cast import _as, _compute_dtype, _eager_cache, _out
-from .plans import LoraScaling, _fit, _full, _mm_full, _Plan, _scale_grads, _take, _tensor_plan, lora_factor
+from .plans import LoraScaling, _fit, _full, _mm_full, _Plan, _scale_grads, _split_offsets, _take, _tensor_plan, lora_factor
 from .space import TENSORS, LayerChoice
 
 
@@ -96,6 +96,41 @@ def _mm(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor | None = None) -> torc
     return torch.mm(a, b, out=out) if c is None else torch.addmm(c, a, b, out=out)
 
 
+def _less(t: torch.Tensor | None, t0: torch.Tensor | None) -> torch.Tensor | None:
+    """A vector or scalar column less its frozen initial value (offset form), or itself without one."""
+    return t if t0 is None or t is None else t - t0
+
+
+def _lowrank(d: torch.Tensor, u: torch.Tensor, d0: torch.Tensor | None, u0: torch.Tensor | None) -> torch.Tensor:
+    """``d @ u``, less ``d0 @ u0`` where the tensor has frozen initial factors (offset form).
+
+    The difference of the two products is taken before it is added to anything: while the factors
+    equal their copies the products are the same computation on the same values, so it is exactly
+    zero and the layer exactly its base (``y + t − t`` would not be ``y`` in floating point).
+    """
+    return _mm(d, u) if d0 is None else torch.sub(_mm(d, u), _mm(d0, u0))
+
+
+def _with_offsets(params, plan):
+    """The active slices of the parameters (:func:`_take`) and of their frozen initial factors.
+
+    Returns ``(Ad, Au, Bd, Bu, Cd, Cu, D, E)`` and the low-rank offsets ``(Ad0, Au0, Bd0, Bu0, Cd0,
+    Cu0)`` (None for a layer without any). A vector or scalar A, B or C reads the first column of
+    its down factor, which a data-aware init moved away from zero: it comes back already less its
+    initial value, and its offset as None, so that every sub-network starts at W0.
+    """
+    params, offs = _split_offsets(params, plan)
+    taken = _take(params, plan)
+    if offs is None:
+        return taken, None
+    taken = list(taken)
+    offs = list(offs)
+    for k in (0, 2, 4):
+        if taken[k + 1] is None:  # vector, scalar (or none): no up factor
+            taken[k], offs[k] = _less(taken[k], offs[k]), None
+    return taken, offs
+
+
 def _bias_backward(gb, weight, bias, Cd, Cu, needs, plan):
     """Full-size gradients of ``(Cd, Cu, D, E)`` from ``gb = Σ_n g`` (in the parameters' dtype); ``needs`` are theirs."""
     gCd = gCu = gD = gE = None
@@ -132,12 +167,19 @@ class _ScaleShiftLinear(torch.autograd.Function):
     because on small models the dozen tiny autograd nodes they otherwise make per layer cost
     more than their arithmetic.
 
-    The arguments after ``plan`` are the layer's whole shared parameters (None where inactive).
+    The arguments after ``plan`` are the layer's whole shared parameters (None where inactive),
+    then, only for a layer with a data-aware init (PiSSA, LoRA-GA), its six frozen initial factors
+    (:data:`~supernet.plans.OFFSETS`, None where absent): the offset form ``s (D U − D⁰ U⁰)``,
+    each difference taken before it is added to anything (:func:`_lowrank`).
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, plan, *params):
-        A, _, Bd, Bu, Cd, Cu, D, E = _take(params, plan)
+        if len(params) == len(plan.names):  # no offsets (LoRA's init): not one call more than before them
+            A, _, Bd, Bu, Cd, Cu, D, E = _take(params, plan)
+            Bd0 = Bu0 = Cd0 = Cu0 = None
+        else:
+            (A, _, Bd, Bu, Cd, Cu, D, E), (_, _, Bd0, Bu0, Cd0, Cu0) = _with_offsets(params, plan)
         lora_b = Bu is not None
         dt = _compute_dtype(x)  # what F.linear computes in: the autocast dtype under autocast
         # The (out,) vectors are made in dt (the scale and the bias written so by their last op): on
@@ -148,7 +190,7 @@ class _ScaleShiftLinear(torch.autograd.Function):
         scale_col = None if A is None else torch.add(A, 1, out=_out(A, dt))
         scale = None if A is None else scale_col.view(-1)
         shift = None if Bd is None or lora_b else Bd.view(-1)
-        b = _bias_forward(weight, bias, Cd if Cu is None else _mm(Cd, Cu), D, E, dt, params[plan.first].dtype)
+        b = _bias_forward(weight, bias, Cd if Cu is None else _lowrank(Cd, Cu, Cd0, Cu0), D, E, dt, params[plan.first].dtype)
         if lora_b or shift is not None:
             # Cast once, here, and F.linear has nothing left to cast. B's term then reads the x the
             # product reads, as autocast's own (W0 + B 1ᵀ) x would, and Σ_j x_j comes out in dt
@@ -175,7 +217,12 @@ class _ScaleShiftLinear(torch.autograd.Function):
                 y.addcmul_(xsum, _as(shift, y.dtype))  # broadcast: 2-3x faster than the same rank-1 update as addmm_ (CPU)
         if lora_b:
             xb = F.linear(x, _as(Bu, y.dtype))  # (..., r)
-            y.view(-1, y.shape[-1]).addmm_(xb.view(-1, xb.shape[-1]), _as(Bd, y.dtype).t())
+            if Bu0 is None:
+                y.view(-1, y.shape[-1]).addmm_(xb.view(-1, xb.shape[-1]), _as(Bd, y.dtype).t())
+            else:  # offset form: (Bd Bu − Bd⁰ Bu⁰) x, the difference taken first (see _lowrank)
+                xb0 = F.linear(x, _as(Bu0, y.dtype)).view(-1, xb.shape[-1])
+                delta = torch.sub(xb.view(-1, xb.shape[-1]) @ _as(Bd, y.dtype).t(), xb0 @ _as(Bd0, y.dtype).t())
+                y.view(-1, y.shape[-1]).add_(delta)
         needs = ctx.needs_input_grad
         ctx.plan = plan
         ctx.x_shape = x.shape
@@ -189,13 +236,14 @@ class _ScaleShiftLinear(torch.autograd.Function):
             x if needs[7] else None,
             xb if needs[6] else None,
             Cd, Cu,
+            Bd0 if needs[0] else None, Bu0 if needs[0] else None,  # the offset's share of the input gradient
         )
         return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g):
-        weight, scale, z, xsum, bias, Bd, Bu, x, xb, Cd, Cu = ctx.saved_tensors
+        weight, scale, z, xsum, bias, Bd, Bu, x, xb, Cd, Cu, Bd0, Bu0 = ctx.saved_tensors
         plan = ctx.plan
         needs = ctx.needs_input_grad
         g2 = g if g.dim() == 2 else g.view(-1, g.shape[-1]) if g.is_contiguous() else g.reshape(-1, g.shape[-1])
@@ -221,7 +269,9 @@ class _ScaleShiftLinear(torch.autograd.Function):
                     # is the broadcast column, and takes 3x the time of a multiply and an add.
                     w = torch.mul(weight, scale, out=out).add_(shift)
             gx2 = g2 @ w
-            if lora_b:
+            if lora_b and Bu0 is not None:  # offset form: (Bd Bu − Bd⁰ Bu⁰)ᵀ g, the difference first
+                gx2.add_(torch.sub(gxb @ _as(Bu, g.dtype), (g2 @ _as(Bd0, g.dtype)) @ _as(Bu0, g.dtype)))
+            elif lora_b:
                 gx2.addmm_(gxb, _as(Bu, g.dtype))
             gx = gx2 if gx2.shape == ctx.x_shape else gx2.view(ctx.x_shape)
         with_bias = needs[8] or needs[9] or needs[10] or needs[11]
@@ -257,17 +307,25 @@ class _ScaleShiftLinear(torch.autograd.Function):
         if with_bias:
             gCd, gCu, gD, gE = _bias_backward(gsum, weight, bias, Cd, Cu, needs[8:], plan)
         grads = gx, None, None, None, gAd, None, gBd, gBu, gCd, gCu, gD, gE
-        return grads if plan.scales is None else _scale_grads(grads, plan)
+        grads = grads if plan.scales is None else _scale_grads(grads, plan)
+        # the frozen initial factors passed after the parameters (offset form) have no gradient
+        return grads if len(needs) == len(grads) else grads + (None,) * (len(needs) - len(grads))
 
 
-def _dense_weight(W0: torch.Tensor, Ad: torch.Tensor, Au: torch.Tensor, Bd: torch.Tensor | None, Bu: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+def _dense_weight(W0: torch.Tensor, Ad: torch.Tensor, Au: torch.Tensor, Bd: torch.Tensor | None, Bu: torch.Tensor | None, dtype: torch.dtype,
+                  offs: Sequence[torch.Tensor | None] | None = None) -> torch.Tensor:
     """``W0 + W0 ⊙ (Ad @ Au) + B`` in ``dtype``; B is ``Bd @ Bu`` (low-rank), ``Bd`` broadcast (vector/scalar) or absent.
 
     Computed in the parameters' dtype; the last op writes ``dtype`` (the autocast dtype) itself,
-    so no separate cast of the ``(out, in)`` result is needed.
+    so no separate cast of the ``(out, in)`` result is needed. ``offs`` are the frozen initial
+    factors ``(Ad0, Au0, Bd0, Bu0)`` of the offset form (None: none), subtracted by :func:`_lowrank`.
     """
-    base = W0 if Bd is None else _mm(Bd, Bu, W0) if Bu is not None else W0 + Bd
-    return torch.addcmul(base, W0, _mm(Ad, Au), out=_out(W0, dtype))
+    if offs is None:
+        base = W0 if Bd is None else _mm(Bd, Bu, W0) if Bu is not None else W0 + Bd
+        return torch.addcmul(base, W0, _mm(Ad, Au), out=_out(W0, dtype))
+    Ad0, Au0, Bd0, Bu0 = offs
+    base = W0 if Bd is None else W0 + _lowrank(Bd, Bu, Bd0, Bu0) if Bu is not None else W0 + Bd
+    return torch.addcmul(base, W0, _lowrank(Ad, Au, Ad0, Au0), out=_out(W0, dtype))
 
 
 class _RebuiltWeightLinear(torch.autograd.Function):
@@ -285,23 +343,29 @@ class _RebuiltWeightLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, plan, *params):
-        Ad, Au, Bd, Bu, Cd, Cu, D, E = _take(params, plan)
+        if len(params) == len(plan.names):  # no offsets (LoRA's init)
+            Ad, Au, Bd, Bu, Cd, Cu, D, E = _take(params, plan)
+            offs = None
+        else:
+            (Ad, Au, Bd, Bu, Cd, Cu, D, E), offs = _with_offsets(params, plan)
         dt = _compute_dtype(x)
-        b = _bias_forward(weight, bias, Cd if Cu is None else _mm(Cd, Cu), D, E, dt, Ad.dtype)
+        b = _bias_forward(weight, bias, Cd if Cu is None else _lowrank(Cd, Cu, *(offs[4:6] if offs else (None, None))), D, E, dt, Ad.dtype)
         x = _as(x, dt)  # cast once: F.linear would cast it again under autocast, and x is kept for the backward
-        y = F.linear(x, _dense_weight(weight, Ad, Au, Bd, Bu, dt), b)
+        offs = None if offs is None else offs[:4]  # (Ad0, Au0, Bd0, Bu0): the dense weight's, again in the backward
+        y = F.linear(x, _dense_weight(weight, Ad, Au, Bd, Bu, dt, offs), b)
         ctx.plan = plan
-        ctx.save_for_backward(x, weight, bias if ctx.needs_input_grad[10] else None, Ad, Au, Bd, Bu, Cd, Cu)
+        ctx.save_for_backward(x, weight, bias if ctx.needs_input_grad[10] else None, Ad, Au, Bd, Bu, Cd, Cu, *(offs or ()))
         return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g):
-        x, weight, bias, Ad, Au, Bd, Bu, Cd, Cu = ctx.saved_tensors
+        x, weight, bias, Ad, Au, Bd, Bu, Cd, Cu, *offs = ctx.saved_tensors
+        offs = offs or None
         plan = ctx.plan
         needs = ctx.needs_input_grad
         g2 = g.view(-1, g.shape[-1]) if g.is_contiguous() else g.reshape(-1, g.shape[-1])
-        gx = (g2 @ _dense_weight(weight, Ad, Au, Bd, Bu, g.dtype)).view(x.shape) if needs[0] else None
+        gx = (g2 @ _dense_weight(weight, Ad, Au, Bd, Bu, g.dtype, offs)).view(x.shape) if needs[0] else None
         gCd = gCu = gD = gE = None
         if needs[8] or needs[9] or needs[10] or needs[11]:
             gCd, gCu, gD, gE = _bias_backward(g2.sum(0, dtype=weight.dtype), weight, bias, Cd, Cu, needs[8:], plan)
@@ -315,7 +379,9 @@ class _RebuiltWeightLinear(torch.autograd.Function):
             elif needs[6]:
                 gBd = _full(gW.sum_to_size(Bd.shape), 2, plan, Bd.dtype)  # B broadcast over (out, in): a vector (out, 1) or a scalar (1, 1)
         grads = gx, None, None, None, gAd, gAu, gBd, gBu, gCd, gCu, gD, gE
-        return grads if plan.scales is None else _scale_grads(grads, plan)
+        grads = grads if plan.scales is None else _scale_grads(grads, plan)
+        # the frozen initial factors passed after the parameters (offset form) have no gradient
+        return grads if len(needs) == len(grads) else grads + (None,) * (len(needs) - len(grads))
 
 
 # The plan of a choice names the kernel above that computes it.

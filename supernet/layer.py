@@ -28,10 +28,14 @@ import torch.nn.functional as F
 
 from .dora import dora_magnitude, dora_weight, row_norms
 from .kernels import _plan_for
-from .plans import LoraScaling, lora_factor
+from .plans import OFFSETS, LoraScaling, lora_factor
 from .space import TENSORS, Choice, LayerChoice, SpaceError, parse_choice
 
 NONE = Choice("none")
+
+# The data-aware initialisations a low-rank A, B or C can record (docs/lora-family.md; the math is
+# methods/lorafamily/init.py). Each keeps frozen copies of the initial factors, used in offset form.
+LORA_INITS = ("pissa", "lora_ga")
 
 
 class SupportTensors(NamedTuple):
@@ -137,6 +141,11 @@ class GLoraLayer(nn.Module):
     # DoRA (set_dora): the weight is m ⊙ V / ‖V‖ with a trainable magnitude ``glora_m``, registered
     # only then, so a layer without DoRA has the state dict, files and forward it always had.
     use_dora: bool = False
+    # The data-aware init of each tensor that has one ({"B": "pissa"}), set by set_lora_init; empty
+    # (the default) for LoRA's own init. Never changed in place: set_lora_init replaces the dict
+    # (a mappingproxy would be safer but cannot be deep-copied, and models are).
+    lora_init: Mapping[str, str] = {}
+    _lora_offsets = False  # some tensor has frozen initial factors: the forward passes them
 
     def _setup(self, base: nn.Module, choices: Mapping[str, Sequence[Choice | str]],
                lora_scaling: LoraScaling | None = None, vector_params: bool = False) -> None:
@@ -230,6 +239,68 @@ class GLoraLayer(nn.Module):
     def _register(self, name: str, value: torch.Tensor | None) -> None:
         self.register_parameter(name, nn.Parameter(value) if value is not None else None)
 
+    # -- data-aware initialisation, in offset form ------------------------------------------
+    def set_lora_init(self, tensor: str, kind: str, down0: torch.Tensor, up0: torch.Tensor) -> None:
+        """Start ``tensor`` (A, B or C) from the factors ``(down0, up0)`` of a data-aware init ``kind``
+        (``"pissa"``, ``"lora_ga"``), in offset form: ``s (Xd Xu − Xd⁰ Xu⁰)``.
+
+        ``down0``, ``up0`` have the shared factors' full shapes ``(rows, R)`` and ``(R, cols)`` and are
+        copied into both the trainable factors and the frozen buffers ``glora_<t>d0``, ``glora_<t>u0``
+        (persistent: saved with the adapters). Every sub-network then starts exactly at W0, W0 is not
+        touched, and the factors get the gradients they would get without the offset, a constant.
+        """
+        down, up = self._lowrank_factors(tensor, kind)
+        self._check_offset_shapes(tensor, down0, up0)
+        with torch.no_grad():
+            down.copy_(down0)
+            up.copy_(up0)
+        # copies of the parameters themselves: the same dtype, layout and values, so the two
+        # products of the offset are one computation and cancel bit for bit
+        self.set_lora_offsets(tensor, kind, down, up)
+
+    def set_lora_offsets(self, tensor: str, kind: str, down0: torch.Tensor, up0: torch.Tensor) -> None:
+        """Record ``kind`` for ``tensor`` and set its frozen initial factors to ``(down0, up0)`` without
+        touching the trainable ones: for a sub-network extracted from, or a file written by, a layer
+        that had them. The buffers take the factors' dtype, device and layout."""
+        down, up = self._lowrank_factors(tensor, kind)
+        self._check_offset_shapes(tensor, down0, up0)
+        with torch.no_grad():
+            self.register_buffer(f"glora_{tensor}d0", torch.empty_like(down).copy_(down0))
+            self.register_buffer(f"glora_{tensor}u0", torch.empty_like(up).copy_(up0))
+        object.__setattr__(self, "lora_init", {**self.lora_init, tensor: kind})
+        object.__setattr__(self, "_lora_offsets", True)
+
+    def clear_lora_init(self) -> None:
+        """Forget every data-aware init: drop the frozen initial factors (the trainable ones stay as
+        they are, so the function changes unless they equal their copies)."""
+        for t in self.lora_init:
+            for f in "du":
+                self._buffers.pop(f"glora_{t}{f}0", None)
+        object.__setattr__(self, "lora_init", {})
+        object.__setattr__(self, "_lora_offsets", False)
+
+    def _lowrank_factors(self, tensor: str, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+        if tensor not in ("A", "B", "C"):
+            raise SpaceError(f"lora init: tensor must be A, B or C, got {tensor!r}")
+        if kind not in LORA_INITS:
+            raise SpaceError(f"lora init of {tensor}: kind must be one of {', '.join(LORA_INITS)}, got {kind!r}")
+        down, up = getattr(self, f"glora_{tensor}d"), getattr(self, f"glora_{tensor}u")
+        if up is None:
+            raise SpaceError(f"lora init of {tensor}: no low-rank choice on this layer (choices: "
+                             f"{', '.join(map(str, self.choices[tensor]))}); a data-aware init needs one")
+        return down, up
+
+    def _check_offset_shapes(self, tensor: str, down0: torch.Tensor, up0: torch.Tensor) -> None:
+        for name, v in ((f"glora_{tensor}d", down0), (f"glora_{tensor}u", up0)):
+            want = tuple(getattr(self, name).shape)
+            if tuple(v.shape) != want:
+                raise ValueError(f"lora init of {tensor}: {name} has shape {want}, got {tuple(v.shape)}")
+
+    def _offset_args(self) -> list[torch.Tensor | None]:
+        """The frozen initial factors in :data:`~supernet.plans.OFFSETS` order, None where absent."""
+        b = self._buffers
+        return [b.get(n) for n in OFFSETS]
+
     def adapter_parameters(self):
         return [p for n, p in self.named_parameters(recurse=False) if n.startswith("glora_")]
 
@@ -259,7 +330,13 @@ class GLoraLayer(nn.Module):
 
     def _matrix(self, t: str, c: Choice) -> torch.Tensor | None:
         """A/B: (rows, cols) for lora (times LoRA's scale), (rows, 1) vector, (1, 1) scalar; C: (c_rows, 1) lora or vector."""
-        m = _compose(*_slices(c, self._down(t, c), getattr(self, f"glora_{t}u")))
+        down = self._down(t, c)
+        m = _compose(*_slices(c, down, getattr(self, f"glora_{t}u")))
+        if m is not None and t in self.lora_init and down is self._parameters[f"glora_{t}d"]:
+            # offset form: less the same choice composed from the frozen initial factors, the
+            # difference taken first, so exactly zero at the start (vector and scalar too, where
+            # they read the down factor's first column rather than their own vector_params)
+            m = m - _compose(*_slices(c, self._buffers[f"glora_{t}d0"], self._buffers[f"glora_{t}u0"]))
         s = self.lora_factor(c)
         return m if s is None else m * s
 
@@ -416,6 +493,9 @@ class GLoraLinear(GLoraLayer):
         plan, p = self._plan, self._parameters
         if plan.fn is None:
             return F.linear(x, p["weight"], p["bias"])
+        if self._lora_offsets:  # PiSSA, LoRA-GA: the frozen initial factors follow the parameters
+            return plan.fn.apply(x, p["weight"], p["bias"], plan, *[None if n is None else p[n] for n in plan.names],
+                                 *self._offset_args())
         return plan.fn.apply(x, p["weight"], p["bias"], plan, *[None if n is None else p[n] for n in plan.names])
 
     def plain(self, bias: bool) -> nn.Linear:
@@ -457,7 +537,7 @@ class GLoraLinear(GLoraLayer):
             W = W0.clone() if W_out is None else W_out.copy_(W0)
         else:
             W = torch.addcmul(W0, W0, A.to(dtype), out=W_out)
-        if c.B.kind == "lora":
+        if c.B.kind == "lora" and "B" not in self.lora_init:
             s = self.lora_factor(c.B)
             W.addmm_(self.glora_Bd[:, : c.B.rank].to(dtype), self.glora_Bu[: c.B.rank].to(dtype), **({} if s is None else {"alpha": s}))
         elif c.B.kind != "none":
@@ -487,4 +567,5 @@ class GLoraLinear(GLoraLayer):
         spaces = " ".join(f"{t}=[{','.join(map(str, self.choices[t]))}]" for t in TENSORS)
         scaling = "" if self.lora_scaling is None else f", {self.lora_scaling}"
         scaling += ", dora" if self.use_dora else ""
+        scaling += "" if not self.lora_init else f", init={dict(self.lora_init)}"
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, {spaces}, active: {self.active}{scaling}"

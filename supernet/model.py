@@ -394,6 +394,16 @@ def extract_subnet(model: nn.Module, config: Subnet | Mapping[str, Any] | str | 
                 src = layer._down(t, choice[t]) if pname.endswith("d") and t in "ABC" else getattr(layer, pname)
                 p.copy_(src[tuple(slice(0, s) for s in p.shape)])
                 p.requires_grad_(True)
+        for t, kind in layer.lora_init.items():  # PiSSA, LoRA-GA: the offset form (docs/lora-family.md)
+            down, up = getattr(small, f"glora_{t}d"), getattr(small, f"glora_{t}u")
+            d0 = layer._buffers[f"glora_{t}d0"][tuple(slice(0, s) for s in down.shape)] if down is not None else None
+            if up is not None:  # low-rank: the same leading slices of the frozen initial factors
+                small.set_lora_offsets(t, kind, d0, layer._buffers[f"glora_{t}u0"][: up.shape[0]])
+            elif down is not None and layer._down(t, choice[t]) is layer._parameters[f"glora_{t}d"]:
+                # vector or scalar read from the down factor (not their own vector_params): the supernet
+                # computes this column less its initial value; the sub-network holds that difference
+                # (the same subtraction) and needs no offset
+                down.sub_(d0)
         small.active = choice
         set_submodule(model, name, small)
     return model

@@ -147,3 +147,27 @@ def _fit(v: torch.Tensor, k: int, plan: _Plan) -> torch.Tensor:
         return v
     return v.sum().reshape(lead) if math.prod(lead) == 1 else v.view(lead)
 
+
+
+# The frozen initial factors of a data-aware init (PiSSA, LoRA-GA; docs/lora-family.md), in the
+# order a layer passes them after its parameters: the offset form is ``s (D U − D⁰ U⁰)``.
+OFFSETS = ("glora_Ad0", "glora_Au0", "glora_Bd0", "glora_Bu0", "glora_Cd0", "glora_Cu0")
+
+
+def _split_offsets(params: Sequence[torch.Tensor | None], plan: _Plan):
+    """``(the parameters, their 6 frozen initial factors taken as :func:`_take` takes the factors)``:
+    sliced like the parameter they belong to and, for a scaled down factor, multiplied by the same
+    ``s``, so ``s D⁰`` is the very computation ``s D`` is and their products cancel bit for bit.
+    A layer without offsets passes only the parameters: ``(params, None)``. An offset whose
+    parameter the choice leaves unused is None."""
+    n = len(plan.names)
+    if len(params) == n:
+        return params, None
+    # a vector or scalar choice with its own parameter (vector_params, a name ending in "v") has no offset
+    offs = [None if o is None or plan.names[k] is None or plan.names[k].endswith("v") else o if plan.index[k] is None
+            else o[plan.index[k]] for k, o in enumerate(params[n:])]
+    if plan.scales is not None:
+        for k, s in plan.scales:
+            if k < 6 and offs[k] is not None:
+                offs[k] = offs[k] * s
+    return params[:n], offs

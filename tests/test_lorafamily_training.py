@@ -300,3 +300,47 @@ def test_a_hook_refuses_a_run_before_training(tmp_path):
     with pytest.raises(TrainError, match=r"^adalora: tinit \(100\) \+ tfinal \(0\) leave no pruning phase in the run's 5 training steps"):
         run_retrain(cfg, INFO, "t.yaml")
     assert not (out / "retrain" / "checkpoints" / "last.pt").exists()
+
+
+@pytest.mark.slow
+def test_two_processes_train_each_option_as_one(tmp_path):
+    """torchrun with 2 processes (batches of 16) against one process (batches of 32) for every option of
+    the lora block: on the lora preset, and on a GLoRA sub-network whose A, B and C are low-rank (LoRA-GA's
+    gradient estimate is all-reduced; LoRA-Pro and AdaLoRA's pruning act on averaged gradients). One
+    torchrun retrains them all; the trained tensors agree as the methods' test does (<= 1e-4)."""
+    import os
+    import subprocess
+    import sys
+
+    from runcfg import ROOT
+    from supernet import save_subnet
+
+    model = apply_glora(tiny_vit(num_classes=4), {"targets": "all-linear", "choices": CHOICES})
+    subnet = tmp_path / "subnet.yaml"
+    save_subnet(uniform_subnet(model, {"A": "lora2", "B": "lora4", "C": "lora2", "D": "vector", "E": "scalar"}), subnet)
+    runs = {f"{kind}-{i}": ({"preset": "lora", "rank": 4} if kind == "lora" else {"subnet": str(subnet), "init": "scratch"}, lora)
+            for kind in ("lora", "glora")
+            for i, lora in enumerate([{"loraplus_lr_ratio": 16, "lora_pro": True, "use_dora": True},
+                                      {"init_lora_weights": "lora_ga", "lora_ga_batches": 2, "lora_alpha": 8, "use_rslora": True},
+                                      {"init_lora_weights": "pissa", "lora_pro": True}])}
+    runs["adalora"] = ({"preset": "adalora", "rank": 4, "method_args": {"target_r": 2}}, {})
+    configs = []
+    for name, (retrain, lora) in runs.items():
+        sections = {"retrain": {**retrain, "epochs": 2, "lora": lora}, "model": {"drop_path_rate": 0.0}}
+        configs.append(str(write_config(tmp_path / f"{name}.yaml", tmp_path / "two" / name, **sections)))
+        one = tiny_config(tmp_path / "one" / name, **{**sections, "retrain": {**sections["retrain"], "batch_size": 32}})
+        assert run_retrain(config_from_dict(one), INFO, "t.yaml") == "done"
+    dump = tmp_path / "dump"
+    dump.mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(ROOT / "tests" / "dist_worker.py"), "retrain", ",".join(configs), str(dump)],
+                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((dump / "rank0.json").read_text())["status"] == ["done"] * len(runs)
+    for name in runs:
+        a, b = (torch.load(tmp_path / run / name / "retrain" / "checkpoints" / "last.pt", weights_only=True) for run in ("one", "two"))
+        for part in ("model", "buffers"):
+            assert a[part].keys() == b[part].keys(), name
+            for k in a[part]:
+                assert (a[part][k].float() - b[part][k].float()).abs().max() <= 1e-4, (name, k)

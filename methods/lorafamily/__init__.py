@@ -9,6 +9,8 @@ up factor ``U: (r, in)``, this project's ``Xd``, ``Xu`` (docs/method.md §2) and
   (:func:`loraplus_param_groups`).
 - :mod:`.init`: PiSSA (:func:`pissa_factors`) and LoRA-GA (:func:`lora_ga_factors`) initial factors,
   used in offset form ``s (D U − D⁰ U⁰)`` (:func:`offset_delta`) so the model starts at W0.
+- :mod:`.apply` (not imported here: it works on GLoRA layers, so it imports :mod:`supernet`): PiSSA and
+  LoRA-GA on a model (:func:`~.apply.init_pissa`, :func:`~.apply.estimate_weight_grads`, :func:`~.apply.init_lora_ga`).
 - :mod:`.lorapro`: LoRA-Pro's adjusted factor gradients (:func:`lora_pro_grads`).
 - :mod:`.dora`: DoRA's magnitude/direction weight (:func:`dora_weight`).
 - :mod:`.adalora`: AdaLoRA's update, orthogonality penalty, importance scores and budget schedule.
