@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from methods.hooks import TrainingHooks
 from methods.lorafamily.training import lora_training_hooks
+from supernet import glora_layers
 
 from . import distributed as dist
 from .loraconfig import LoraOptions
@@ -22,6 +23,20 @@ def layer_options(lora: LoraOptions) -> dict[str, Any]:
     """What :func:`supernet.apply_glora` takes for ``lora``: LoRA's scale, own parameters for vector
     and scalar choices under LoRA+ (so they do not learn at its ratio), DoRA's magnitudes."""
     return {"lora_scaling": lora.scaling(), "vector_params": lora.loraplus_lr_ratio is not None, "use_dora": lora.use_dora}
+
+
+def prepare_offsets(model: nn.Module, lora: LoraOptions) -> None:
+    """The frozen initial factors PiSSA or LoRA-GA will set (holding the current factors until then),
+    on the tensors they will set: before a checkpoint is resumed, which holds their values, so that a
+    resumed run computes in offset form without redoing the initialisation."""
+    if lora.init_lora_weights == "default":
+        return
+    tensors = ("B",) if lora.init_lora_weights == "pissa" else ("A", "B")
+    for _, layer in glora_layers(model):
+        for t in tensors:
+            down, up = layer._parameters.get(f"glora_{t}d"), layer._parameters.get(f"glora_{t}u")
+            if up is not None:
+                layer.set_lora_offsets(t, lora.init_lora_weights, down.detach(), up.detach())
 
 
 def lora_hooks(model: nn.Module, lora: LoraOptions) -> list[TrainingHooks]:
@@ -47,10 +62,10 @@ def initialize_factors(model: nn.Module, lora: LoraOptions, train_ds: Dataset, b
     with torch.random.fork_rng(devices=[info.device] if info.device.type == "cuda" else []):
         torch.manual_seed(seed)  # svd_lowrank's random projections; the run's own random state is restored after
         if lora.init_lora_weights == "pissa":
-            return lora_init.init_pissa(model)
+            return str(lora_init.init_pissa(model))
         loader = estimate_batches(train_ds, batch_size, lora.lora_ga_batches, seed, info)
         device = next(model.parameters()).device
         batches = ((x.to(device), y.to(device)) for x, y in loader)
         reduce = (lambda t: dist.all_reduce_sum(t).div_(info.world_size)) if info.enabled else None
         grads = lora_init.estimate_weight_grads(model, batches, lambda m, b: F.cross_entropy(m(b[0]), b[1]), reduce=reduce)
-        return lora_init.init_lora_ga(model, grads)
+        return str(lora_init.init_lora_ga(model, grads))

@@ -10,6 +10,7 @@ import json
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 import yaml
 
 from conftest import assert_same_grads, tiny_vit
@@ -240,8 +241,9 @@ def test_lora_block_refuses_pissa_without_a_low_rank_b(tmp_path):
 
 # -- through the recipes -----------------------------------------------------------------------
 TRAINING_OPTIONS = [{"loraplus_lr_ratio": 16}, {"lora_pro": True}, {"lora_pro": True, "loraplus_lr_ratio": 4, "lora_alpha": 8},
-                    {"use_dora": True}, {"use_dora": True, "lora_pro": True}]
-OPTION_IDS = ["loraplus", "lora_pro", "both", "dora", "dora+lora_pro"]
+                    {"use_dora": True}, {"use_dora": True, "lora_pro": True}, {"init_lora_weights": "pissa"},
+                    {"init_lora_weights": "lora_ga", "lora_ga_batches": 2, "lora_pro": True}]
+OPTION_IDS = ["loraplus", "lora_pro", "both", "dora", "dora+lora_pro", "pissa", "lora_ga+lora_pro"]
 
 
 @pytest.mark.parametrize("lora", TRAINING_OPTIONS, ids=OPTION_IDS)
@@ -262,13 +264,23 @@ def test_lora_preset_resumes_exactly_with_each_option(tmp_path, lora):
     assert any(not torch.equal(a[k], p[k]) for k in a if "glora_B" in k)  # the option changed the training
 
 
-def test_supernet_with_loraplus_and_lora_pro_through_three_stages(tmp_path):
-    lora = {"loraplus_lr_ratio": 16, "lora_pro": True, "lora_alpha": 4, "use_rslora": True}
+SUPERNET_OPTIONS = [{"loraplus_lr_ratio": 16, "lora_pro": True, "lora_alpha": 4, "use_rslora": True},
+                    {"init_lora_weights": "pissa", "loraplus_lr_ratio": 16, "use_dora": True},
+                    {"init_lora_weights": "lora_ga", "lora_ga_batches": 2, "lora_pro": True}]
+
+
+@pytest.mark.parametrize("lora", SUPERNET_OPTIONS, ids=["loraplus+lora_pro+rslora", "pissa+loraplus+dora", "lora_ga+lora_pro"])
+def test_supernet_with_options_through_three_stages(tmp_path, lora):
+    """The supernet trains with the options, the search scores its sub-networks (merged, with the
+    offsets and magnitudes), retrain.init: supernet retrains the chosen one, which merges."""
     out = tmp_path / "run"
-    cfg = config_from_dict(tiny_config(out, train={"lora": lora}, retrain={"lora": lora}))
+    retrain_lora = {k: v for k, v in lora.items() if k not in ("init_lora_weights", "lora_ga_batches")}  # from the slices
+    cfg = config_from_dict(tiny_config(out, train={"lora": lora}, retrain={"lora": retrain_lora}))
     assert run_train(cfg, INFO, "t.yaml") == "done"
     doc = yaml.safe_load((out / "supernet.yaml").read_text())
-    assert all(rec["vector_params"] for rec in doc["layers"].values())
+    assert all(rec.get("vector_params", False) == ("loraplus_lr_ratio" in lora) for rec in doc["layers"].values())
+    if "init_lora_weights" in lora:
+        assert all("B" in rec["lora_init"] for rec in doc["layers"].values())
     assert run_search(cfg, INFO, "t.yaml") == "done"
     assert run_retrain(cfg, INFO, "t.yaml") == "done"
     m = json.loads((out / "retrain" / "metrics.json").read_text())
@@ -344,3 +356,33 @@ def test_two_processes_train_each_option_as_one(tmp_path):
             assert a[part].keys() == b[part].keys(), name
             for k in a[part]:
                 assert (a[part][k].float() - b[part][k].float()).abs().max() <= 1e-4, (name, k)
+
+
+@pytest.mark.parametrize("init", ["pissa", "lora_ga"])
+@pytest.mark.parametrize("vector_params", [False, True], ids=["shared-vectors", "vector_params"])
+def test_every_sampled_subnet_starts_at_base_with_inits_dora_and_vector_params(init, vector_params):
+    """PiSSA or LoRA-GA with DoRA and with or without vector_params: every sub-network the sampler draws
+    computes the base model's output bit for bit, and its extraction and merge keep it."""
+    from methods.lorafamily.apply import estimate_weight_grads, init_lora_ga, init_pissa
+    from supernet import SubnetSampler, set_dora
+
+    torch.manual_seed(0)
+    base = tiny_vit().eval()
+    model = apply_glora(copy.deepcopy(base), {"targets": "all-linear", "choices": CHOICES}, vector_params=vector_params,
+                        lora_scaling=LoraScaling(8.0, use_rslora=True)).eval()
+    set_dora(model, True)
+    x = torch.randn(4, 3, 32, 32)
+    if init == "pissa":
+        init_pissa(model)
+    else:
+        y = torch.randint(5, (4,))
+        init_lora_ga(model, estimate_weight_grads(model, [(x, y)], lambda m, b: F.cross_entropy(m(b[0]), b[1])))
+    assert all(layer.lora_init for _, layer in glora_layers(model))
+    want = base(x)
+    sampler, gen = SubnetSampler(model), torch.Generator().manual_seed(0)
+    for _ in range(6):
+        config = sampler(gen)
+        assert torch.equal(model(x), want)
+    small = extract_subnet(copy.deepcopy(model), config).eval()
+    torch.testing.assert_close(small(x), want, atol=1e-6, rtol=0)
+    torch.testing.assert_close(merge_glora(small)(x), want, atol=1e-5, rtol=0)

@@ -26,7 +26,7 @@ from methods.export import ADAPTED_FILE, forward_time_ratio, write_adapted
 from .. import distributed as dist
 from ..config import ConfigError, RunConfig, method_settings
 from ..data import build_splits
-from ..lorasetup import initialize_factors, layer_options, lora_hooks
+from ..lorasetup import initialize_factors, layer_options, lora_hooks, prepare_offsets
 from ..models import build_model, set_grad_checkpointing
 from ..rng import seed_everything
 from ..rundir import fingerprint, guard_output_dir, remove_stale, write_config
@@ -78,6 +78,7 @@ def run_retrain(cfg: RunConfig, info: dist.DistInfo, source: str, overwrite: boo
     train_ds, test_ds, num_classes = build_splits(cfg.data, "final", *spec, cache=("train",))
     _, val_ds, _ = build_splits(cfg.data, "search", *spec, cache=())  # one batch, for the merge check
     model, origin = prepare_retrain_model(cfg, num_classes, info, source)
+    prepare_offsets(model, r.lora)  # PiSSA, LoRA-GA: set before the first step, or by the checkpoint resumed
     if r.grad_checkpointing:
         set_grad_checkpointing(model, "retrain.grad_checkpointing")
     model.to(info.device)

@@ -18,7 +18,7 @@ from supernet import head_params
 from .. import distributed as dist
 from ..config import RunConfig
 from ..data import build_splits
-from ..lorasetup import initialize_factors, layer_options, lora_hooks
+from ..lorasetup import initialize_factors, layer_options, lora_hooks, prepare_offsets
 from ..models import build_model, set_grad_checkpointing
 from ..rng import seed_everything, step_generator
 from ..rundir import fingerprint, guard_output_dir, relevant_config, remove_stale, write_config
@@ -52,6 +52,7 @@ def run_train(cfg: RunConfig, info: dist.DistInfo, source: str, overwrite: bool 
     sn.apply(model, **layer_options(t.lora))
     if t.grad_checkpointing:
         set_grad_checkpointing(model, "train.grad_checkpointing")
+    prepare_offsets(model, t.lora)  # PiSSA, LoRA-GA: set before the first step, or by the checkpoint resumed
     model.to(info.device)
     write_config(out, cfg, info)
     tracker = Tracker(out, enabled=info.is_main)
