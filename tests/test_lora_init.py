@@ -376,7 +376,7 @@ def test_lora_ga_on_a_supernet_nests_and_starts_at_base():
         before.append(model(x))
     Cu = {name: layer.glora_Cu.clone() for name, layer in glora_layers(model)}
     report = init_lora_ga(model, G, niter=None)
-    assert str(report) == "LoRA-GA init (offset form): A on 8 layers, B on 8 layers; C keep LoRA's init"
+    assert str(report) == "LoRA-GA init (offset form): A on 8 layers, B on 8 layers; C keeps LoRA's init"
     for cfg, want in zip(configs, before):
         set_subnet(model, cfg)
         assert torch.equal(model(x), want), cfg

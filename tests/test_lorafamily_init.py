@@ -124,6 +124,9 @@ def _loss_and_grad(W0, seed=7):
 def _predicted_step(G, idx_d, idx_u, s, c, lr):
     """−η s² c² Σ_{I_D ∪ I_U} σ u vᵀ + η² s³ c² U_U diag(σ_U σ_D) V_Dᵀ (module docstring)."""
     U, S, Vh = torch.linalg.svd(G, full_matrices=False)
+    # the factors' sign convention: the largest-magnitude entry of every u_i positive, v_i flipped with it
+    signs = torch.sign(U.gather(0, U.abs().argmax(0, keepdim=True)))
+    U, Vh = U * signs, Vh * signs.mT
     idx = sorted(set(idx_d) | set(idx_u))
     first = (U[:, idx] * S[idx]) @ Vh[idx]
     second = (U[:, idx_u] * (S[idx_u] * S[idx_d])) @ Vh[idx_d]

@@ -327,9 +327,10 @@ def test_two_processes_train_each_option_as_one(tmp_path):
     from runcfg import ROOT
     from supernet import save_subnet
 
-    model = apply_glora(tiny_vit(num_classes=4), {"targets": "all-linear", "choices": CHOICES})
+    model = apply_glora(tiny_vit(num_classes=4), ROOT / "configs" / "space" / "large.yaml")
     subnet = tmp_path / "subnet.yaml"
-    save_subnet(uniform_subnet(model, {"A": "lora2", "B": "lora4", "C": "lora2", "D": "vector", "E": "scalar"}), subnet)
+    # E none: a scalar E before a LayerNorm has a zero gradient, which AdamW turns into rounding-sized noise
+    save_subnet(uniform_subnet(model, {"A": "lora4", "B": "lora8", "C": "lora4", "D": "vector", "E": "none"}), subnet)
     runs = {f"{kind}-{i}": ({"preset": "lora", "rank": 4} if kind == "lora" else {"subnet": str(subnet), "init": "scratch"}, lora)
             for kind in ("lora", "glora")
             for i, lora in enumerate([{"loraplus_lr_ratio": 16, "lora_pro": True, "use_dora": True},
@@ -338,7 +339,9 @@ def test_two_processes_train_each_option_as_one(tmp_path):
     runs["adalora"] = ({"preset": "adalora", "rank": 4, "method_args": {"target_r": 2}}, {})
     configs = []
     for name, (retrain, lora) in runs.items():
-        sections = {"retrain": {**retrain, "epochs": 2, "lora": lora}, "model": {"drop_path_rate": 0.0}}
+        # lr 1e-3: LoRA+ multiplies it by 16 on the down factors, and AdamW turns rounding-sized gradient
+        # differences into steps of about lr where a gradient is near zero
+        sections = {"retrain": {**retrain, "epochs": 2, "lr": 1e-3, "lora": lora}, "model": {"drop_path_rate": 0.0}}
         configs.append(str(write_config(tmp_path / f"{name}.yaml", tmp_path / "two" / name, **sections)))
         one = tiny_config(tmp_path / "one" / name, **{**sections, "retrain": {**sections["retrain"], "batch_size": 32}})
         assert run_retrain(config_from_dict(one), INFO, "t.yaml") == "done"
@@ -350,12 +353,16 @@ def test_two_processes_train_each_option_as_one(tmp_path):
                           capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((dump / "rank0.json").read_text())["status"] == ["done"] * len(runs)
-    for name in runs:
+    for name, (_, lora) in runs.items():
         a, b = (torch.load(tmp_path / run / name / "retrain" / "checkpoints" / "last.pt", weights_only=True) for run in ("one", "two"))
+        # LoRA-GA starts from singular vectors R+1..2R of an estimated gradient, which 2 x 16 images sum in
+        # another order than 32: measured 1.3e-4 on factors of size 0.3 (the spectrum's gaps amplify rounding)
+        rel = 1e-3 if lora.get("init_lora_weights") == "lora_ga" else None
         for part in ("model", "buffers"):
             assert a[part].keys() == b[part].keys(), name
             for k in a[part]:
-                assert (a[part][k].float() - b[part][k].float()).abs().max() <= 1e-4, (name, k)
+                tol = 1e-4 if rel is None else rel * a[part][k].abs().max().item()
+                assert (a[part][k].float() - b[part][k].float()).abs().max() <= tol, (name, k)
 
 
 @pytest.mark.parametrize("init", ["pissa", "lora_ga"])

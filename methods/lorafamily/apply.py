@@ -43,7 +43,8 @@ class InitReport:
     def __str__(self) -> str:
         counts = {t: sum(t in ts for ts in self.layers.values()) for t in "ABC"}
         done = ", ".join(f"{t} on {n} layer{'s' * (n != 1)}" for t, n in counts.items() if n) or "nothing (no low-rank choice)"
-        keep = f"; {' and '.join(self.untouched)} keep LoRA's init" if self.untouched else ""
+        verb = "keeps" if len(self.untouched) == 1 else "keep"
+        keep = f"; {' and '.join(self.untouched)} {verb} LoRA's init" if self.untouched else ""
         return f"{_NAMES[self.kind]} init (offset form): {done}{keep}"
 
 

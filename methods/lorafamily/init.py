@@ -156,6 +156,13 @@ def lora_ga_factors(
         if q < 2 * r:
             raise ValueError(f"q={q}: LoRA-GA needs at least 2r = {2 * r} singular vectors")
         U, S, V = torch.svd_lowrank(g, q=q, niter=niter)
+    # Each singular pair's sign is the SVD routine's choice, and rounding (another process count's
+    # order of summing G) can flip it; flipping u_i and v_i together leaves the SVD valid, so fix it:
+    # the largest-magnitude entry of every u_i is positive (as scikit-learn's svd_flip). LoRA-GA puts
+    # u_i and v_j of different pairs into the two factors, so an unfixed sign would change the init.
+    signs = torch.sign(U.gather(0, U.abs().argmax(0, keepdim=True)))
+    signs[signs == 0] = 1
+    U, V = U * signs, V * signs
     if stable:
         c = g.shape[0] ** 0.25 / math.sqrt(gamma)
     else:
