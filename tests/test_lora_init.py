@@ -238,7 +238,7 @@ def test_pissa_on_the_lora_preset_starts_at_the_timm_model_and_is_w0_rank_r():
     report = init_pissa(model)
     layers = dict(glora_layers(model))
     assert set(report.layers) == set(layers) and str(report) == \
-        f"PiSSA init (offset form): B on {len(layers)} layers; A and C keep LoRA's init"
+        f"PiSSA init (offset form): B on {len(layers)} layers"  # the lora preset has no low-rank A or C to name
     assert torch.equal(model(x), want)  # bit for bit
     for name, layer in layers.items():
         assert layer.lora_init == {"B": "pissa"}

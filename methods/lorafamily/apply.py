@@ -59,6 +59,11 @@ def _weight_matrix(layer: GLoraLayer) -> torch.Tensor:
     return layer.weight.detach().reshape(layer.rows, layer.cols)
 
 
+def _low_rank_among(model: nn.Module, tensors: tuple[str, ...]) -> tuple[str, ...]:
+    """Those of ``tensors`` with a low-rank choice on some layer: the ones an init leaves at LoRA's own."""
+    return tuple(t for t in tensors if any(_largest_lora(layer, t) is not None for _, layer in glora_layers(model)))
+
+
 def _scale(layer: GLoraLayer, choice: Choice) -> float:
     s = layer.lora_factor(choice)
     return 1.0 if s is None else s
@@ -84,7 +89,7 @@ def init_pissa(model: nn.Module, *, niter: int | None = None) -> InitReport:
             raise ValueError(f"{name}: PiSSA on B: {err}") from None
         layer.set_lora_init("B", "pissa", down, up)
         done[name] = ("B",)
-    return InitReport("pissa", done, ("A", "C"))
+    return InitReport("pissa", done, _low_rank_among(model, ("A", "C")))
 
 
 @torch.no_grad()
@@ -218,4 +223,4 @@ def init_lora_ga(
                 raise ValueError(f"{name}: LoRA-GA on {t}: {err}") from None
             layer.set_lora_init(t, "lora_ga", down, up)
         done[name] = tuple(tensors)
-    return InitReport("lora_ga", done, ("C",))
+    return InitReport("lora_ga", done, _low_rank_among(model, ("C",)))
