@@ -39,6 +39,15 @@ def assert_same_grads(y, want, w, inputs, names, label, tol: float = 1e-10) -> N
 
 
 @pytest.fixture
+def one_thread():
+    """One torch thread for the test (float64 comparisons whose summation order must not depend on threading)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def vit():
     torch.manual_seed(0)
     return tiny_vit()

@@ -2,6 +2,7 @@
 
 import contextlib
 import copy
+import json
 import os
 import subprocess
 import sys
@@ -66,3 +67,16 @@ def run_cli(script: str, cfg, *extra: str) -> subprocess.CompletedProcess:
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     return proc
+
+
+def torchrun_retrain(configs: list[str], dump: Path, nproc: int = 2) -> list[str]:
+    """retrain.py's recipe for each config in turn under torchrun (one process group: tests/dist_worker.py);
+    returns rank 0's statuses. The workers run one thread each."""
+    dump = Path(dump)
+    dump.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+                           str(ROOT / "tests" / "dist_worker.py"), "retrain", ",".join(configs), str(dump)],
+                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads((dump / "rank0.json").read_text())["status"]

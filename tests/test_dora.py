@@ -30,12 +30,7 @@ SCALINGS = [None, LoraScaling(16.0), LoraScaling(6.0, use_rslora=True)]
 SCALING_IDS = ["s1", "alpha16", "alpha6-rslora"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _combos(layer):

@@ -29,12 +29,7 @@ CHOICES = {"A": ["lora2", "lora4", "vector", "none"], "B": ["lora2", "lora4", "s
 LORA_ONLY = {"A": ["none"], "B": ["lora4"], "C": ["none"], "D": ["none"], "E": ["none"]}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _gen(seed):

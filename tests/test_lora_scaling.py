@@ -30,12 +30,7 @@ SCALINGS = [LoraScaling(16.0), LoraScaling(16.0, use_rslora=True), LoraScaling(3
 IDS = ["alpha16", "alpha16-rslora", "alpha3"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _s(scaling: LoraScaling, c) -> float:

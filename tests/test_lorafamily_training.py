@@ -22,7 +22,7 @@ from engine.recipes.train import run_train
 from engine.trainer import Trainer
 from methods.lorafamily import equivalent_gradient
 from methods.lorafamily.training import LoraPlus, LoraPro, low_rank_down_factors
-from runcfg import tiny_config, trainer_hooks, write_config
+from runcfg import tiny_config, torchrun_retrain, trainer_hooks, write_config
 from supernet import (TENSORS, GLoraConv2d, GLoraLinear, LayerChoice, LoraScaling, apply_glora, extract_subnet, glora_layers,
                       load_adapter, merge_glora, save_adapter, set_subnet, uniform_subnet)
 from test_conv import _dense_weight_bias, _reference, _with_bias
@@ -33,12 +33,7 @@ CHOICES = {"A": ["lora2", "lora4", "vector", "scalar", "none"], "B": ["lora2", "
            "C": ["lora2", "lora4", "vector", "none"], "D": ["vector", "none"], "E": ["scalar", "none"]}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # -- vector_params ---------------------------------------------------------------------------
@@ -320,10 +315,6 @@ def test_two_processes_train_each_option_as_one(tmp_path):
     the lora block: on the lora preset, and on a GLoRA sub-network whose A, B and C are low-rank (LoRA-GA's
     gradient estimate is all-reduced; LoRA-Pro and AdaLoRA's pruning act on averaged gradients). One
     torchrun retrains them all; the trained tensors agree as the methods' test does (<= 1e-4)."""
-    import os
-    import subprocess
-    import sys
-
     from runcfg import ROOT
     from supernet import save_subnet
 
@@ -345,14 +336,7 @@ def test_two_processes_train_each_option_as_one(tmp_path):
         configs.append(str(write_config(tmp_path / f"{name}.yaml", tmp_path / "two" / name, **sections)))
         one = tiny_config(tmp_path / "one" / name, **{**sections, "retrain": {**sections["retrain"], "batch_size": 32}})
         assert run_retrain(config_from_dict(one), INFO, "t.yaml") == "done"
-    dump = tmp_path / "dump"
-    dump.mkdir()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(ROOT / "tests" / "dist_worker.py"), "retrain", ",".join(configs), str(dump)],
-                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert json.loads((dump / "rank0.json").read_text())["status"] == ["done"] * len(runs)
+    assert torchrun_retrain(configs, tmp_path / "dump") == ["done"] * len(runs)
     for name, (_, lora) in runs.items():
         a, b = (torch.load(tmp_path / run / name / "retrain" / "checkpoints" / "last.pt", weights_only=True) for run in ("one", "two"))
         # LoRA-GA starts from singular vectors R+1..2R of an estimated gradient, which 2 x 16 images sum in

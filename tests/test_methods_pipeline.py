@@ -3,9 +3,6 @@ its export (merged into the plain timm model, or adapted.safetensors that evalua
 retrain did), exact resumption, and torchrun with 2 processes against one (slow)."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import timm
@@ -16,7 +13,7 @@ import methods
 from engine import distributed as dist
 from engine.config import config_from_dict
 from engine.recipes.retrain import run_retrain
-from runcfg import ROOT, tiny_config, trainer_hooks, write_config
+from runcfg import tiny_config, torchrun_retrain, trainer_hooks, write_config
 from supernet import load_merged
 
 INFO = dist.DistInfo()
@@ -84,14 +81,7 @@ def test_two_processes_retrain_as_one(tmp_path):
         configs.append(str(write_config(tmp_path / f"{name}.yaml", tmp_path / "two" / name, **sections)))
         one = tiny_config(tmp_path / "one" / name, **{**sections, "retrain": {**sections["retrain"], "batch_size": 32}})
         assert run_retrain(config_from_dict(one), INFO, "t.yaml") == "done"
-    dump = tmp_path / "dump"
-    dump.mkdir()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(ROOT / "tests" / "dist_worker.py"), "retrain", ",".join(configs), str(dump)],
-                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert json.loads((dump / "rank0.json").read_text())["status"] == ["done"] * len(PRESETS)
+    assert torchrun_retrain(configs, tmp_path / "dump") == ["done"] * len(PRESETS)
     # The trained tensors (the last checkpoint's: a merge would spread a difference over whole weights).
     # AdamW divides by each gradient's running magnitude, so where a gradient is tiny the rounding order
     # of the two-rank sum shows: measured up to 5e-5 (bitfit, full); ranks out of step differ by ~lr.
