@@ -215,3 +215,19 @@ def test_conv_pairs_are_recorded_in_their_own_section(tmp_path, capsys):
     assert set(conv["models"]["test_efficientnet"]["median_s"]) == {"conv_subnet_lora", "peft_lora_conv", "conv_merged_forward", "conv_base_forward"}
     table = capsys.readouterr().out
     assert all(k in table for k in bench_run.CONV_KEYS)
+
+
+def test_lora_family_bench_times_every_option(tmp_path):
+    """bench.lorafamily --quick: every option of the lora block against plain LoRA (ratios with their
+    intervals), the supernet with LoRA-Pro, the one-off inits; and the page it writes."""
+    from bench import lorafamily
+
+    out, page = tmp_path / "r.json", tmp_path / "p.md"
+    doc = lorafamily.main(["--quick", "--out", str(out), "--report", str(page)])
+    assert json.loads(out.read_text())["ratios"] == doc["ratios"]
+    want = {f"{n}_vs_lora_step" for n in lorafamily.OPTIONS if n != "lora"} | {"supernet_lora_pro_vs_supernet_step"}
+    assert set(doc["ratios"]) == want
+    assert all(v["ratio"] > 0 and v["ci95"][0] <= v["ratio"] <= v["ci95"][1] for v in doc["ratios"].values())
+    assert set(doc["init_s"]) == {"pissa", "lora_ga"} and all(s > 0 for s in doc["init_s"].values())
+    text = page.read_text()
+    assert "| lora_pro |" in text and "<= 1.3" in text and "lora_ga (2 gradient batches + SVDs)" in text
