@@ -164,7 +164,9 @@ class RetrainConfig(TrainConfig):
     # The preset's size: the LoRA rank, an adapter's bottleneck width, a prompt's length, FacT's rank
     rank: int = field(default=8, metadata=check(positive))
     method_args: dict = field(default_factory=dict)  # the preset's other settings, by name (docs/methods.md)
-    init: Literal["supernet", "scratch"] = "supernet"
+    # supernet: retrain from the supernet's slices; scratch: afresh; inherit: no training, the sub-network
+    # with the supernet's own weights (its head and batch-norm statistics too) tested and exported
+    init: Literal["supernet", "scratch", "inherit"] = "supernet"
 
 
 @dataclass
@@ -307,6 +309,9 @@ def _semantic_checks(cfg: RunConfig, base_dir: Path, problems: list[str]) -> Non
                         "(torch.compile would recompile for each one); use retrain.compile")
     if s.resume not in ("auto", "never"):
         problems.append(f"search.resume: expected auto or never, got {s.resume!r}")
+    if cfg.retrain.init == "inherit" and cfg.retrain.preset is not None:
+        problems.append(f"retrain.init: inherit takes the searched sub-network's weights from the supernet; preset "
+                        f"{cfg.retrain.preset} has none (use retrain.init: scratch)")
     if cfg.retrain.subnet is not None and cfg.retrain.preset is not None:
         problems.append("retrain.subnet: give either retrain.subnet or retrain.preset, not both")
     if cfg.retrain.preset is None and cfg.retrain.method_args:

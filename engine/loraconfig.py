@@ -79,6 +79,10 @@ def lora_checks(cfg, problems: list[str]) -> None:
         problems.append("retrain.lora.use_dora: the supernet is trained with DoRA (train.lora.use_dora) and retrain.init: supernet "
                         "takes its magnitudes, which cannot be dropped without changing the sub-network; set it true too")
     keys = r.lora.set_keys()
+    if keys and r.preset is None and r.init == "inherit":
+        problems.append(f"retrain.lora.{keys[0]}: retrain.init: inherit keeps the supernet's sub-network as trained, with "
+                        f"train.lora's options; leave retrain.lora unset")
+        return
     if not keys:
         return
     if r.preset is not None and not methods.get(r.preset).lora_scaling:

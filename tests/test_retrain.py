@@ -5,17 +5,19 @@ import json
 import pytest
 import timm
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from conftest import needs_cxx
 from engine import distributed as dist
-from engine.config import config_from_dict
+from engine.config import ConfigError, config_from_dict, load_config
+from engine.data import build_splits
+from engine.recipes.common import load_supernet, probe_input
 from engine.recipes.retrain import run_retrain
 from engine.recipes.search import run_search
 from engine.recipes.train import run_train
-from engine.trainer import TrainError
-from runcfg import tiny_config, trainer_hooks
-from supernet import MergeError
+from engine.trainer import TrainError, evaluate
+from runcfg import TINY, tiny_config, trainer_hooks, write_config
+from supernet import MergeError, load_merged, load_subnet, set_subnet
 
 INFO = dist.DistInfo()
 DIMS = {"qkv": (32, 96), "proj": (32, 32), "fc1": (32, 128), "fc2": (128, 32)}  # (in, out) of the tiny ViT
@@ -292,3 +294,35 @@ def test_summary_compares_with_baseline_runs(tmp_path):
     for row, m in zip(rows, (ma, mb)):
         assert f"{m['test_top1']:6.2f}%" in row and f"{m['adapter_params']:>9,} adapter" in row
     assert "compare:" not in summarise(a)
+
+
+def test_inherit_tests_and_exports_the_supernets_own_subnetwork(tmp_path):
+    """retrain.init: inherit: no training step, no checkpoint; the merged export predicts as the
+    supernet with the searched sub-network active, and the test accuracy is that model's."""
+    info = dist.DistInfo()
+    out = tmp_path / "run"
+    # a backbone from a file: the same frozen weights in every stage and here, whatever the random state
+    torch.manual_seed(0)
+    backbone = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=2, num_classes=4)
+    save_file(backbone.state_dict(), tmp_path / "backbone.safetensors")
+    cfg = config_from_dict(tiny_config(out, retrain={"init": "inherit"},
+                                       model={**TINY["model"], "checkpoint": str(tmp_path / "backbone.safetensors")}))
+    assert run_train(cfg, info, "t.yaml") == "done" and run_search(cfg, info, "t.yaml") == "done"
+    assert run_retrain(cfg, info, "t.yaml") == "done"
+    m = json.loads((out / "retrain" / "metrics.json").read_text())
+    assert m["epochs"] == 0 and m["init"] == "inherit" and m["exported"] == "merged.safetensors"
+    assert not (out / "retrain" / "checkpoints" / "last.pt").exists()
+    _, test_ds, n = build_splits(cfg.data, "final", *probe_input(cfg))
+    supernet = load_supernet(cfg, n, info, "t.yaml", same_training=False)
+    set_subnet(supernet, load_subnet(out / "search" / "result.yaml"))
+    loader = torch.utils.data.DataLoader(test_ds, batch_size=32)
+    assert evaluate(supernet, loader, info)["top1"] == pytest.approx(m["test_top1"])
+    base = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=2, num_classes=n)
+    merged = load_merged(base, out / "retrain" / "merged.safetensors").eval()
+    x = next(iter(loader))[0]
+    torch.testing.assert_close(merged(x), supernet.eval()(x), atol=1e-4, rtol=0)
+    path = write_config(tmp_path / "c.yaml", tmp_path / "other", retrain={"init": "inherit"})
+    for override, key in (("retrain.preset=lora", "retrain.init"), ("retrain.lora.lora_alpha=8", "retrain.lora.lora_alpha")):
+        with pytest.raises(ConfigError) as err:
+            load_config(path, [override])
+        assert len(err.value.problems) == 1 and err.value.problems[0].startswith(key + ":"), err.value.problems

@@ -50,10 +50,11 @@ def prepare_retrain_model(cfg: RunConfig, num_classes: int, info: dist.DistInfo,
         raise ConfigError(source, [f"retrain.subnet: {subnet_path} not found; run search.py first, or set retrain.subnet or retrain.preset{hint}"])
     sn = cfg.supernet
     sn.check_file(subnet_path)  # a broken file stops here, before the supernet is loaded
-    if r.init == "supernet":
+    if r.init in ("supernet", "inherit"):
         model = load_supernet(cfg, num_classes, info, source, same_training=False, path=r.supernet).train()
-        # retrain.lora, whatever scale the supernet was trained with (its file's): a new training from its slices
-        sn.set_lora_scaling(model, r.lora.scaling())
+        if r.init == "supernet":
+            # retrain.lora, whatever scale the supernet was trained with (its file's): a new training from its slices
+            sn.set_lora_scaling(model, r.lora.scaling())
     else:
         model = build_model(cfg.model, num_classes)
         sn.apply(model, **layer_options(r.lora))
@@ -109,7 +110,8 @@ def run_retrain(cfg: RunConfig, info: dist.DistInfo, source: str, overwrite: boo
                   f"{len(train_ds)} train / {len(test_ds)} test images, {trainer.total_steps} steps")
     trainer.install_signal_handlers()
     t0 = time.time()
-    status = trainer.fit()
+    # inherit: the authors' protocol, the searched sub-network with the supernet's weights, not trained further
+    status = "done" if r.init == "inherit" else trainer.fit()
     if status != "done":
         tracker.close()
         return status
@@ -130,7 +132,8 @@ def run_retrain(cfg: RunConfig, info: dist.DistInfo, source: str, overwrite: boo
             "method": method_of(cfg).name,
             "subnet": origin,
             "subnet_from_search": r.preset is None and not r.subnet,  # this output_dir's search/result.yaml
-            "epochs": r.epochs,
+            "epochs": 0 if r.init == "inherit" else r.epochs,
+            "init": "scratch" if r.preset is not None else r.init,
             "wall_time_s": round(time.time() - t0, 1),
         }
         atomic_write_text(rdir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
