@@ -309,10 +309,11 @@ def test_the_importance_state_resumes_mid_pruning():
 
 
 def test_a_run_too_short_for_the_schedule_fails_in_one_line(tmp_path):
+    from engine.trainer import TrainError
+
     _, model, s = _adapted(size=4, target_r=2, tinit=10, tfinal=6)
-    trainer = _trainer(tmp_path, model, [AdaLoraHooks(model, s)])  # 16 steps: 10 + 6 leave none
-    with pytest.raises(methods.MethodError) as err:
-        trainer.fit()
+    with pytest.raises(TrainError) as err:  # refused when the trainer is built, before any step
+        _trainer(tmp_path, model, [AdaLoraHooks(model, s)])  # 16 steps: 10 + 6 leave none
     msg = str(err.value)
     assert "\n" not in msg and "tinit (10)" in msg and "tfinal (6)" in msg and "16 training steps" in msg
 
