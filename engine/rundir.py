@@ -53,7 +53,14 @@ _EXTENDABLE = {("search", "generations")}
 
 def _as_before(cfg_dict: dict, section: str, key: str, value) -> bool:
     """``section.key`` is a key added later, at the value that reproduces how runs made before behaved."""
-    return (section, key) in _ADDED_KEYS and _ADDED_KEYS[section, key](cfg_dict) == value
+    if (section, key) not in _ADDED_KEYS:
+        return False
+    before = _ADDED_KEYS[section, key](cfg_dict)
+    if isinstance(before, dict) and isinstance(value, dict):
+        # a block that grew keys since (train.lora): a run written with fewer of them had the others at
+        # their defaults, so it is "as before" when every key it has, and every key it lacks, is
+        return set(value) <= set(before) and {**before, **value} == before
+    return before == value
 
 
 def relevant_config(cfg_dict: dict, stage: str, legacy: bool = False) -> dict:

@@ -377,3 +377,20 @@ def test_every_sampled_subnet_starts_at_base_with_inits_dora_and_vector_params(i
     small = extract_subnet(copy.deepcopy(model), config).eval()
     torch.testing.assert_close(small(x), want, atol=1e-6, rtol=0)
     torch.testing.assert_close(merge_glora(small)(x), want, atol=1e-5, rtol=0)
+
+
+def test_a_run_written_before_the_new_lora_keys_is_the_same_configuration(tmp_path):
+    """A config.yaml from when the lora block had two keys (lora_alpha, use_rslora) describes the run
+    the defaults make now: the output-dir guard accepts it and the fingerprint is unchanged; a run
+    with an option set is another configuration."""
+    from engine.rundir import config_differences, relevant_config
+
+    cfg = config_from_dict(tiny_config(tmp_path / "run"))
+    old = cfg.to_dict()
+    for section in ("train", "retrain"):
+        old[section]["lora"] = {"lora_alpha": None, "use_rslora": False}
+    for stage in ("train", "retrain"):
+        assert not config_differences(relevant_config(old, stage), relevant_config(cfg.to_dict(), stage))
+        assert relevant_config(old, stage) == relevant_config(cfg.to_dict(), stage)
+    other = config_from_dict(tiny_config(tmp_path / "run", train={"lora": {"lora_pro": True}}))
+    assert config_differences(relevant_config(old, "train"), relevant_config(other.to_dict(), "train"))
