@@ -20,7 +20,8 @@ from safetensors.torch import save_file
 
 from .atomic import atomic_write, atomic_write_text
 from .conv import GLoraConv2d, conv_problem
-from .layer import LORA_INITS, GLoraLayer, GLoraLinear, check_lora_scaling
+from .layer import GLoraLayer, GLoraLinear, check_lora_scaling
+from .layer_options import LORA_INITS
 from .plans import OFFSETS, LoraScaling
 from .model import classifier_names, get_subnet, glora_layer, glora_layers, mark_trainable, set_submodule, set_subnet
 from .space import TENSORS, SpaceError, parse_choice
