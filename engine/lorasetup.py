@@ -13,7 +13,6 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from methods.hooks import TrainingHooks
 from methods.lorafamily.training import lora_training_hooks
-from supernet import glora_layers
 
 from . import distributed as dist
 from .loraconfig import LoraOptions
@@ -26,17 +25,12 @@ def layer_options(lora: LoraOptions) -> dict[str, Any]:
 
 
 def prepare_offsets(model: nn.Module, lora: LoraOptions) -> None:
-    """The frozen initial factors PiSSA or LoRA-GA will set (holding the current factors until then),
-    on the tensors they will set: before a checkpoint is resumed, which holds their values, so that a
-    resumed run computes in offset form without redoing the initialisation."""
-    if lora.init_lora_weights == "default":
-        return
-    tensors = ("B",) if lora.init_lora_weights == "pissa" else ("A", "B")
-    for _, layer in glora_layers(model):
-        for t in tensors:
-            down, up = layer._parameters.get(f"glora_{t}d"), layer._parameters.get(f"glora_{t}u")
-            if up is not None:
-                layer.set_lora_offsets(t, lora.init_lora_weights, down.detach(), up.detach())
+    """The frozen initial factors PiSSA or LoRA-GA will set, before a checkpoint is resumed (which
+    holds their values): :func:`methods.lorafamily.apply.prepare_offsets`."""
+    if lora.init_lora_weights != "default":
+        from methods.lorafamily import apply as lora_init
+
+        lora_init.prepare_offsets(model, lora.init_lora_weights)
 
 
 def lora_hooks(model: nn.Module, lora: LoraOptions) -> list[TrainingHooks]:

@@ -104,7 +104,7 @@ def run_retrain(cfg: RunConfig, info: dist.DistInfo, source: str, overwrite: boo
         started = initialize_factors(model, r.lora, train_ds, r.batch_size, r.seed, info)
         if started:
             tracker.print(started)
-    n_adapter = method_of(cfg).count(model)
+    n_adapter = method.count(model)
     n_head = head_params(model)
     tracker.print(f"retrain ({origin}): {n_adapter:,} adapter + {n_head:,} head parameters, "
                   f"{len(train_ds)} train / {len(test_ds)} test images, {trainer.total_steps} steps")
@@ -129,7 +129,7 @@ def run_retrain(cfg: RunConfig, info: dist.DistInfo, source: str, overwrite: boo
             "head_params": n_head,
             "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
             **exported,
-            "method": method_of(cfg).name,
+            "method": method.name,
             "subnet": origin,
             "subnet_from_search": r.preset is None and not r.subnet,  # this output_dir's search/result.yaml
             "epochs": 0 if r.init == "inherit" else r.epochs,

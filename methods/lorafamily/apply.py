@@ -48,6 +48,21 @@ class InitReport:
         return f"{_NAMES[self.kind]} init (offset form): {done}{keep}"
 
 
+# The tensors each init starts (the others keep LoRA's own init): PiSSA needs W0 as the tensor's
+# base, which only B has; LoRA-GA needs the tensor's full gradient, which A and B have.
+INIT_TENSORS = {"pissa": ("B",), "lora_ga": ("A", "B")}
+
+
+def prepare_offsets(model: nn.Module, kind: str) -> None:
+    """Frozen initial factors on every tensor ``kind`` would start, holding the current factors until
+    :func:`init_pissa` / :func:`init_lora_ga` or a checkpoint sets them: a resumed run then computes
+    in offset form without redoing the initialisation."""
+    for _, layer in glora_layers(model):
+        for t in INIT_TENSORS[kind]:
+            if _largest_lora(layer, t) is not None:
+                layer.set_lora_offsets(t, kind, getattr(layer, f"glora_{t}d").detach(), getattr(layer, f"glora_{t}u").detach())
+
+
 def _largest_lora(layer: GLoraLayer, tensor: str) -> Choice | None:
     """The largest low-rank choice of ``tensor`` on ``layer`` (the shared factors' rank), or None."""
     lora = [c for c in layer.choices[tensor] if c.kind == "lora"]
@@ -89,7 +104,7 @@ def init_pissa(model: nn.Module, *, niter: int | None = None) -> InitReport:
             raise ValueError(f"{name}: PiSSA on B: {err}") from None
         layer.set_lora_init("B", "pissa", down, up)
         done[name] = ("B",)
-    return InitReport("pissa", done, _low_rank_among(model, ("A", "C")))
+    return InitReport("pissa", done, _low_rank_among(model, tuple(t for t in "ABC" if t not in INIT_TENSORS["pissa"])))
 
 
 @torch.no_grad()
@@ -204,7 +219,7 @@ def init_lora_ga(
         lora_ga_direction(None, "B", direction)  # checks the name
     done = {}
     for name, layer in glora_layers(model):
-        tensors = [t for t in ("A", "B") if _largest_lora(layer, t) is not None]
+        tensors = [t for t in INIT_TENSORS["lora_ga"] if _largest_lora(layer, t) is not None]
         if not tensors:
             continue
         G = grads.get(name)
@@ -223,4 +238,4 @@ def init_lora_ga(
                 raise ValueError(f"{name}: LoRA-GA on {t}: {err}") from None
             layer.set_lora_init(t, "lora_ga", down, up)
         done[name] = tuple(tensors)
-    return InitReport("lora_ga", done, _low_rank_among(model, ("C",)))
+    return InitReport("lora_ga", done, _low_rank_among(model, tuple(t for t in "ABC" if t not in INIT_TENSORS["lora_ga"])))
