@@ -87,7 +87,9 @@ def cnn_track(img_size: int = CNN_IMG_SIZE) -> Track:
     from .cnn_tasks import GROUPS, NUM_CLASSES
 
     return Track(name="cnn", model_name="tf_efficientnet_lite0", model_kwargs={}, checkpoint=_cnn_checkpoint,
-                 groups=GROUPS, num_classes=NUM_CLASSES, methods=common_methods(head_init_for_ga="timm"),
+                 groups=GROUPS, num_classes=NUM_CLASSES,
+                 # the rivals are listed so that `refusal` states, from their own code, why each cannot run here
+                 methods={**common_methods(head_init_for_ga="timm"), **VIT_ONLY},
                  img_size=img_size, normalize="model", head_init="zero", targets="all", preset_space="large",
                  lr_grids={"full": [1e-4, 3e-4, 1e-3], "linear": [1e-2, 3e-2, 1e-1]},
                  default_grid=(1e-3, 3e-3, 1e-2), fewshot_dataset="mnist")

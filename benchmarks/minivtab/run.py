@@ -390,12 +390,12 @@ class Runner:
             self.run_cell(phase, cell)
 
 
-def run_workers(argv: list[str], workers: int, claims: Path, phase: str) -> None:
-    """Launch ``workers`` copies of this module for one phase and wait; any failure fails the run."""
+def run_workers(argv: list[str], workers: int, claims: Path, phase: str, module: str = "benchmarks.minivtab") -> None:
+    """Launch ``workers`` copies of ``module`` for one phase and wait; any failure fails the run."""
     if claims.exists():
         shutil.rmtree(claims)  # claims of an interrupted run: its finished cells are skipped via results.json
     claims.mkdir(parents=True)
-    cmd = [sys.executable, "-m", "benchmarks.minivtab", *argv, "--phase", phase, "--claims", str(claims)]
+    cmd = [sys.executable, "-m", module, *argv, "--phase", phase, "--claims", str(claims)]
     procs = [subprocess.Popen(cmd, cwd=REPO) for _ in range(workers)]
     try:
         codes = [p.wait() for p in procs]
@@ -404,7 +404,7 @@ def run_workers(argv: list[str], workers: int, claims: Path, phase: str) -> None
             p.terminate()
         raise
     if any(codes):
-        raise SystemExit(f"minivtab: a {phase} worker failed (exit codes {codes}); rerun to resume")
+        raise SystemExit(f"{module}: a {phase} worker failed (exit codes {codes}); rerun to resume")
 
 
 def main(argv=None) -> int:
