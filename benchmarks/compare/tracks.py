@@ -69,7 +69,7 @@ def common_methods(head_init_for_ga: str | None = None) -> dict[str, dict]:
         "glora_large": {"space": "large", "budget": "lora8"},
         # retrained from the supernet as above, with the LoRA-family option (or none) whose GLoRA-large
         # pipeline scores best on val200; never chosen on test
-        "glora_large_bestopt": {"space": "large", "budget": "lora8",
+        "glora_large_bestopt": {"space": "large", "budget": "lora8", "base": "glora_large",
                                 "select_lora": [o for o in LORA_OPTIONS if o not in ("lora", "lora_ga")]},
         # The authors' protocol: the searched sub-network with the supernet's weights, not retrained.
         # It needs a retrain.py mode that exports the inherited weights, which is not built yet.

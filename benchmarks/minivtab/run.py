@@ -217,7 +217,7 @@ class Runner:
 
         name, opt = method.split("@", 1)
         spec = {k: v for k, v in self.methods[name].items() if k != "select_lora"}
-        return {**spec, "lora": dict(OPTIONS[opt])}
+        return {**spec, "lora": dict(OPTIONS[opt]) if opt != "none" else {}}
 
     def candidates(self, method: str) -> list[str]:
         """The method names whose validation scores decide a ``select_lora`` method's option."""
