@@ -159,7 +159,7 @@ class Runner:
         from engine.recipes.search import run_search
         from engine.recipes.train import run_train
 
-        spec = self.methods[method]
+        spec = self.spec(method)
         d = self.base(out, data, spec["space"], spec.get("model"))
         d["train"] = {**self._sched(epochs, lr, 0), "eval_every": epochs, "reference_subnets": 0}
         lora = spec_lora(spec)["train"]
@@ -182,7 +182,7 @@ class Runner:
         from engine.config import config_from_dict
         from engine.recipes.retrain import run_retrain
 
-        spec = self.methods[method]
+        spec = self.spec(method)
         metrics_path = out / "retrain" / "metrics.json"
         t0, c0 = time.time(), time.process_time()
         if not metrics_path.is_file():
@@ -221,7 +221,7 @@ class Runner:
 
     def candidates(self, method: str) -> list[str]:
         """The method names whose validation scores decide a ``select_lora`` method's option."""
-        spec = self.methods[method]
+        spec = self.spec(method)
         return [spec.get("base", f"{method}@none") if o == "none" else f"{method}@{o}" for o in ["none", *spec["select_lora"]]]
 
     def choose_lr(self, task: str, method: str, sup_dir: Path | None) -> float:
