@@ -162,9 +162,11 @@ class Runner:
         spec = self.spec(method)
         d = self.base(out, data, spec["space"], spec.get("model"))
         d["train"] = {**self._sched(epochs, lr, 0), "eval_every": epochs, "reference_subnets": 0}
-        lora = spec_lora(spec)["train"]
-        if lora:
-            d["train"]["lora"] = lora
+        lora = spec_lora(spec)
+        if lora["train"]:
+            # the retrain section must agree with the supernet's options (e.g. DoRA's magnitudes)
+            # even for train.py and search.py: the config check reads the whole file
+            d["train"]["lora"], d["retrain"] = lora["train"], {"lora": lora["retrain"]}
         d["search"] = {**self.m["search"], "max_params": self.budgets[spec["budget"]], "seed": 0}
         t0, c0 = time.time(), time.process_time()
         if not (out / "supernet.safetensors").is_file():
