@@ -230,14 +230,14 @@ def test_driver_smoke_on_both_tracks(tmp_path, cnn_data):
         data = json.loads(path.read_text())
         done = {k for k, v in data["runs"].items() if "test_top1" in v}
         want = {f"vtab/{tasks[0]}/{m}/0" for m in methods if "placeholder" not in track.methods[m]}
-        want |= {f"fewshot/{track.fewshot_dataset}/{m}/2/0" for m in fs}
+        want |= {f"fewshot/{track.fewshot_dataset}/{m}/16/0" for m in fs}
         assert done == want
         assert set(data["cost"]) == {f"vtab/{tasks[0]}/{m}" for m in methods if "placeholder" not in track.methods[m]}
         assert all(c["cpu_s"] > 0 for c in data["cost"].values())
         if track is vit:
             assert data["option_selection"]["digits/glora_large_bestopt"]["chosen"] in ("glora_large", "glora_large_bestopt@dora")
             assert 0 < data["runs"]["vtab/digits/glora_large_bestopt/0"]["adapter_params"] <= runner.budgets["lora8"]
-            assert set(data["runs"]["fewshot/digits/lora4/2/0"]["dg"]) == set(vit.dg_domains)
+            assert set(data["runs"]["fewshot/digits/lora4/16/0"]["dg"]) == set(vit.dg_domains)
         else:
             assert data["runs"]["vtab/mnist/lora4/0"]["adapter_params"] == runner.budgets["lora4"] == 128364
         again = R.Runner("smoke", ck, root, R.Results(path), log=lambda *_: None, runs_root=tmp_path / "runs", track=track,

@@ -53,7 +53,7 @@ MODES = {
 # the tests' end-to-end mode (tests/test_compare.py): every code path, minimal work, any track
 SMOKE = {"tasks": None, "methods": None, "seeds": [0], "epochs": 1, "lr_grid_size": 1, "lr_extend": 1,
          "search": {"population": 4, "top_k": 2, "mutation_count": 2, "crossover_count": 2, "generations": 1},
-         "fewshot": {"methods": ["lora4"], "shots": [2], "seeds": [0], "epochs": 1}, "dg": True}
+         "fewshot": {"methods": ["lora4"], "shots": [16], "seeds": [0], "epochs": 1}, "dg": True}
 
 
 def modes_for(track: str) -> dict:
