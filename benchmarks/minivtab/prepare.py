@@ -191,27 +191,37 @@ def write_fewshot(root: Path, digits: tuple[np.ndarray, np.ndarray], seed: int =
                   shots=SHOTS, seeds=FEWSHOT_SEEDS, domains=DG_DOMAINS) -> list[Path]:
     """``digits`` (source rendering) plus one dataset per shifted domain, with identical lists."""
     d_img, d_lab = digits
-    part = digits_partition(len(d_img), seed=seed)
+    return write_fewshot_images(root, "digits", [render_digit(im) for im in d_img], d_lab,
+                                digits_partition(len(d_img), seed=seed), seed, shots, seeds, domains)
+
+
+def write_fewshot_images(root: Path, name: str, images: list[np.ndarray], labels: np.ndarray, part: dict[str, np.ndarray],
+                         seed: int = 0, shots=SHOTS, seeds=FEWSHOT_SEEDS, domains=DG_DOMAINS) -> list[Path]:
+    """Dataset ``name`` (uint8 ``images``, int ``labels``) in the few-shot list layout: k shots per
+    class drawn from ``part["train800"]`` for each (k, seed), val from ``part["val200"]``, test from
+    ``part["test"]``; plus ``<name>_<domain>`` per shifted domain with identical lists."""
+    labels = np.asarray(labels)
     train_pool = part["train800"]
     lists = {"val_meta.list": part["val200"], "test_meta.list": part["test"]}
     for k in shots:
         for s in seeds:
             rng = np.random.default_rng([seed, k, s, 7])
             chosen = []
-            for c in sorted(set(int(v) for v in d_lab[train_pool])):
-                cand = train_pool[d_lab[train_pool] == c]
+            for c in sorted(set(int(v) for v in labels[train_pool])):
+                cand = train_pool[labels[train_pool] == c]
                 chosen += rng.choice(cand, min(k, len(cand)), replace=False).tolist()
             lists[f"train_meta.list.num_shot_{k}.seed_{s}"] = np.array(sorted(chosen))
-    base = [render_digit(im) for im in d_img]
+    used = sorted({int(i) for idx in lists.values() for i in idx})  # only the images some list names
     written = []
-    for name in ("digits",) + tuple(f"digits_{d}" for d in domains):
-        ddir = Path(root) / name
-        domain = name.split("_", 1)[1] if "_" in name else None
-        for i, im in enumerate(base):
+    for dname in (name,) + tuple(f"{name}_{d}" for d in domains):
+        ddir = Path(root) / dname
+        domain = dname[len(name) + 1:] if dname != name else None
+        for i in used:
+            im = images[i]
             _save_png(shift_domain(im, domain) if domain else im, ddir / "images" / f"{i:06d}.png")
         (ddir / "annotations").mkdir(parents=True, exist_ok=True)
         for fname, idx in lists.items():
-            (ddir / "annotations" / fname).write_text("".join(f"{int(i):06d}.png {int(d_lab[i])}\n" for i in idx))
+            (ddir / "annotations" / fname).write_text("".join(f"{int(i):06d}.png {int(labels[i])}\n" for i in idx))
         written.append(ddir)
     return written
 

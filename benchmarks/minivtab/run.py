@@ -26,9 +26,10 @@ import sys
 import time
 from pathlib import Path
 
+from .track import Track, spec_lora, vit_track
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
-SPACES = REPO / "configs" / "space"
 METHODS = {
     "linear": {"preset": "linear"}, "bitfit": {"preset": "bitfit"}, "ssf": {"preset": "ssf"},
     "lora4": {"preset": "lora", "rank": 4}, "lora8": {"preset": "lora", "rank": 8}, "full": {"preset": "full"},
@@ -36,9 +37,9 @@ METHODS = {
     "glora_middle": {"space": "middle", "budget": "lora4"},
     "glora_large": {"space": "large", "budget": "lora8"},
 }
-LR_GRID = {"full": [1e-4, 3e-4, 1e-3]}
-# The first full run picked the top of {1e-3, 3e-3, 1e-2} in every cell, so the base grid moved up.
-DEFAULT_GRID = [3e-3, 1e-2, 3e-2]
+# The first full run picked the top of {1e-3, 3e-3, 1e-2} in every cell, so the base grid moved up
+# (the track's default_grid; full fine-tuning keeps its own, track.lr_grids).
+VIT = vit_track(METHODS, name="minivtab")
 
 MODES = {
     "quick": {"tasks": ["digits", "orientation"], "methods": ["linear", "lora4", "glora_middle"], "seeds": [0],
@@ -61,9 +62,8 @@ MODES = {
 PROTOCOL = 2
 
 
-def grid_for(method: str, size: int) -> list[float]:
-    g = LR_GRID.get(method, DEFAULT_GRID)
-    return g if size >= len(g) else g[1:1 + size] if size == 1 else [g[0], g[-1]] if size == 2 else g
+def grid_for(method: str, size: int, track: Track = VIT) -> list[float]:
+    return track.grid(method, size)
 
 
 class Results:
@@ -112,36 +112,41 @@ class Results:
             self._write()
 
 
-def lora_budget(ckpt: str, rank: int, num_classes: int = 10) -> int:
-    import timm
-
-    import methods
-    from supernet import SearchSpace
-
-    from . import MODEL_KWARGS, MODEL_NAME
-
-    m = timm.create_model(MODEL_NAME, num_classes=num_classes, **MODEL_KWARGS)
-    lora = methods.get("lora")
-    lora.apply(m, lora.settings(size=rank), SearchSpace(targets="all-linear", exclude=["head"]))
-    return lora.count(m)
-
-
 class Runner:
-    def __init__(self, mode: str, ckpt: Path, data_root: Path, results: Results, log=print, runs_root: Path | None = None):
-        self.mode, self.m = mode, MODES[mode]
+    """Runs one track's cells in one mode. ``modes`` maps a mode name to its settings (this module's
+    MODES for the replica; benchmarks/compare has its own); a mode's ``methods`` None means every
+    method of the track."""
+
+    track: Track = VIT  # class defaults: a bare Runner (the bookkeeping tests) is the replica's
+
+    @property
+    def methods(self) -> dict[str, dict]:
+        return self.track.methods
+
+    def __init__(self, mode: str, ckpt: Path, data_root: Path, results: Results, log=print, runs_root: Path | None = None,
+                 track: Track = VIT, modes: dict | None = None):
+        self.track, self.modes = track, modes or MODES
+        self.mode, self.m = mode, self.modes[mode]
         self.ckpt, self.root, self.results, self.log = str(ckpt), data_root, results, log
         # run folders are keyed by everything that changes a run's result, so a changed protocol
-        # never silently reuses an older run's metrics.json
-        key = json.dumps([MODES[mode], {m: grid_for(m, self.m["lr_grid_size"]) for m in METHODS}, PROTOCOL, str(ckpt)], sort_keys=True)
+        # never silently reuses an older run's metrics.json (the replica's key is unchanged, so its
+        # cached runs stay valid; any other track adds its name and settings)
+        parts = [self.m, {m: self.grid(m) for m in self.methods}, PROTOCOL, str(ckpt)]
+        if track is not VIT:
+            parts.append(repr(track))
+        key = json.dumps(parts, sort_keys=True, default=str)
         self.runs = (runs_root or HERE / "cache" / "runs") / f"{mode}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
-        self.budgets = {f"lora{r}": lora_budget(self.ckpt, r) for r in (2, 4, 8)}
+        self.budgets = {f"lora{r}": track.lora_count(r) for r in (2, 4, 8)}
 
-    def base(self, out: Path, data: dict, space: str = "large") -> dict:
-        from . import MODEL_KWARGS, MODEL_NAME
+    def grid(self, method: str, size: int | None = None) -> list[float]:
+        return self.track.grid(method, self.m["lr_grid_size"] if size is None else size)
 
-        return {"output_dir": str(out),
-                "model": {"name": MODEL_NAME, "checkpoint": self.ckpt, "kwargs": dict(MODEL_KWARGS), "drop_path_rate": 0.0},
-                "data": data, "space": str(SPACES / f"{space}.yaml")}
+    def method_names(self) -> list[str]:
+        return list(self.m["methods"] or self.methods)
+
+    def base(self, out: Path, data: dict, space: str = "large", model: dict | None = None) -> dict:
+        return {"output_dir": str(out), "model": self.track.model_config(self.ckpt, model),
+                "data": self.track.data_config(data), "space": self.track.space(space)}
 
     def _sched(self, epochs, lr, seed, warmup=1):
         return {"epochs": epochs, "batch_size": 64, "lr": lr, "weight_decay": 1e-4, "warmup_epochs": warmup,
@@ -154,17 +159,24 @@ class Runner:
         from engine.recipes.search import run_search
         from engine.recipes.train import run_train
 
-        spec = METHODS[method]
-        d = self.base(out, data, spec["space"])
+        spec = self.spec(method)
+        d = self.base(out, data, spec["space"], spec.get("model"))
         d["train"] = {**self._sched(epochs, lr, 0), "eval_every": epochs, "reference_subnets": 0}
+        lora = spec_lora(spec)
+        if lora["train"]:
+            # the retrain section must agree with the supernet's options (e.g. DoRA's magnitudes)
+            # even for train.py and search.py: the config check reads the whole file
+            d["train"]["lora"], d["retrain"] = lora["train"], {"lora": lora["retrain"]}
         d["search"] = {**self.m["search"], "max_params": self.budgets[spec["budget"]], "seed": 0}
-        t0 = time.time()
+        t0, c0 = time.time(), time.process_time()
         if not (out / "supernet.safetensors").is_file():
             run_train(config_from_dict(d), dist.DistInfo(), "minivtab")
-        t1 = time.time()
+        t1, c1 = time.time(), time.process_time()
         if not (out / "search" / "result.yaml").is_file():
             run_search(config_from_dict(d), dist.DistInfo(), "minivtab")
-        return {"supernet_s": round(t1 - t0, 1), "search_s": round(time.time() - t1, 1)}
+        # CPU seconds of this process (1 thread per worker): what the stage cost, whatever else the machine ran
+        return {"supernet_s": round(t1 - t0, 1), "search_s": round(time.time() - t1, 1),
+                "supernet_cpu_s": round(c1 - c0, 1), "search_cpu_s": round(time.process_time() - c1, 1)}
 
     def retrain(self, method: str, out: Path, data: dict, epochs: int, lr: float, seed: int,
                 supernet_dir: Path | None = None, warmup: float = 1) -> dict:
@@ -172,14 +184,19 @@ class Runner:
         from engine.config import config_from_dict
         from engine.recipes.retrain import run_retrain
 
-        spec = METHODS[method]
+        spec = self.spec(method)
         metrics_path = out / "retrain" / "metrics.json"
-        t0 = time.time()
+        t0, c0 = time.time(), time.process_time()
         if not metrics_path.is_file():
-            d = self.base(out, data, spec.get("space", "large"))
+            d = self.base(out, data, spec.get("space", self.track.preset_space), spec.get("model"))
             r = self._sched(epochs, lr, seed, warmup)
+            lora = spec_lora(spec)["retrain"]
+            if lora:
+                r["lora"] = lora
             if "preset" in spec:
                 r.update(preset=spec["preset"], rank=spec.get("rank", 8))
+                if spec.get("method_args"):
+                    r["method_args"] = dict(spec["method_args"])
             else:
                 out.mkdir(parents=True, exist_ok=True)
                 for f in ("supernet.safetensors", "supernet.yaml"):
@@ -189,26 +206,43 @@ class Runner:
             run_retrain(config_from_dict(d), dist.DistInfo(), "minivtab")
         m = json.loads(metrics_path.read_text())
         return {"test_top1": m["test_top1"], "adapter_params": m["adapter_params"], "head_params": m["head_params"],
-                "trainable_params": m["trainable_params"], "wall_s": round(time.time() - t0, 1), "lr": lr, "seed": seed}
+                "trainable_params": m["trainable_params"], "wall_s": round(time.time() - t0, 1),
+                "cpu_s": round(time.process_time() - c0, 1), "lr": lr, "seed": seed}
 
     # ------------------------------------------------------------------ protocol
+    def spec(self, method: str) -> dict:
+        """A method's spec; ``<name>@<option>`` is GLoRA ``<name>`` with one LoRA-family option, a
+        candidate of its ``select_lora`` (``@none``: the spec's ``base`` method, reusing its runs)."""
+        if "@" not in method:
+            return self.methods[method]
+        from bench.lorafamily import OPTIONS
+
+        name, opt = method.split("@", 1)
+        spec = {k: v for k, v in self.methods[name].items() if k != "select_lora"}
+        return {**spec, "lora": dict(OPTIONS[opt]) if opt != "none" else {}}
+
+    def candidates(self, method: str) -> list[str]:
+        """The method names whose validation scores decide a ``select_lora`` method's option."""
+        spec = self.spec(method)
+        return [spec.get("base", f"{method}@none") if o == "none" else f"{method}@{o}" for o in ["none", *spec["select_lora"]]]
+
     def choose_lr(self, task: str, method: str, sup_dir: Path | None) -> float:
         key = f"{task}/{method}"
         done = self.results.get("lr_selection", key)
         if done:
             return done["chosen"]
         epochs = self.m["epochs"]
-        scores, walls = {}, {}
+        scores, walls, cpus = {}, {}, {}
 
         def score(lr: float) -> None:
             if f"{lr:g}" in scores:
                 return
             res = self.retrain(method, self.runs / "vtab" / task / method / f"lrsel_{lr:g}",
                                {"kind": "vtab1k", "root": str(self.root / "vtab"), "task": f"{task}_lrsel"}, epochs, lr, 0, sup_dir)
-            scores[f"{lr:g}"], walls[f"{lr:g}"] = res["test_top1"], res["wall_s"]
+            scores[f"{lr:g}"], walls[f"{lr:g}"], cpus[f"{lr:g}"] = res["test_top1"], res["wall_s"], res.get("cpu_s", 0.0)
             self.log(f"[lr] {task:12s} {method:13s} lr {lr:g}: val200 {res['test_top1']:.2f}% ({res['wall_s']}s)")
 
-        grid = grid_for(method, self.m["lr_grid_size"])
+        grid = self.grid(method.split("@")[0])
         for lr in grid:
             score(lr)
         best = lambda: float(max(scores, key=lambda k: (scores[k], -float(k))))  # noqa: E731 - ties go to the smaller lr
@@ -220,44 +254,81 @@ class Runner:
                 score(float(f"{lrs[0] / 3:.2g}"))
             else:
                 break
-        self.results.put("lr_selection", key, {"val_top1": scores, "wall_s": walls, "chosen": best()})
+        self.results.put("lr_selection", key, {"val_top1": scores, "wall_s": walls, "cpu_s": cpus, "chosen": best()})
         return best()
+
+    def prepared_method(self, task: str, method: str) -> tuple[str, float, Path | None, dict]:
+        """(the method name to retrain, its lr, its supernet folder, the supernet's costs) on
+        ``task``: trains and searches a GLoRA supernet and selects the lr on val200 where not done;
+        for a ``select_lora`` method, does so for every candidate and keeps the best on val200."""
+        if self.methods.get(method, {}).get("select_lora"):
+            sel_key = f"{task}/{method}"
+            done = self.results.get("option_selection", sel_key)
+            if not done:
+                val = {}
+                for cand in self.candidates(method):
+                    self.prepared_method(task, cand)
+                    val[cand] = max(self.results.get("lr_selection", f"{task}/{cand}")["val_top1"].values())
+                # ties go to the earlier candidate (plain GLoRA first): an option must earn its place
+                done = {"val_top1": val, "chosen": max(val, key=lambda c: (val[c], -list(val).index(c)))}
+                self.results.put("option_selection", sel_key, done)
+                self.log(f"[option] {task:12s} {method}: {done['chosen']} ({val})")
+            return self.prepared_method(task, done["chosen"])
+        sup_dir, sup_cost = None, {}
+        if "space" in self.spec(method):
+            sup_dir = self.runs / "vtab" / task / method / "supernet"
+            key = f"vtab/{task}/{method}/supernet"
+            data = {"kind": "vtab1k", "root": str(self.root / "vtab"), "task": task}
+            sup_cost = self.results.get("runs", key) or self.supernet(method, sup_dir, data, self.m["epochs"], self.grid(method.split("@")[0], 3)[1])
+            self.results.put("runs", key, sup_cost)
+        return method, self.choose_lr(task, method, sup_dir), sup_dir, sup_cost
+
+    def pipeline_cost(self, task: str, method: str) -> dict:
+        """CPU seconds of a (task, method) cell's whole pipeline: every candidate's supernet, search
+        and lr-selection runs, and the seeds' final runs."""
+        names = self.candidates(method) if self.methods.get(method, {}).get("select_lora") else [method]
+        runs = self.results.data.get("runs", {})
+        sup = sum(runs.get(f"vtab/{task}/{n}/supernet", {}).get(k, 0.0) for n in names for k in ("supernet_cpu_s", "search_cpu_s"))
+        lrsel = sum(sum((self.results.get("lr_selection", f"{task}/{n}") or {}).get("cpu_s", {}).values()) for n in names)
+        final = [runs[f"vtab/{task}/{method}/{s}"].get("cpu_s", 0.0) for s in self.m["seeds"] if f"vtab/{task}/{method}/{s}" in runs]
+        return {"supernet_search_cpu_s": round(sup, 1), "lrsel_cpu_s": round(lrsel, 1), "final_cpu_s": round(sum(final), 1),
+                "cpu_s": round(sup + lrsel + sum(final), 1), "seeds": len(final)}
 
     def vtab_cell(self, task: str, method: str) -> None:
         data = {"kind": "vtab1k", "root": str(self.root / "vtab"), "task": task}
-        sup_dir, sup_cost = None, {}
-        if "space" in METHODS[method]:
-            sup_dir = self.runs / "vtab" / task / method / "supernet"
-            key = f"vtab/{task}/{method}/supernet"
-            sup_cost = self.results.get("runs", key) or self.supernet(method, sup_dir, data, self.m["epochs"], grid_for(method, 3)[1])
-            self.results.put("runs", key, sup_cost)
-        lr = self.choose_lr(task, method, sup_dir)
+        name, lr, sup_dir, sup_cost = self.prepared_method(task, method)
         for seed in self.m["seeds"]:
             key = f"vtab/{task}/{method}/{seed}"
             if self.results.get("runs", key):
                 continue
-            res = self.retrain(method, self.runs / "vtab" / task / method / f"seed_{seed}", data, self.m["epochs"], lr, seed, sup_dir)
+            res = self.retrain(name, self.runs / "vtab" / task / name / f"seed_{seed}", data, self.m["epochs"], lr, seed, sup_dir)
             res.update(track="vtab", task=task, method=method, **sup_cost)
+            if name != method:
+                res["chosen"] = name
             self.results.put("runs", key, res)
             self.log(f"[vtab] {task:12s} {method:13s} seed {seed}: test {res['test_top1']:.2f}% "
                      f"{res['adapter_params']:,} adapter params ({res['wall_s']}s)")
+        self.results.put("cost", f"vtab/{task}/{method}", self.pipeline_cost(task, method))
 
     def fewshot_cell(self, method: str, shots: int, seed: int) -> None:
-        fs = self.m["fewshot"]
-        key = f"fewshot/digits/{method}/{shots}/{seed}"
+        fs, ds = self.m["fewshot"], self.track.fewshot_dataset
+        key = f"fewshot/{ds}/{method}/{shots}/{seed}"
         if self.results.get("runs", key):
             return
-        data = {"kind": "fewshot", "root": str(self.root / "fewshot"), "dataset": "digits", "shots": shots, "seed": seed}
-        lr = self.choose_lr("digits", method, self.runs / "vtab" / "digits" / method / "supernet" if "space" in METHODS[method] else None)
+        data = {"kind": "fewshot", "root": str(self.root / "fewshot"), "dataset": ds, "shots": shots, "seed": seed}
+        # the lr (and a select_lora method's option) chosen on the vtab task of the same images
+        name, lr, _, _ = self.prepared_method(ds, method)
         base = self.runs / "fewshot" / f"{method}" / f"shot{shots}_seed{seed}"
         sup_dir, sup_cost = None, {}
-        if "space" in METHODS[method]:
+        if "space" in self.spec(name):
             sup_dir = base / "supernet"
-            sup_cost = self.supernet(method, sup_dir, data, fs["epochs"], grid_for(method, 3)[1])
-        res = self.retrain(method, base / "final", data, fs["epochs"], lr, seed, sup_dir, warmup=5)
-        res.update(track="fewshot", task="digits", method=method, shots=shots, **sup_cost)
+            sup_cost = self.supernet(name, sup_dir, data, fs["epochs"], self.grid(name.split("@")[0], 3)[1])
+        res = self.retrain(name, base / "final", data, fs["epochs"], lr, seed, sup_dir, warmup=5)
+        res.update(track="fewshot", task=ds, method=method, shots=shots, **sup_cost)
+        if name != method:
+            res["chosen"] = name
         if self.m["dg"] and shots == 16:
-            res["dg"] = {dom: self.evaluate_merged(base / "final", f"digits_{dom}", shots, seed) for dom in ("inverted", "edges", "blurred")}
+            res["dg"] = {dom: self.evaluate_merged(base / "final", f"{ds}_{dom}", shots, seed) for dom in self.track.dg_domains}
         self.results.put("runs", key, res)
         self.log(f"[fewshot] {method:13s} {shots:2d}-shot seed {seed}: test {res['test_top1']:.2f}%"
                  + (f" DG {res['dg']}" if "dg" in res else ""))
@@ -283,18 +354,27 @@ class Runner:
     # ------------------------------------------------------------------ work list
     def cells(self, phase: str) -> list[tuple]:
         """The phase's cells, the costliest first so that parallel workers finish together.
-        Few-shot cells reuse the lr chosen on the vtab ``digits`` task, so they form a later phase."""
-        from .prepare import TASKS
+        Few-shot cells reuse the lr chosen on the vtab task of their dataset, so they form a later
+        phase. Placeholder methods are left out here, with a message, and never run."""
+        def cost(m: str) -> int:
+            spec = self.methods[m]
+            glora = 3 * (1 + len(spec.get("select_lora", []))) if "space" in spec else 0
+            return glora or {"full": 2}.get(m, 1)
 
-        cost = {"full": 2, "glora_small": 3, "glora_middle": 3, "glora_large": 3}
+        def runnable(ms: list[str]) -> list[str]:
+            for m in ms:
+                if "placeholder" in self.methods[m]:
+                    self.log(f"[skip] {m}: {self.methods[m]['placeholder']}")
+            return [m for m in ms if "placeholder" not in self.methods[m]]
+
         if phase == "vtab":
-            cells = [(t, m) for t in (self.m["tasks"] or TASKS) for m in self.m["methods"]]
-            return sorted(cells, key=lambda c: -cost.get(c[1], 1))
+            cells = [(t, m) for t in (self.m["tasks"] or self.track.tasks) for m in runnable(self.method_names())]
+            return sorted(cells, key=lambda c: -cost(c[1]))
         fs = self.m["fewshot"]
         if not fs:
             return []
-        cells = [(m, k, s) for m in fs["methods"] for k in fs["shots"] for s in fs["seeds"]]
-        return sorted(cells, key=lambda c: (-cost.get(c[0], 1), -c[1]))
+        cells = [(m, k, s) for m in runnable(list(fs["methods"])) for k in fs["shots"] for s in fs["seeds"]]
+        return sorted(cells, key=lambda c: (-cost(c[0]), -c[1]))
 
     def run_cell(self, phase: str, cell: tuple) -> None:
         (self.vtab_cell if phase == "vtab" else self.fewshot_cell)(*cell)
@@ -312,12 +392,12 @@ class Runner:
             self.run_cell(phase, cell)
 
 
-def run_workers(argv: list[str], workers: int, claims: Path, phase: str) -> None:
-    """Launch ``workers`` copies of this module for one phase and wait; any failure fails the run."""
+def run_workers(argv: list[str], workers: int, claims: Path, phase: str, module: str = "benchmarks.minivtab") -> None:
+    """Launch ``workers`` copies of ``module`` for one phase and wait; any failure fails the run."""
     if claims.exists():
         shutil.rmtree(claims)  # claims of an interrupted run: its finished cells are skipped via results.json
     claims.mkdir(parents=True)
-    cmd = [sys.executable, "-m", "benchmarks.minivtab", *argv, "--phase", phase, "--claims", str(claims)]
+    cmd = [sys.executable, "-m", module, *argv, "--phase", phase, "--claims", str(claims)]
     procs = [subprocess.Popen(cmd, cwd=REPO) for _ in range(workers)]
     try:
         codes = [p.wait() for p in procs]
@@ -326,7 +406,7 @@ def run_workers(argv: list[str], workers: int, claims: Path, phase: str) -> None
             p.terminate()
         raise
     if any(codes):
-        raise SystemExit(f"minivtab: a {phase} worker failed (exit codes {codes}); rerun to resume")
+        raise SystemExit(f"{module}: a {phase} worker failed (exit codes {codes}); rerun to resume")
 
 
 def main(argv=None) -> int:

