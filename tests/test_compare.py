@@ -117,7 +117,7 @@ def test_every_method_config_loads_on_its_track(tmp_path):
         r = Runner.__new__(Runner)
         r.track, r.ckpt = track, None
         for m, spec in track.methods.items():
-            if "placeholder" in spec or refusal(track, m) or "space" in spec:
+            if refusal(track, m) or "space" in spec:
                 continue
             d = r.base(tmp_path / m, {"kind": "demo"}, track.preset_space, spec.get("model"))
             d["retrain"] = {"preset": spec["preset"], "rank": spec.get("rank", 8), "lora": spec_lora(spec)["retrain"],
@@ -139,37 +139,59 @@ def _bare(tmp_path, track, mode_settings):
 
 def test_glora_option_is_chosen_on_validation_and_costs_are_summed(tmp_path):
     track = dataclasses.replace(compare_vit_track(), methods={
-        "glora_large": {"space": "large", "budget": "lora8"},
         "best": {"space": "large", "budget": "lora8", "base": "glora_large", "select_lora": ["dora", "loraplus"]},
-        "inh": {"space": "large", "budget": "lora8", "placeholder": "not built"}})
-    mode = {"tasks": ["digits"], "methods": None, "seeds": [0, 1], "epochs": 1, "lr_grid_size": 1, "lr_extend": 0, "fewshot": None}
+        "inh": {"space": "large", "budget": "lora8", "base": "glora_large", "inherit": True},
+        "glora_large": {"space": "large", "budget": "lora8"},
+        "long": {"space": "large", "budget": "lora8", "supernet_x": 3, "tasks": ["digits_noisy"]},
+        "lora4": {"preset": "lora", "rank": 4}})
+    mode = {"tasks": ["digits", "digits_noisy"], "methods": None, "seeds": [0, 1], "epochs": 2, "lr_grid_size": 3, "lr_extend": 0,
+            "fewshot": None}
     r = _bare(tmp_path, track, mode)
-    val = {"glora_large": 80.0, "best@dora": 85.0, "best@loraplus": 85.0}  # a tie goes to the earlier candidate
-    seen = []
+    # glora_large's grid peaks at 0.01; at that lr dora and loraplus tie above it (the earlier wins)
+    val = {("glora_large", 0.003): 70.0, ("glora_large", 0.01): 80.0, ("glora_large", 0.03): 75.0,
+           ("best@dora", 0.003): 99.0, ("best@dora", 0.01): 85.0, ("best@dora", 0.03): 84.0, ("best@loraplus", 0.01): 85.0}
+    seen, sup = [], []
 
     def fake_retrain(method, out, data, epochs, lr, seed, sup_dir=None, warmup=1):
-        seen.append((method, data["task"]))
+        seen.append((method, data["task"], lr))
         test = data["task"].endswith("_lrsel")
-        return {"test_top1": val[method] if test else 50.0, "adapter_params": 7, "wall_s": 1.0, "cpu_s": 2.0, "lr": lr, "seed": seed}
+        return {"test_top1": val.get((method, lr), 60.0) if test else 50.0, "adapter_params": 7, "wall_s": 1.0, "cpu_s": 2.0,
+                "lr": lr, "seed": seed}
 
-    r.retrain = fake_retrain
-    r.supernet = lambda *a, **k: {"supernet_cpu_s": 10.0, "search_cpu_s": 5.0}
-    logs = []
-    r.log = logs.append
+    def fake_supernet(method, out, data, epochs, lr, search=None):
+        sup.append((method, data["task"], epochs))
+        return {"supernet_cpu_s": 10.0, "search_cpu_s": 5.0}
+
+    r.retrain, r.supernet = fake_retrain, fake_supernet
     cells = r.cells("vtab")
-    assert ("digits", "inh") not in cells and any("[skip] inh: not built" in line for line in logs)
+    # the ablation runs on its task only; methods built on glora_large's runs come after every other cell
+    assert [c for c in cells if c[1] == "long"] == [("digits_noisy", "long")]
+    assert {m for _, m in cells[-4:]} == {"best", "inh"}
     for c in cells:
         r.run_cell("vtab", c)
     data = json.loads((tmp_path / "results.json").read_text())
-    assert data["option_selection"]["digits/best"]["chosen"] == "best@dora"
+    sel = data["option_selection"]["digits/best"]
+    assert sel == {"lr": 0.01, "val_top1": {"glora_large": 80.0, "best@dora": 85.0, "best@loraplus": 85.0}, "chosen": "best@dora"}
     assert data["runs"]["vtab/digits/best/0"]["chosen"] == "best@dora"
-    # the seeds of "best" trained the chosen candidate on the test view only after the selection
-    assert [m for m, t in seen if t == "digits" and m.startswith("best")] == ["best@dora", "best@dora"]
-    assert not any(t == "digits" and m == "best@loraplus" for m, t in seen)
-    # whole pipeline: 3 supernets (15 CPU s each), 3 lr runs, 2 seeds (2 CPU s each)
-    assert data["cost"]["vtab/digits/best"] == {"supernet_search_cpu_s": 45.0, "lrsel_cpu_s": 6.0, "final_cpu_s": 4.0,
-                                                "cpu_s": 55.0, "seeds": 2}
-    assert data["cost"]["vtab/digits/glora_large"]["cpu_s"] == 15.0 + 2.0 + 4.0
+    # the losing candidate ran once, at glora_large's lr; the chosen one then got its own grid (its
+    # 0.01 point reused) and took its best lr
+    assert [lr for m, t, lr in seen if m == "best@loraplus" and t == "digits_lrsel"] == [0.01]
+    assert sorted(lr for m, t, lr in seen if m == "best@dora" and t == "digits_lrsel") == [0.003, 0.01, 0.03]
+    assert data["lr_selection"]["digits/best@dora"]["chosen"] == 0.003
+    assert {lr for m, t, lr in seen if m == "best@dora" and t == "digits"} == {0.003}
+    # inherited: glora_large's supernet, one test, no lr selection of its own
+    assert [(m, t) for m, t, _ in seen if m == "inh"] == [("inh", "digits"), ("inh", "digits_noisy")]
+    assert "vtab/digits/inh/1" not in data["runs"] and "digits/inh" not in data["lr_selection"]
+    # every supernet trained once per task; the ablation's 3x as long
+    assert sorted(sup) == sorted([(n, t, 2) for t in ("digits", "digits_noisy") for n in ("glora_large", "best@dora", "best@loraplus")]
+                                 + [("long", "digits_noisy", 6)])
+    # whole pipeline: 3 supernets (15 CPU s each), glora_large's and dora's grids (3 runs each) and
+    # loraplus's score (2 CPU s each), 2 seeds
+    assert data["cost"]["vtab/digits/best"] == {"supernet_search_cpu_s": 45.0, "lrsel_cpu_s": 14.0, "final_cpu_s": 4.0,
+                                                "cpu_s": 63.0, "seeds": 2}
+    assert data["cost"]["vtab/digits/glora_large"]["cpu_s"] == 15.0 + 6.0 + 4.0
+    assert data["cost"]["vtab/digits/inh"] == {"supernet_search_cpu_s": 15.0, "lrsel_cpu_s": 0.0, "final_cpu_s": 2.0,
+                                               "cpu_s": 17.0, "seeds": 1}
 
 
 def test_report_lists_costs_options_and_refusals(tmp_path):
@@ -180,15 +202,24 @@ def test_report_lists_costs_options_and_refusals(tmp_path):
         for m, acc, p in (("glora_large", g, 40000), ("lora8", lo, 49152)):
             runs[f"vtab/mnist/{m}/{seed}"] = {"track": "vtab", "task": "mnist", "method": m, "seed": seed, "test_top1": acc,
                                               "adapter_params": p, "wall_s": 1.0, "lr": 0.01}
+        runs[f"vtab/mnist/full/{seed}"] = {"track": "vtab", "task": "mnist", "method": "full", "seed": seed, "test_top1": 99.0,
+                                           "adapter_params": 3_000_000, "wall_s": 1.0, "lr": 0.001}
     cost = {"vtab/mnist/glora_large": {"cpu_s": 300.0}, "vtab/mnist/lora8": {"cpu_s": 100.0}}
     path = tmp_path / "results-cnn.json"
-    path.write_text(json.dumps({"meta": {"mode": "smoke", "track": "cnn", "refused": {"adapter": "needs a ViT"}},
+    path.write_text(json.dumps({"meta": {"mode": "smoke", "track": "cnn", "refused": {"adapter": "needs a ViT"},
+                                         "budgets": {"lora4": 24576, "lora8": 49152}},
                                 "runs": runs, "cost": cost, "lr_selection": {},
                                 "option_selection": {"mnist/glora_large_bestopt": {"val_top1": {"glora_large": 80.0, "x@dora": 81.0}, "chosen": "x@dora"}}}))
     md = write_report(path)
-    rows = {line.split(" | ")[0].strip("| "): line for line in md.splitlines() if line.startswith("| ")}
+    rows = {}
+    for line in md.splitlines():  # the first table's row of each method
+        if line.startswith("| "):
+            rows.setdefault(line.split(" | ")[0].strip("| "), line)
     assert rows["lora8"].rstrip(" |").endswith("100") and rows["glora_large"].rstrip(" |").endswith("300")
     assert "+6.0 win" in rows["glora_large vs lora8"]
+    # the best rival within glora_large's budget (lora8's count: 49,152) is lora8, as full does not fit
+    rival = [line for line in md.splitlines() if line.startswith("| glora_large | lora8 = ")]
+    assert rival and "lora8 (49,152)" in rival[0] and "+6.0 win" in rival[0]
     assert "- adapter: needs a ViT" in md and "dora: 81.0 -> x@dora" in md
     assert (tmp_path / "results-cnn.png").stat().st_size > 0 and (tmp_path / "results-cnn.md").read_text() == md
 
@@ -196,8 +227,8 @@ def test_report_lists_costs_options_and_refusals(tmp_path):
 @pytest.mark.slow
 def test_driver_smoke_on_both_tracks(tmp_path, cnn_data):
     """The whole driver in smoke mode: on the ViT replica (random backbone, the replica's stand-in
-    tasks) a LoRA-family option, a rival, GLoRA with an option chosen on val200, a placeholder and
-    the few-shot/DG phase; on the real EfficientNet-Lite0 (the wheel) the lora preset at 32 px.
+    tasks) a LoRA-family option, a rival, GLoRA with an option chosen on val200, GLoRA's inherited
+    sub-network and the few-shot/DG phase; on the real EfficientNet-Lite0 (the wheel) the lora preset at 32 px.
     A rerun trains nothing."""
     import timm
     from safetensors.torch import save_file
@@ -229,15 +260,18 @@ def test_driver_smoke_on_both_tracks(tmp_path, cnn_data):
             runner.run(phase)
         data = json.loads(path.read_text())
         done = {k for k, v in data["runs"].items() if "test_top1" in v}
-        want = {f"vtab/{tasks[0]}/{m}/0" for m in methods if "placeholder" not in track.methods[m]}
+        want = {f"vtab/{tasks[0]}/{m}/0" for m in methods}
         want |= {f"fewshot/{track.fewshot_dataset}/{m}/16/0" for m in fs}
         assert done == want
-        assert set(data["cost"]) == {f"vtab/{tasks[0]}/{m}" for m in methods if "placeholder" not in track.methods[m]}
+        assert set(data["cost"]) == {f"vtab/{tasks[0]}/{m}" for m in methods}
         assert all(c["cpu_s"] > 0 for c in data["cost"].values())
         if track is vit:
             assert data["option_selection"]["digits/glora_large_bestopt"]["chosen"] in ("glora_large", "glora_large_bestopt@dora")
             assert 0 < data["runs"]["vtab/digits/glora_large_bestopt/0"]["adapter_params"] <= runner.budgets["lora8"]
             assert set(data["runs"]["fewshot/digits/lora4/16/0"]["dg"]) == set(vit.dg_domains)
+            inh = json.loads((runner.runs / "vtab" / "digits" / "glora_large_inherited" / "seed_0" / "retrain" / "metrics.json").read_text())
+            assert (inh["epochs"], inh["init"]) == (0, "inherit")
+            assert 0 < inh["adapter_params"] <= runner.budgets["lora8"]
         else:
             assert data["runs"]["vtab/mnist/lora4/0"]["adapter_params"] == runner.budgets["lora4"] == 128364
         again = R.Runner("smoke", ck, root, R.Results(path), log=lambda *_: None, runs_root=tmp_path / "runs", track=track,

@@ -17,6 +17,7 @@ small <= lora4. Few-shot / DG reuse the lr chosen on the natural ``digits`` task
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -78,7 +79,10 @@ class Results:
             self.data = self._read()
             if meta is not None:
                 old = self.data.get("meta", {})
-                if any(old.get(k) != meta[k] for k in ("mode", "settings", "lr_grid", "backbone", "protocol")):
+                grids = old.get("lr_grid", {})
+                changed = {m for m in grids.keys() & meta.get("lr_grid", {}).keys() if grids[m] != meta["lr_grid"][m]}
+                # a new method joins the results; a changed grid of an existing one restarts them
+                if changed or any(old.get(k) != meta[k] for k in ("mode", "settings", "backbone", "protocol")):
                     self.data = {"runs": {}, "lr_selection": {}}
                 self.data["meta"] = {**self.data.get("meta", {}), **meta}
                 self._write()
@@ -133,7 +137,10 @@ class Runner:
         # cached runs stay valid; any other track adds its name and settings)
         parts = [self.m, {m: self.grid(m) for m in self.methods}, PROTOCOL, str(ckpt)]
         if track is not VIT:
-            parts.append(repr(track))
+            # the backbone and data settings, not the method list (a method added to a track does not
+            # restart the others' runs) nor the checkpoint callable (its repr is a memory address)
+            parts = [self.m, PROTOCOL, str(ckpt),
+                     {k: v for k, v in dataclasses.asdict(track).items() if k not in ("methods", "checkpoint")}]
         key = json.dumps(parts, sort_keys=True, default=str)
         self.runs = (runs_root or HERE / "cache" / "runs") / f"{mode}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
         self.budgets = {f"lora{r}": track.lora_count(r) for r in (2, 4, 8)}
@@ -153,7 +160,7 @@ class Runner:
                 "min_lr": lr / 100, "seed": seed, "device": "cpu", "log_every": 50}
 
     # ------------------------------------------------------------------ one pipeline run
-    def supernet(self, method: str, out: Path, data: dict, epochs: int, lr: float) -> dict:
+    def supernet(self, method: str, out: Path, data: dict, epochs: int, lr: float, search: dict | None = None) -> dict:
         from engine import distributed as dist
         from engine.config import config_from_dict
         from engine.recipes.search import run_search
@@ -167,7 +174,7 @@ class Runner:
             # the retrain section must agree with the supernet's options (e.g. DoRA's magnitudes)
             # even for train.py and search.py: the config check reads the whole file
             d["train"]["lora"], d["retrain"] = lora["train"], {"lora": lora["retrain"]}
-        d["search"] = {**self.m["search"], "max_params": self.budgets[spec["budget"]], "seed": 0}
+        d["search"] = {**(search or self.m["search"]), "max_params": self.budgets[spec["budget"]], "seed": 0}
         t0, c0 = time.time(), time.process_time()
         if not (out / "supernet.safetensors").is_file():
             run_train(config_from_dict(d), dist.DistInfo(), "minivtab")
@@ -201,7 +208,7 @@ class Runner:
                 out.mkdir(parents=True, exist_ok=True)
                 for f in ("supernet.safetensors", "supernet.yaml"):
                     shutil.copyfile(supernet_dir / f, out / f)
-                r.update(subnet=str(supernet_dir / "search" / "result.yaml"), init="supernet")
+                r.update(subnet=str(supernet_dir / "search" / "result.yaml"), init="inherit" if spec.get("inherit") else "supernet")
             d["retrain"] = r
             run_retrain(config_from_dict(d), dist.DistInfo(), "minivtab")
         m = json.loads(metrics_path.read_text())
@@ -234,6 +241,12 @@ class Runner:
         epochs = self.m["epochs"]
         scores, walls, cpus = {}, {}, {}
 
+        # a select_lora candidate's score is one point of its grid (its CPU seconds counted there)
+        scored = self.results.get("option_scores", key)
+        if scored:
+            lr0 = f"{scored['lr']:g}"
+            scores[lr0], walls[lr0], cpus[lr0] = scored["val_top1"], scored["wall_s"], 0.0
+
         def score(lr: float) -> None:
             if f"{lr:g}" in scores:
                 return
@@ -257,39 +270,92 @@ class Runner:
         self.results.put("lr_selection", key, {"val_top1": scores, "wall_s": walls, "cpu_s": cpus, "chosen": best()})
         return best()
 
-    def prepared_method(self, task: str, method: str) -> tuple[str, float, Path | None, dict]:
+    def lrsel_data(self, task: str) -> dict:
+        return {"kind": "vtab1k", "root": str(self.root / "vtab"), "task": f"{task}_lrsel"}
+
+    def supernet_for(self, task: str, method: str) -> tuple[Path | None, dict]:
+        """A GLoRA method's supernet folder on ``task`` (trained on train800 and searched on val200
+        where not done) and its costs; (None, {}) for a preset. An ``inherit`` method reuses its
+        ``base``'s supernet and search; ``supernet_x`` trains the supernet that many times longer."""
+        spec = self.spec(method)
+        if "space" not in spec:
+            return None, {}
+        owner = spec["base"] if spec.get("inherit") else method
+        sup_dir = self.runs / "vtab" / task / owner / "supernet"
+        key = f"vtab/{task}/{owner}/supernet"
+        data = {"kind": "vtab1k", "root": str(self.root / "vtab"), "task": task}
+        cost = self.results.get("runs", key) or self.supernet(
+            owner, sup_dir, data, round(self.m["epochs"] * spec.get("supernet_x", 1)), self.grid(owner.split("@")[0], 3)[1])
+        self.results.put("runs", key, cost)
+        return sup_dir, cost
+
+    def option_score(self, task: str, cand: str, lr: float) -> float:
+        """val200 top-1 of a ``select_lora`` candidate: its own supernet and search, then one
+        retrain on train800 at ``lr`` (the base GLoRA's chosen lr), seed 0. Reused as that lr's
+        point of the candidate's grid if it is chosen."""
+        key = f"{task}/{cand}"
+        done = self.results.get("option_scores", key)
+        if done:
+            return done["val_top1"]
+        sup_dir, _ = self.supernet_for(task, cand)
+        res = self.retrain(cand, self.runs / "vtab" / task / cand / f"lrsel_{lr:g}", self.lrsel_data(task),
+                           self.m["epochs"], lr, 0, sup_dir)
+        self.results.put("option_scores", key, {"lr": lr, "val_top1": res["test_top1"], "wall_s": res["wall_s"], "cpu_s": res["cpu_s"]})
+        self.log(f"[option] {task:12s} {cand:24s} lr {lr:g}: val200 {res['test_top1']:.2f}%")
+        return res["test_top1"]
+
+    def prepared_method(self, task: str, method: str) -> tuple[str, float | None, Path | None, dict]:
         """(the method name to retrain, its lr, its supernet folder, the supernet's costs) on
-        ``task``: trains and searches a GLoRA supernet and selects the lr on val200 where not done;
-        for a ``select_lora`` method, does so for every candidate and keeps the best on val200."""
-        if self.methods.get(method, {}).get("select_lora"):
+        ``task``: trains and searches a GLoRA supernet and selects the lr on val200 where not done.
+        A ``select_lora`` method first scores each option's own supernet at its base's chosen lr
+        (one train800 -> val200 run each) and keeps the best; an ``inherit`` method has no lr."""
+        spec = self.methods.get(method, {})
+        if spec.get("select_lora"):
             sel_key = f"{task}/{method}"
             done = self.results.get("option_selection", sel_key)
             if not done:
-                val = {}
-                for cand in self.candidates(method):
-                    self.prepared_method(task, cand)
-                    val[cand] = max(self.results.get("lr_selection", f"{task}/{cand}")["val_top1"].values())
+                cands = self.candidates(method)
+                _, lr0, _, _ = self.prepared_method(task, cands[0])
+                val = {cands[0]: self.results.get("lr_selection", f"{task}/{cands[0]}")["val_top1"][f"{lr0:g}"]}
+                for cand in cands[1:]:
+                    val[cand] = self.option_score(task, cand, lr0)
                 # ties go to the earlier candidate (plain GLoRA first): an option must earn its place
-                done = {"val_top1": val, "chosen": max(val, key=lambda c: (val[c], -list(val).index(c)))}
+                done = {"lr": lr0, "val_top1": val, "chosen": max(val, key=lambda c: (val[c], -list(val).index(c)))}
                 self.results.put("option_selection", sel_key, done)
                 self.log(f"[option] {task:12s} {method}: {done['chosen']} ({val})")
             return self.prepared_method(task, done["chosen"])
-        sup_dir, sup_cost = None, {}
-        if "space" in self.spec(method):
-            sup_dir = self.runs / "vtab" / task / method / "supernet"
-            key = f"vtab/{task}/{method}/supernet"
-            data = {"kind": "vtab1k", "root": str(self.root / "vtab"), "task": task}
-            sup_cost = self.results.get("runs", key) or self.supernet(method, sup_dir, data, self.m["epochs"], self.grid(method.split("@")[0], 3)[1])
-            self.results.put("runs", key, sup_cost)
-        return method, self.choose_lr(task, method, sup_dir), sup_dir, sup_cost
+        # workers share supernets and lr selections (a select_lora or inherit method uses its base's):
+        # whoever gets there first does the work while the other waits, never both in one folder
+        owner = self.spec(method)["base"] if self.spec(method).get("inherit") else method
+        with self._exclusive(f"{task}-{owner}"):
+            sup_dir, sup_cost = self.supernet_for(task, method)
+            if self.spec(method).get("inherit"):
+                return method, None, sup_dir, sup_cost
+            return method, self.choose_lr(task, method, sup_dir), sup_dir, sup_cost
+
+    @contextlib.contextmanager
+    def _exclusive(self, name: str):
+        import fcntl
+
+        (self.runs / "locks").mkdir(parents=True, exist_ok=True)
+        with open(self.runs / "locks" / f"{name}.lock", "a") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
 
     def pipeline_cost(self, task: str, method: str) -> dict:
-        """CPU seconds of a (task, method) cell's whole pipeline: every candidate's supernet, search
-        and lr-selection runs, and the seeds' final runs."""
-        names = self.candidates(method) if self.methods.get(method, {}).get("select_lora") else [method]
+        """CPU seconds of a (task, method) cell's whole pipeline: every candidate's supernet, search,
+        option score and lr-selection runs, and the seeds' final runs (an inherited sub-network: its
+        base's supernet and search, and its one test)."""
+        spec = self.methods.get(method, {})
+        names = self.candidates(method) if spec.get("select_lora") else [method]
         runs = self.results.data.get("runs", {})
-        sup = sum(runs.get(f"vtab/{task}/{n}/supernet", {}).get(k, 0.0) for n in names for k in ("supernet_cpu_s", "search_cpu_s"))
+        owners = [spec["base"]] if spec.get("inherit") else names
+        sup = sum(runs.get(f"vtab/{task}/{n}/supernet", {}).get(k, 0.0) for n in owners for k in ("supernet_cpu_s", "search_cpu_s"))
         lrsel = sum(sum((self.results.get("lr_selection", f"{task}/{n}") or {}).get("cpu_s", {}).values()) for n in names)
+        lrsel += sum((self.results.get("option_scores", f"{task}/{n}") or {}).get("cpu_s", 0.0) for n in names)
         final = [runs[f"vtab/{task}/{method}/{s}"].get("cpu_s", 0.0) for s in self.m["seeds"] if f"vtab/{task}/{method}/{s}" in runs]
         return {"supernet_search_cpu_s": round(sup, 1), "lrsel_cpu_s": round(lrsel, 1), "final_cpu_s": round(sum(final), 1),
                 "cpu_s": round(sup + lrsel + sum(final), 1), "seeds": len(final)}
@@ -297,7 +363,11 @@ class Runner:
     def vtab_cell(self, task: str, method: str) -> None:
         data = {"kind": "vtab1k", "root": str(self.root / "vtab"), "task": task}
         name, lr, sup_dir, sup_cost = self.prepared_method(task, method)
-        for seed in self.m["seeds"]:
+        # an inherited sub-network is not trained, so its seeds would be the same run: one test
+        seeds = self.m["seeds"][:1] if lr is None else self.m["seeds"]
+        if lr is None:  # its weights were trained at the supernet's lr (the config needs some lr)
+            lr = self.grid(self.spec(method)["base"].split("@")[0], 3)[1]
+        for seed in seeds:
             key = f"vtab/{task}/{method}/{seed}"
             if self.results.get("runs", key):
                 continue
@@ -322,7 +392,7 @@ class Runner:
         sup_dir, sup_cost = None, {}
         if "space" in self.spec(name):
             sup_dir = base / "supernet"
-            sup_cost = self.supernet(name, sup_dir, data, fs["epochs"], self.grid(name.split("@")[0], 3)[1])
+            sup_cost = self.supernet(name, sup_dir, data, fs["epochs"], self.grid(name.split("@")[0], 3)[1], fs.get("search"))
         res = self.retrain(name, base / "final", data, fs["epochs"], lr, seed, sup_dir, warmup=5)
         res.update(track="fewshot", task=ds, method=method, shots=shots, **sup_cost)
         if name != method:
@@ -355,25 +425,23 @@ class Runner:
     def cells(self, phase: str) -> list[tuple]:
         """The phase's cells, the costliest first so that parallel workers finish together.
         Few-shot cells reuse the lr chosen on the vtab task of their dataset, so they form a later
-        phase. Placeholder methods are left out here, with a message, and never run."""
+        phase."""
         def cost(m: str) -> int:
             spec = self.methods[m]
             glora = 3 * (1 + len(spec.get("select_lora", []))) if "space" in spec else 0
             return glora or {"full": 2}.get(m, 1)
 
-        def runnable(ms: list[str]) -> list[str]:
-            for m in ms:
-                if "placeholder" in self.methods[m]:
-                    self.log(f"[skip] {m}: {self.methods[m]['placeholder']}")
-            return [m for m in ms if "placeholder" not in self.methods[m]]
-
         if phase == "vtab":
-            cells = [(t, m) for t in (self.m["tasks"] or self.track.tasks) for m in runnable(self.method_names())]
-            return sorted(cells, key=lambda c: -cost(c[1]))
+            # a method with ``tasks`` (an ablation) runs on those tasks only
+            cells = [(t, m) for t in (self.m["tasks"] or self.track.tasks) for m in self.method_names()
+                     if t in self.methods[m].get("tasks", [t])]
+            # a method built on another's runs (``base``) comes after every independent cell, so its
+            # base is done (or under way) when a worker reaches it
+            return sorted(cells, key=lambda c: ("base" in self.methods[c[1]], -cost(c[1])))
         fs = self.m["fewshot"]
         if not fs:
             return []
-        cells = [(m, k, s) for m in runnable(list(fs["methods"])) for k in fs["shots"] for s in fs["seeds"]]
+        cells = [(m, k, s) for m in fs["methods"] for k in fs["shots"] for s in fs["seeds"]]
         return sorted(cells, key=lambda c: (-cost(c[0]), -c[1]))
 
     def run_cell(self, phase: str, cell: tuple) -> None:
@@ -392,15 +460,24 @@ class Runner:
             self.run_cell(phase, cell)
 
 
-def run_workers(argv: list[str], workers: int, claims: Path, phase: str, module: str = "benchmarks.minivtab") -> None:
-    """Launch ``workers`` copies of ``module`` for one phase and wait; any failure fails the run."""
+def run_workers(argv: list[str], workers: int, claims: Path, phase: str, module: str = "benchmarks.minivtab",
+                on_tick=None, tick_s: float = 60.0) -> None:
+    """Launch ``workers`` copies of ``module`` for one phase and wait (calling ``on_tick`` every
+    ``tick_s`` seconds meanwhile); any failure fails the run."""
     if claims.exists():
         shutil.rmtree(claims)  # claims of an interrupted run: its finished cells are skipped via results.json
     claims.mkdir(parents=True)
     cmd = [sys.executable, "-m", module, *argv, "--phase", phase, "--claims", str(claims)]
     procs = [subprocess.Popen(cmd, cwd=REPO) for _ in range(workers)]
     try:
-        codes = [p.wait() for p in procs]
+        while any(p.poll() is None for p in procs):
+            try:
+                procs[0].wait(timeout=tick_s) if procs[0].poll() is None else time.sleep(min(tick_s, 5))
+            except subprocess.TimeoutExpired:
+                pass
+            if on_tick is not None:
+                on_tick()
+        codes = [p.returncode for p in procs]
     except BaseException:
         for p in procs:
             p.terminate()

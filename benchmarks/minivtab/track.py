@@ -9,7 +9,9 @@ A method spec is a dict:
   {"space": NAME, "budget": "loraR", "lora": {...}}        GLoRA: supernet -> search (<= budget) -> retrain
   {"space": NAME, "budget": ..., "select_lora": [option, ...]}
         GLoRA with whichever LoRA-family option (or none) scores best on val200 (the lr selection's best)
-  {"placeholder": WHY}                                       listed, never run: the driver says WHY
+  GLoRA keys: "base": M (built on method M's runs), "inherit": True (M's searched sub-network with the
+  supernet's weights, not retrained), "supernet_x": k (the supernet trained k x the epochs),
+  "tasks": [...] (run on these tasks only: an ablation)
 ``lora`` is the ``lora:`` block (docs/lora-family.md) of train (GLoRA's supernet) and retrain;
 ``model`` overrides model-config keys for that method only.
 """
@@ -132,10 +134,11 @@ def vit_track(methods: dict[str, dict], name: str = "vit") -> Track:
 
 def describe(spec: dict[str, Any]) -> str:
     """One line for a method spec (docs and the driver's log)."""
-    if "placeholder" in spec:
-        return f"not run: {spec['placeholder']}"
     if "space" in spec:
         extra = f", LoRA-family option chosen on val200 from {spec['select_lora']}" if spec.get("select_lora") else ""
+        extra += f", {spec['base']}'s sub-network with the supernet's weights, not retrained" if spec.get("inherit") else ""
+        extra += f", supernet {spec['supernet_x']}x the epochs" if spec.get("supernet_x") else ""
+        extra += f", on {'/'.join(spec['tasks'])} only" if spec.get("tasks") else ""
         lora = f", lora {spec['lora']}" if spec.get("lora") else ""
         return f"GLoRA {spec['space']} space, budget <= {spec['budget']}{lora}{extra}"
     parts = [spec["preset"]] + ([f"rank {spec['rank']}"] if "rank" in spec else [])
