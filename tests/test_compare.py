@@ -279,3 +279,23 @@ def test_driver_smoke_on_both_tracks(tmp_path, cnn_data):
         again.retrain = again.supernet = lambda *a, **k: pytest.fail("a finished cell ran again")
         for phase in ("vtab", "fewshot"):
             again.run(phase)
+
+
+def test_supernet_lr_is_the_tracks_where_set_else_the_grid_middle(tmp_path):
+    """The CNN's supernets train at the lr chosen for it on validation (tracks.CNN_SUPERNET_LR); the
+    ViT's at the middle of each method's grid, as the replica's."""
+    from benchmarks.compare.tracks import CNN_SUPERNET_LR
+
+    mode = {"tasks": None, "methods": None, "seeds": [0], "epochs": 1, "lr_grid_size": 3, "lr_extend": 0, "fewshot": None}
+    assert _bare(tmp_path, cnn_track(), mode).supernet_lr("glora_large@dora") == CNN_SUPERNET_LR == 1e-3
+    vit = _bare(tmp_path, compare_vit_track(), mode)
+    assert vit.supernet_lr("glora_large") == vit.grid("glora_large")[1] == 1e-2
+
+
+def test_results_restart_when_the_track_settings_change_but_not_for_a_new_method(tmp_path):
+    from benchmarks.minivtab.run import PROTOCOL, Results
+
+    meta = {"mode": "full", "settings": {}, "lr_grid": {"a": [1]}, "backbone": "b", "protocol": PROTOCOL, "track_settings": {"lr": 1}}
+    Results(tmp_path / "r.json", meta).put("runs", "vtab/t/a/0", {"test_top1": 1.0})
+    assert Results(tmp_path / "r.json", {**meta, "lr_grid": {"a": [1], "new": [2]}}).get("runs", "vtab/t/a/0")
+    assert not Results(tmp_path / "r.json", {**meta, "track_settings": {"lr": 2}}).get("runs", "vtab/t/a/0")

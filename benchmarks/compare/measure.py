@@ -71,13 +71,48 @@ def measure(resolutions=(32, 48, 64), steps: int = 5, batch: int = 64, eval_batc
     return out
 
 
+def supernet_lr_probe(lrs, task: str = "mnist", root: Path | None = None, log=print) -> dict:
+    """The CNN's glora_large supernet at each lr (the full mode's epochs and search, seed 0) on
+    ``task``'s train800, scored on val200: the largest and smallest sub-networks after training, and
+    the best sub-network the search finds. How tracks.CNN_SUPERNET_LR was chosen."""
+    import tempfile
+
+    import yaml
+
+    from benchmarks.minivtab.run import Results, Runner
+
+    from .run import modes_for, prepare_data
+    from .tracks import cnn_track
+
+    track = cnn_track()
+    data = prepare_data(track)
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        runner = Runner("full", Path(track.checkpoint()), data, Results(Path(tmp) / "results.json"), log=log, track=track,
+                        modes=modes_for("cnn"), runs_root=Path(tmp))
+        for lr in lrs:
+            run = Path(tmp) / f"lr{lr:g}"
+            runner.supernet("glora_large", run, {"kind": "vtab1k", "root": str(data / "vtab"), "task": task}, runner.m["epochs"], lr)
+            ev = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"eval"' in line][-1]
+            best = yaml.safe_load((run / "search" / "result.yaml").read_text())["accuracy"]
+            out[f"{lr:g}"] = {"largest": ev["acc_largest"], "smallest": ev["acc_smallest"], "search_best": best}
+            log(f"supernet lr {lr:g} on {task}: val200 largest {ev['acc_largest']}, smallest {ev['acc_smallest']}, search best {best}")
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.compare.measure", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--resolutions", type=int, nargs="+", default=[32, 48, 64])
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--out", default=str(HERE / "measure-cnn.json"))
+    p.add_argument("--supernet-lr", type=float, nargs="+", metavar="LR",
+                   help="instead: the CNN's supernet at these lrs, scored on mnist's val200 (about 2 min each)")
     args = p.parse_args(argv)
+    if args.supernet_lr:
+        torch.set_num_threads(1)
+        print(json.dumps(supernet_lr_probe(args.supernet_lr), indent=1))
+        return 0
     res = measure(tuple(args.resolutions), args.steps)
     Path(args.out).write_text(json.dumps(res, indent=1) + "\n")
     print(f"-> {args.out}")

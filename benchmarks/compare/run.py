@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.minivtab.run import PROTOCOL, Results, Runner, run_workers
+from benchmarks.minivtab.run import PROTOCOL, Results, Runner, run_workers, track_settings
 from benchmarks.minivtab.track import Track, describe
 
 from .tracks import TRACKS, get_track, refusal
@@ -104,6 +104,7 @@ def run_track(name: str, mode: str, workers: int, path: Path | None = None, phas
         return path
     t0 = time.time()
     meta = {"mode": mode, "track": name, "settings": modes[mode], "backbone": Path(ckpt).name, "protocol": PROTOCOL,
+            "track_settings": track_settings(track),
             "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, 1 thread per worker",
             "lr_grid": {m: track.grid(m, modes[mode]["lr_grid_size"]) for m in track.methods}, "workers": workers}
     results = Results(path, meta)

@@ -67,6 +67,13 @@ def grid_for(method: str, size: int, track: Track = VIT) -> list[float]:
     return track.grid(method, size)
 
 
+def track_settings(track: Track) -> dict:
+    """What of a track changes every run's result: its backbone and data settings, not its method
+    list (a method added to a track does not restart the others) nor its checkpoint callable."""
+    return json.loads(json.dumps({k: v for k, v in dataclasses.asdict(track).items() if k not in ("methods", "checkpoint")},
+                                 sort_keys=True, default=str))
+
+
 class Results:
     """results.json, rewritten atomically after every finished cell; finished cells are skipped on
     rerun. Several worker processes share the file: every write re-reads it under an exclusive lock
@@ -82,7 +89,7 @@ class Results:
                 grids = old.get("lr_grid", {})
                 changed = {m for m in grids.keys() & meta.get("lr_grid", {}).keys() if grids[m] != meta["lr_grid"][m]}
                 # a new method joins the results; a changed grid of an existing one restarts them
-                if changed or any(old.get(k) != meta[k] for k in ("mode", "settings", "backbone", "protocol")):
+                if changed or any(old.get(k) != meta.get(k) for k in ("mode", "settings", "backbone", "protocol", "track_settings")):
                     self.data = {"runs": {}, "lr_selection": {}}
                 self.data["meta"] = {**self.data.get("meta", {}), **meta}
                 self._write()
@@ -139,11 +146,14 @@ class Runner:
         if track is not VIT:
             # the backbone and data settings, not the method list (a method added to a track does not
             # restart the others' runs) nor the checkpoint callable (its repr is a memory address)
-            parts = [self.m, PROTOCOL, str(ckpt),
-                     {k: v for k, v in dataclasses.asdict(track).items() if k not in ("methods", "checkpoint")}]
+            parts = [self.m, PROTOCOL, str(ckpt), track_settings(track)]
         key = json.dumps(parts, sort_keys=True, default=str)
         self.runs = (runs_root or HERE / "cache" / "runs") / f"{mode}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
         self.budgets = {f"lora{r}": track.lora_count(r) for r in (2, 4, 8)}
+
+    def supernet_lr(self, method: str) -> float:
+        """The track's supernet lr, else the middle of the method's full grid."""
+        return self.track.supernet_lr or self.grid(method.split("@")[0], 3)[1]
 
     def grid(self, method: str, size: int | None = None) -> list[float]:
         return self.track.grid(method, self.m["lr_grid_size"] if size is None else size)
@@ -285,7 +295,7 @@ class Runner:
         key = f"vtab/{task}/{owner}/supernet"
         data = {"kind": "vtab1k", "root": str(self.root / "vtab"), "task": task}
         cost = self.results.get("runs", key) or self.supernet(
-            owner, sup_dir, data, round(self.m["epochs"] * spec.get("supernet_x", 1)), self.grid(owner.split("@")[0], 3)[1])
+            owner, sup_dir, data, round(self.m["epochs"] * spec.get("supernet_x", 1)), self.supernet_lr(owner))
         self.results.put("runs", key, cost)
         return sup_dir, cost
 
@@ -366,7 +376,7 @@ class Runner:
         # an inherited sub-network is not trained, so its seeds would be the same run: one test
         seeds = self.m["seeds"][:1] if lr is None else self.m["seeds"]
         if lr is None:  # its weights were trained at the supernet's lr (the config needs some lr)
-            lr = self.grid(self.spec(method)["base"].split("@")[0], 3)[1]
+            lr = self.supernet_lr(self.spec(method)["base"])
         for seed in seeds:
             key = f"vtab/{task}/{method}/{seed}"
             if self.results.get("runs", key):
@@ -392,7 +402,7 @@ class Runner:
         sup_dir, sup_cost = None, {}
         if "space" in self.spec(name):
             sup_dir = base / "supernet"
-            sup_cost = self.supernet(name, sup_dir, data, fs["epochs"], self.grid(name.split("@")[0], 3)[1], fs.get("search"))
+            sup_cost = self.supernet(name, sup_dir, data, fs["epochs"], self.supernet_lr(name), fs.get("search"))
         res = self.retrain(name, base / "final", data, fs["epochs"], lr, seed, sup_dir, warmup=5)
         res.update(track="fewshot", task=ds, method=method, shots=shots, **sup_cost)
         if name != method:

@@ -49,6 +49,7 @@ class Track:
     lr_grids: dict[str, list[float]] = field(default_factory=dict)
     default_grid: tuple[float, ...] = (3e-3, 1e-2, 3e-2)
     fewshot_dataset: str = "digits"      # the few-shot phase's dataset; its lr comes from this vtab task
+    supernet_lr: float | None = None     # GLoRA's (and NOAH's) supernet lr; None: the middle of the grid
     dg_domains: tuple[str, ...] = ("inverted", "edges", "blurred")
 
     @property
