@@ -94,8 +94,14 @@ def lora_checks(cfg, problems: list[str]) -> None:
         problems.append(f"retrain.lora.{keys[0]}: acts on GLoRA's low-rank tensors; a NOAH sub-network has none (leave the lora block unset)")
         return
     if r.preset is not None:
-        low_rank_b = r.preset == "lora"
-        kinds = {"A": set(), "B": {"lora"} if low_rank_b else set(), "C": set()}
+        # the preset's one choice per tensor, at the run's size (its low-rank tensors: LoRA's B)
+        m, choice = methods.get(r.preset), {}
+        if m.glora_choice is not None:
+            try:
+                choice = m.glora_choice(m.settings(size=r.rank, **r.method_args))
+            except (methods.MethodError, TypeError, ValueError):
+                pass  # its settings are reported by the method_args check
+        kinds = {t: {"lora"} if choice.get(t, "none").startswith("lora") else set() for t in "ABC"}
     else:
         kinds = {t: space_kinds(t) for t in "ABC"}
     _init_checks("retrain", r.lora, kinds, problems)

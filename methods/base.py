@@ -49,6 +49,8 @@ class Method:
     searched: bool = False
     # Made of GLoRA layers whose low-rank tensors take LoRA's scale (retrain.lora; supernet.set_lora_scaling)
     lora_scaling: bool = False
+    # A method that is one GLoRA choice per tensor: choice(settings) -> {"A": "none", "B": "lora4", ...}
+    glora_choice: Callable[[Any], dict[str, str]] | None = None
     # What the method adds to the training loop: hooks(model, settings) -> [methods.hooks.TrainingHooks]
     # (AdaLoRA's penalty, importance and pruning); None: nothing
     hooks: Callable[[nn.Module, Any], list] | None = None

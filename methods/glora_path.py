@@ -21,7 +21,7 @@ def glora_preset(name: str, summary: str, config: type, choice: Callable[[Any], 
         return apply_glora(model, one_choice_space(space, choice(settings)), lora_scaling=lora_scaling, **options)
 
     return Method(name=name, summary=summary, config=config, apply=apply, count=lambda m: count_params(m).adapter,
-                  merge=merge_glora, size=size, lora_scaling=True)
+                  merge=merge_glora, size=size, lora_scaling=True, glora_choice=choice)
 
 
 def one_choice_space(space: SearchSpace, choice: dict[str, str]) -> dict:

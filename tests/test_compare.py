@@ -160,6 +160,8 @@ def test_glora_option_is_chosen_on_validation_and_costs_are_summed(tmp_path):
 
     def fake_supernet(method, out, data, epochs, lr, search=None):
         sup.append((method, data["task"], epochs))
+        (out / "search").mkdir(parents=True)
+        (out / "search" / "result.yaml").write_text("{}")
         return {"supernet_cpu_s": 10.0, "search_cpu_s": 5.0}
 
     r.retrain, r.supernet = fake_retrain, fake_supernet
@@ -206,9 +208,17 @@ def test_report_lists_costs_options_and_refusals(tmp_path):
                                            "adapter_params": 3_000_000, "wall_s": 1.0, "lr": 0.001}
     cost = {"vtab/mnist/glora_large": {"cpu_s": 300.0}, "vtab/mnist/lora8": {"cpu_s": 100.0}}
     path = tmp_path / "results-cnn.json"
+    # val200, not test, picks the best rival: bitfit (val 90) over lora8 (val 85), whatever their test
+    sel = {"mnist/lora8": {"val_top1": {"0.01": 85.0}, "cpu_s": {"0.01": 5.0}, "chosen": 0.01},
+           "mnist/bitfit": {"val_top1": {"0.01": 90.0, "0.03": 70.0}, "cpu_s": {"0.01": 1.0, "0.03": 1.0}, "chosen": 0.01},
+           "mnist/full": {"val_top1": {"0.001": 99.0}, "cpu_s": {"0.001": 9.0}, "chosen": 0.001}}
+    for seed, acc in enumerate([80.0, 81.0, 82.0]):
+        runs[f"vtab/mnist/bitfit/{seed}"] = {"track": "vtab", "task": "mnist", "method": "bitfit", "seed": seed, "test_top1": acc,
+                                             "adapter_params": 100, "wall_s": 1.0, "lr": 0.01, "cpu_s": 1.0}
     path.write_text(json.dumps({"meta": {"mode": "smoke", "track": "cnn", "refused": {"adapter": "needs a ViT"},
-                                         "budgets": {"lora4": 24576, "lora8": 49152}},
-                                "runs": runs, "cost": cost, "lr_selection": {},
+                                         "budgets": {"lora4": 24576, "lora8": 49152}, "workers": 2,
+                                         "invocations": [{"started": "x", "wall_s": 1800.0}, {"started": "y", "wall_s": 1800.0}]},
+                                "runs": runs, "cost": cost, "lr_selection": sel,
                                 "option_selection": {"mnist/glora_large_bestopt": {"val_top1": {"glora_large": 80.0, "x@dora": 81.0}, "chosen": "x@dora"}}}))
     md = write_report(path)
     rows = {}
@@ -217,9 +227,12 @@ def test_report_lists_costs_options_and_refusals(tmp_path):
             rows.setdefault(line.split(" | ")[0].strip("| "), line)
     assert rows["lora8"].rstrip(" |").endswith("100") and rows["glora_large"].rstrip(" |").endswith("300")
     assert "+6.0 win" in rows["glora_large vs lora8"]
-    # the best rival within glora_large's budget (lora8's count: 49,152) is lora8, as full does not fit
+    # the best rival within glora_large's budget (lora8's count: 49,152) is picked on val200: bitfit
+    # (full scores higher but does not fit), though lora8 is better on test
     rival = [line for line in md.splitlines() if line.startswith("| glora_large | lora8 = ")]
-    assert rival and "lora8 (49,152)" in rival[0] and "+6.0 win" in rival[0]
+    assert rival and "bitfit (100)" in rival[0] and "+10.0 win" in rival[0]
+    # 1 h of wall time over 2 invocations; CPU: the seed runs' 3 x 1 s (bitfit) + the lr runs 5 + 2 + 9
+    assert "1.00 h over 2 invocation(s)" in md and "recorded in the cells: 19" in md
     assert "- adapter: needs a ViT" in md and "dora: 81.0 -> x@dora" in md
     assert (tmp_path / "results-cnn.png").stat().st_size > 0 and (tmp_path / "results-cnn.md").read_text() == md
 
@@ -299,3 +312,23 @@ def test_results_restart_when_the_track_settings_change_but_not_for_a_new_method
     Results(tmp_path / "r.json", meta).put("runs", "vtab/t/a/0", {"test_top1": 1.0})
     assert Results(tmp_path / "r.json", {**meta, "lr_grid": {"a": [1], "new": [2]}}).get("runs", "vtab/t/a/0")
     assert not Results(tmp_path / "r.json", {**meta, "track_settings": {"lr": 2}}).get("runs", "vtab/t/a/0")
+
+
+def test_a_stopped_stage_ends_the_worker_and_its_signal_handlers_are_restored(tmp_path):
+    import signal
+
+    from benchmarks.minivtab.run import _stage, _stage_cost
+
+    before = signal.getsignal(signal.SIGTERM)
+
+    def stopped():
+        signal.signal(signal.SIGTERM, lambda *_: None)  # as the trainer does
+        return "SIGTERM"
+
+    with pytest.raises(SystemExit, match="stopped by SIGTERM"):
+        _stage(stopped)
+    assert signal.getsignal(signal.SIGTERM) is before
+    # a finished stage's CPU seconds are found again by a rerun that skips it
+    assert _stage_cost(tmp_path, "retrain") == 0.0
+    _stage_cost(tmp_path, "retrain", 12.34)
+    assert _stage_cost(tmp_path, "retrain") == 12.3

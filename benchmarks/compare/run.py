@@ -174,7 +174,9 @@ def main(argv=None) -> int:
         if not args.phase:
             if not path.is_file():
                 print(f"{path}: no results yet; run without --report-only first", file=sys.stderr)
-                return 2
+                if len(names) == 1 or not any(results_path(n, mode).is_file() for n in names):
+                    return 2
+                continue
             write_report(path)
     if mode == "full" and not args.phase:
         paths = {n: results_path(n, "full") for n in TRACKS if results_path(n, "full").is_file()}

@@ -54,7 +54,7 @@ def vtab_table(data: dict, groups: dict | None = None, order: list[str] | None =
     for m in methods:
         mr = [r for r in runs if r["method"] == m]
         cells = [m, f"{statistics.mean(r['adapter_params'] for r in mr):,.0f}",
-                 "/".join(sorted({f"{r['lr']:g}" for r in mr}))]
+                 "/".join(sorted({f"{r['lr']:g}" if r.get("init") != "inherit" else "none (inherited)" for r in mr}))]
         per_task = {t: [r["test_top1"] for r in mr if r["task"] == t] for t in tasks}
         cells += [_fmt(_ms(per_task[t])) for t in tasks]
         seeds = sorted({r["seed"] for r in mr})
@@ -159,13 +159,13 @@ def plot(data: dict, path: Path, order: list[str] | None = None) -> None:
 
 
 def write_report(results_path: Path, groups: dict | None = None, order: list[str] | None = None,
-                 pairs: list[tuple[str, str]] | None = None) -> str:
+                 pairs: list[tuple[str, str]] | None = None, fewshot_name: str = "digits") -> str:
     results_path = Path(results_path)
     data = json.loads(results_path.read_text())
     md = "### VTAB-style tasks (test top-1 %, mean±std over seeds)\n\n" + vtab_table(data, groups, order) + "\n"
     fs = fewshot_table(data, order)
     if fs:
-        md += "\n### Few-shot digits and domain generalisation (16-shot, test on shifted renderings)\n\n" + fs + "\n"
+        md += f"\n### Few-shot {fewshot_name} and domain generalisation (16-shot, test on shifted renderings)\n\n" + fs + "\n"
     cmp = comparison_table(data, groups, pairs)
     if cmp:
         md += ("\n### GLoRA against the LoRA whose parameter count is its budget (difference of seed means, "

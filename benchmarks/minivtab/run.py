@@ -74,6 +74,36 @@ def track_settings(track: Track) -> dict:
                                  sort_keys=True, default=str))
 
 
+def _stage(fn, *args) -> None:
+    """Run one pipeline stage in-process. The trainer installs SIGINT/SIGTERM handlers that turn a
+    signal into a clean stop at the next step; they are restored afterwards, so a worker between
+    stages dies of the signal as it should, and a stopped stage ends the worker (a rerun resumes it
+    from its checkpoint) instead of being taken for a finished one."""
+    import signal
+
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        status = fn(*args)
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+    if status != "done":
+        raise SystemExit(f"stopped by {status}; rerun to resume")
+
+
+def _stage_cost(folder: Path, key: str, cpu_s: float | None = None) -> float:
+    """CPU seconds of a finished stage, kept in its own folder (``cpu.json``) so that a rerun that
+    finds the stage done still counts what it cost (0 for a stage that predates the file)."""
+    path = folder / "cpu.json"
+    rec = json.loads(path.read_text()) if path.is_file() else {}
+    if cpu_s is not None:
+        rec[key] = round(cpu_s, 1)
+        tmp = path.with_name(f"cpu.json.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(rec))
+        tmp.replace(path)
+    return rec.get(key, 0.0)
+
+
 class Results:
     """results.json, rewritten atomically after every finished cell; finished cells are skipped on
     rerun. Several worker processes share the file: every write re-reads it under an exclusive lock
@@ -112,6 +142,10 @@ class Results:
                 yield
             finally:
                 fcntl.flock(fh, fcntl.LOCK_UN)
+
+    def refresh(self) -> None:
+        with self._locked():
+            self.data = self._read()
 
     def get(self, section, key):
         return self.data.setdefault(section, {}).get(key)
@@ -185,15 +219,17 @@ class Runner:
             # even for train.py and search.py: the config check reads the whole file
             d["train"]["lora"], d["retrain"] = lora["train"], {"lora": lora["retrain"]}
         d["search"] = {**(search or self.m["search"]), "max_params": self.budgets[spec["budget"]], "seed": 0}
+        # CPU seconds of this process (1 thread per worker): what the stage cost, whatever else the machine ran
         t0, c0 = time.time(), time.process_time()
         if not (out / "supernet.safetensors").is_file():
-            run_train(config_from_dict(d), dist.DistInfo(), "minivtab")
+            _stage(run_train, config_from_dict(d), dist.DistInfo(), "minivtab")
+            _stage_cost(out, "supernet", time.process_time() - c0)
         t1, c1 = time.time(), time.process_time()
         if not (out / "search" / "result.yaml").is_file():
-            run_search(config_from_dict(d), dist.DistInfo(), "minivtab")
-        # CPU seconds of this process (1 thread per worker): what the stage cost, whatever else the machine ran
+            _stage(run_search, config_from_dict(d), dist.DistInfo(), "minivtab")
+            _stage_cost(out, "search", time.process_time() - c1)
         return {"supernet_s": round(t1 - t0, 1), "search_s": round(time.time() - t1, 1),
-                "supernet_cpu_s": round(c1 - c0, 1), "search_cpu_s": round(time.process_time() - c1, 1)}
+                "supernet_cpu_s": _stage_cost(out, "supernet"), "search_cpu_s": _stage_cost(out, "search")}
 
     def retrain(self, method: str, out: Path, data: dict, epochs: int, lr: float, seed: int,
                 supernet_dir: Path | None = None, warmup: float = 1) -> dict:
@@ -220,11 +256,12 @@ class Runner:
                     shutil.copyfile(supernet_dir / f, out / f)
                 r.update(subnet=str(supernet_dir / "search" / "result.yaml"), init="inherit" if spec.get("inherit") else "supernet")
             d["retrain"] = r
-            run_retrain(config_from_dict(d), dist.DistInfo(), "minivtab")
+            _stage(run_retrain, config_from_dict(d), dist.DistInfo(), "minivtab")
+            _stage_cost(out, "retrain", time.process_time() - c0)
         m = json.loads(metrics_path.read_text())
         return {"test_top1": m["test_top1"], "adapter_params": m["adapter_params"], "head_params": m["head_params"],
                 "trainable_params": m["trainable_params"], "wall_s": round(time.time() - t0, 1),
-                "cpu_s": round(time.process_time() - c0, 1), "lr": lr, "seed": seed}
+                "cpu_s": _stage_cost(out, "retrain"), "lr": lr, "seed": seed}
 
     # ------------------------------------------------------------------ protocol
     def spec(self, method: str) -> dict:
@@ -294,8 +331,10 @@ class Runner:
         sup_dir = self.runs / "vtab" / task / owner / "supernet"
         key = f"vtab/{task}/{owner}/supernet"
         data = {"kind": "vtab1k", "root": str(self.root / "vtab"), "task": task}
-        cost = self.results.get("runs", key) or self.supernet(
-            owner, sup_dir, data, round(self.m["epochs"] * spec.get("supernet_x", 1)), self.supernet_lr(owner))
+        cost = self.results.get("runs", key)
+        if not cost or not (sup_dir / "search" / "result.yaml").is_file():
+            cost = self.supernet(owner, sup_dir, data, round(self.m["epochs"] * self.spec(owner).get("supernet_x", 1)),
+                                 self.supernet_lr(owner))
         self.results.put("runs", key, cost)
         return sup_dir, cost
 
@@ -351,6 +390,7 @@ class Runner:
         with open(self.runs / "locks" / f"{name}.lock", "a") as fh:
             fcntl.flock(fh, fcntl.LOCK_EX)
             try:
+                self.results.refresh()  # what the worker that held the lock wrote meanwhile
                 yield
             finally:
                 fcntl.flock(fh, fcntl.LOCK_UN)
@@ -381,8 +421,12 @@ class Runner:
             key = f"vtab/{task}/{method}/{seed}"
             if self.results.get("runs", key):
                 continue
-            res = self.retrain(name, self.runs / "vtab" / task / name / f"seed_{seed}", data, self.m["epochs"], lr, seed, sup_dir)
+            # a select_lora method that kept plain GLoRA shares its base's seed folders: one worker at a time
+            with self._exclusive(f"{task}-{name}-seed{seed}"):
+                res = self.retrain(name, self.runs / "vtab" / task / name / f"seed_{seed}", data, self.m["epochs"], lr, seed, sup_dir)
             res.update(track="vtab", task=task, method=method, **sup_cost)
+            if self.spec(name).get("inherit"):
+                res["init"] = "inherit"  # not trained: its lr is the supernet's
             if name != method:
                 res["chosen"] = name
             self.results.put("runs", key, res)
@@ -491,6 +535,11 @@ def run_workers(argv: list[str], workers: int, claims: Path, phase: str, module:
     except BaseException:
         for p in procs:
             p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
         raise
     if any(codes):
         raise SystemExit(f"{module}: a {phase} worker failed (exit codes {codes}); rerun to resume")
