@@ -212,10 +212,13 @@ def test_report_lists_costs_options_and_refusals(tmp_path):
     sel = {"mnist/lora8": {"val_top1": {"0.01": 85.0}, "cpu_s": {"0.01": 5.0}, "chosen": 0.01},
            "mnist/bitfit": {"val_top1": {"0.01": 90.0, "0.03": 70.0}, "cpu_s": {"0.01": 1.0, "0.03": 1.0}, "chosen": 0.01},
            "mnist/full": {"val_top1": {"0.001": 99.0}, "cpu_s": {"0.001": 9.0}, "chosen": 0.001}}
+    for seed, acc in enumerate([93.0, 93.0, 94.0]):
+        runs[f"vtab/mnist/glora_large_long/{seed}"] = {"track": "vtab", "task": "mnist", "method": "glora_large_long", "seed": seed,
+                                                       "test_top1": acc, "adapter_params": 40000, "wall_s": 1.0, "lr": 0.01}
     for seed, acc in enumerate([80.0, 81.0, 82.0]):
         runs[f"vtab/mnist/bitfit/{seed}"] = {"track": "vtab", "task": "mnist", "method": "bitfit", "seed": seed, "test_top1": acc,
                                              "adapter_params": 100, "wall_s": 1.0, "lr": 0.01, "cpu_s": 1.0}
-    path.write_text(json.dumps({"meta": {"mode": "smoke", "track": "cnn", "refused": {"adapter": "needs a ViT"},
+    path.write_text(json.dumps({"meta": {"mode": "smoke", "track": "cnn", "refused": {"adapter": "needs a ViT"}, "settings": {"epochs": 6},
                                          "budgets": {"lora4": 24576, "lora8": 49152}, "workers": 2,
                                          "invocations": [{"started": "x", "wall_s": 1800.0}, {"started": "y", "wall_s": 1800.0}]},
                                 "runs": runs, "cost": cost, "lr_selection": sel,
@@ -231,6 +234,9 @@ def test_report_lists_costs_options_and_refusals(tmp_path):
     # (full scores higher but does not fit), though lora8 is better on test
     rival = [line for line in md.splitlines() if line.startswith("| glora_large | lora8 = ")]
     assert rival and "bitfit (100)" in rival[0] and "+10.0 win" in rival[0]
+    assert "- **glora_large** beats bitfit (100 params) within lora8's count: +10.0 points on the mean, 1 win(s)" in md
+    # the ablation: the longer supernet's row with 3x the epochs, beside glora_large's
+    assert "| glora_large | 6 | 91.0±0.8 |" in md and "| glora_large_long | 18 | 93.3±0.5 |" in md
     # 1 h of wall time over 2 invocations; CPU: the seed runs' 3 x 1 s (bitfit) + the lr runs 5 + 2 + 9
     assert "1.00 h over 2 invocation(s)" in md and "recorded in the cells: 19" in md
     assert "- adapter: needs a ViT" in md and "dora: 81.0 -> x@dora" in md

@@ -103,6 +103,57 @@ def best_rival_table(data: dict, methods: dict[str, dict], tasks: list[str]) -> 
     return "\n".join(lines) if len(lines) > 2 else ""
 
 
+def verdict(data: dict, methods: dict[str, dict], tasks: list[str]) -> str:
+    """In words, from the numbers: for each GLoRA variant run on every task, its wins, ties and
+    losses against the best rival in its budget, and where it comes closest or wins most."""
+    summ = method_summary(data)
+    budgets = data.get("meta", {}).get("budgets", {})
+    runs = [r for k, r in data.get("runs", {}).items() if k.startswith("vtab/") and "test_top1" in r]
+    out = []
+    for g, spec in methods.items():
+        if not is_glora(g, spec) or g not in summ or spec.get("budget") not in budgets or summ[g]["tasks"] != tasks:
+            continue
+        best = best_rival(data, methods, summ, budgets[spec["budget"]], tasks)
+        if best is None:
+            continue
+        words, diffs = {"win": 0, "tie": 0, "loss": 0}, {}
+        for t in tasks:
+            a = [r["test_top1"] for r in runs if r["method"] == g and r["task"] == t]
+            b = [r["test_top1"] for r in runs if r["method"] == best and r["task"] == t]
+            v = R._verdict(a, b)
+            diffs[t] = statistics.mean(a) - statistics.mean(b)
+            for w in words:
+                words[w] += v.endswith(w)
+        top = max(diffs, key=diffs.get)
+        d = summ[g]["mean"] - summ[best]["mean"]
+        beats = "beats" if words["win"] and not words["loss"] and d > 0 else "does not beat"
+        out.append(f"- **{g}** {beats} {best} ({summ[best]['params']:,.0f} params) within {spec['budget']}'s count: "
+                   f"{d:+.1f} points on the mean, {words['win']} win(s), {words['tie']} tie(s), {words['loss']} loss(es) over "
+                   f"{len(tasks)} tasks; its best task is {top} ({diffs[top]:+.1f}).")
+    return "\n".join(out)
+
+
+def ablation_table(data: dict, methods: dict[str, dict]) -> str:
+    """GLoRA-large against the same with a longer supernet, retrained and inherited, on the tasks
+    the longer one ran: test top-1 (mean ± std over seeds) and the supernet's epochs."""
+    runs = [r for k, r in data.get("runs", {}).items() if k.startswith("vtab/") and "test_top1" in r]
+    long = [m for m, s in methods.items() if is_glora(m, s) and s.get("tasks")]
+    tasks = sorted({r["task"] for r in runs if r["method"] in long})
+    if not tasks:
+        return ""
+    epochs = data.get("meta", {}).get("settings", {}).get("epochs", 0)
+    head = ["method", "supernet epochs"] + tasks
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for m in ["glora_large", "glora_large_inherited", *long]:
+        owner = methods[m].get("base", m) if methods[m].get("inherit") else m
+        x = methods.get(owner, {}).get("supernet_x", 1)
+        cells = [m, f"{round(epochs * x)}"]
+        for t in tasks:
+            cells.append(R._fmt(R._ms([r["test_top1"] for r in runs if r["method"] == m and r["task"] == t])))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def total_cpu_s(data: dict) -> float:
     """CPU seconds of every run once (cells share supernets, lr selections and seed runs): the
     supernets and searches, the lr-selection and option-score runs, the seeds' runs and the few-shot
@@ -141,7 +192,13 @@ def write_report(results_path: Path) -> str:
     md = R.write_report(results_path, track.groups, list(methods), PAIRS, fewshot_name=track.fewshot_dataset)
     tasks = [t for ts in track.groups.values() for t in ts
              if any(r.get("task") == t and r.get("track") == "vtab" for r in data.get("runs", {}).values())]
+    said = verdict(data, methods, tasks)
+    if said:
+        md = "### Verdict: GLoRA against the best rival in its budget (picked on val200)\n\n" + said + "\n\n" + md
     rival = best_rival_table(data, methods, tasks)
+    ablation = ablation_table(data, methods)
+    if ablation:
+        md += "\n### The supernet's length (one task, fixed before the run)\n\n" + ablation + "\n"
     if rival:
         md += ("\n### GLoRA against the best rival within its budget (the non-GLoRA method that scores best on val200; "
                "difference of test seed means, points; win/loss only when larger than the bigger seed spread)\n\n" + rival + "\n")
