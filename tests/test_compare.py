@@ -196,6 +196,48 @@ def test_glora_option_is_chosen_on_validation_and_costs_are_summed(tmp_path):
                                                "cpu_s": 17.0, "seeds": 1}
 
 
+def test_a_fresh_checkout_resumes_from_results_alone(tmp_path):
+    """A run spans sessions whose checkouts hold results.json but no run folders: finished cells
+    train nothing, and an option selection that kept plain GLoRA takes its base's finished seeds
+    (the same runs) instead of retraining them."""
+    import shutil
+
+    track = dataclasses.replace(compare_vit_track(), methods={
+        "glora_large": {"space": "large", "budget": "lora8"},
+        "best": {"space": "large", "budget": "lora8", "base": "glora_large", "select_lora": ["dora"]},
+        "lora4": {"preset": "lora", "rank": 4}})
+    mode = {"tasks": ["digits"], "methods": None, "seeds": [0, 1], "epochs": 2, "lr_grid_size": 1, "lr_extend": 0, "fewshot": None}
+    r = _bare(tmp_path, track, mode)
+    seen = []
+
+    def fake_retrain(method, out, data, epochs, lr, seed, sup_dir=None, warmup=1):
+        seen.append((method, data["task"], seed))
+        score = 40.0 if method == "best@dora" else 70.0 + seed  # plain GLoRA wins the selection
+        return {"test_top1": score, "adapter_params": 7, "wall_s": 1.0, "cpu_s": 2.0, "lr": lr, "seed": seed}
+
+    def fake_supernet(method, out, data, epochs, lr, search=None):
+        (out / "search").mkdir(parents=True)
+        (out / "search" / "result.yaml").write_text("{}")
+        return {"supernet_cpu_s": 10.0, "search_cpu_s": 5.0}
+
+    r.retrain, r.supernet = fake_retrain, fake_supernet
+    for c in r.cells("vtab"):
+        if c[1] != "best":
+            r.run_cell("vtab", c)
+    shutil.rmtree(tmp_path / "runs")  # the next session's checkout
+    seen.clear()
+    again = _bare(tmp_path, track, mode)
+    again.retrain, again.supernet = fake_retrain, fake_supernet
+    for c in again.cells("vtab"):
+        again.run_cell("vtab", c)
+    assert [m for m, t, _ in seen if t == "digits"] == []  # no seed retrained: lora4 and glora_large done, best reuses
+    assert [m for m, _, _ in seen] == ["best@dora"]  # only the option's own score ran
+    runs = json.loads((tmp_path / "results.json").read_text())["runs"]
+    for seed in (0, 1):
+        assert runs[f"vtab/digits/best/{seed}"]["chosen"] == "glora_large"
+        assert runs[f"vtab/digits/best/{seed}"]["test_top1"] == runs[f"vtab/digits/glora_large/{seed}"]["test_top1"] == 70.0 + seed
+
+
 def test_report_lists_costs_options_and_refusals(tmp_path):
     from benchmarks.compare.report import write_report
 

@@ -412,6 +412,9 @@ class Runner:
 
     def vtab_cell(self, task: str, method: str) -> None:
         data = {"kind": "vtab1k", "root": str(self.root / "vtab"), "task": task}
+        seeds = self.m["seeds"][:1] if self.spec(method).get("inherit") else self.m["seeds"]
+        if self.results.get("cost", f"vtab/{task}/{method}") and all(self.results.get("runs", f"vtab/{task}/{method}/{s}") for s in seeds):
+            return  # finished: it needs nothing from its run folders, which a fresh checkout lacks
         name, lr, sup_dir, sup_cost = self.prepared_method(task, method)
         # an inherited sub-network is not trained, so its seeds would be the same run: one test
         seeds = self.m["seeds"][:1] if lr is None else self.m["seeds"]
@@ -421,9 +424,12 @@ class Runner:
             key = f"vtab/{task}/{method}/{seed}"
             if self.results.get("runs", key):
                 continue
-            # a select_lora method that kept plain GLoRA shares its base's seed folders: one worker at a time
+            # a select_lora method that kept plain GLoRA shares its base's seed folders: one worker at a
+            # time, and the base's finished run is that run (its folder may be gone: a fresh checkout)
             with self._exclusive(f"{task}-{name}-seed{seed}"):
-                res = self.retrain(name, self.runs / "vtab" / task / name / f"seed_{seed}", data, self.m["epochs"], lr, seed, sup_dir)
+                same = self.results.get("runs", f"vtab/{task}/{name}/{seed}") if name != method else None
+                res = (dict(same) if same else
+                       self.retrain(name, self.runs / "vtab" / task / name / f"seed_{seed}", data, self.m["epochs"], lr, seed, sup_dir))
             res.update(track="vtab", task=task, method=method, **sup_cost)
             if self.spec(name).get("inherit"):
                 res["init"] = "inherit"  # not trained: its lr is the supernet's
