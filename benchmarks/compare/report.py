@@ -159,12 +159,13 @@ def total_cpu_s(data: dict) -> float:
     supernets and searches, the lr-selection and option-score runs, the seeds' runs and the few-shot
     runs with their own supernets."""
     cpu = 0.0
+    methods = {x.get("method") for x in data.get("runs", {}).values()}
     for k, r in data.get("runs", {}).items():
         if k.endswith("/supernet"):
             cpu += r.get("supernet_cpu_s", 0.0) + r.get("search_cpu_s", 0.0)
         elif k.startswith("fewshot/"):
             cpu += r.get("cpu_s", 0.0) + r.get("supernet_cpu_s", 0.0) + r.get("search_cpu_s", 0.0)
-        elif "chosen" not in r or r["chosen"] not in {x.get("method") for x in data["runs"].values()}:
+        elif r.get("chosen") not in methods:
             cpu += r.get("cpu_s", 0.0)  # a seed run a select_lora method took from its base is counted there
     cpu += sum(sum(s.get("cpu_s", {}).values()) for s in data.get("lr_selection", {}).values())
     cpu += sum(s.get("cpu_s", 0.0) for s in data.get("option_scores", {}).values())
