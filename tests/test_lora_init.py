@@ -508,3 +508,28 @@ def test_extract_and_files_keep_the_function(tmp_path):
     (tmp_path / "small.yaml").write_text(yaml.safe_dump(doc))
     with pytest.raises(AdapterError, match=rf"layer {names[2]}: bad lora_init \(lora init of B: no low-rank choice"):
         load_adapter(copy.deepcopy(base), tmp_path / "small.safetensors")
+
+
+@pytest.mark.parametrize("kind", ["pissa", "lora_ga"])
+def test_a_layer_too_narrow_for_the_init_keeps_loras_and_the_report_says_so(kind):
+    """EfficientNet's depthwise 3x3 kernels are (C, 9) matrices: 9 singular vectors, fewer than
+    LoRA-GA needs at rank 8. Such a layer keeps LoRA's init; the others take the data-aware one."""
+    torch.manual_seed(0)
+    space = {"targets": "all-linear", "choices": {**LORA_ONLY, "B": ["lora8"]}}
+    model = apply_glora(nn.Sequential(nn.Linear(20, 32), nn.Tanh(), nn.Linear(32, 6 if kind == "lora_ga" else 5)), space,
+                        modules_to_save=None).eval()
+    x, y = torch.randn(8, 20, generator=_gen(1)), torch.randint(0, 5, (8,), generator=_gen(2))
+    before = model(x)
+    narrow = dict(glora_layers(model))["2"]
+    factors = (narrow.glora_Bd.clone(), narrow.glora_Bu.clone())
+    if kind == "pissa":
+        report = init_pissa(model)
+    else:
+        G = estimate_weight_grads(model, [(x, y)], lambda m, b: F.cross_entropy(m(b[0]), b[1]))
+        report = init_lora_ga(model, G, niter=None)
+    name = {"pissa": "PiSSA", "lora_ga": "LoRA-GA"}[kind]
+    assert str(report) == f"{name} init (offset form): B on 1 layer; LoRA's init where too few singular vectors for the rank: B on 1 layer"
+    assert report.layers == {"0": ("B",)} and report.too_small == {"2": ("B",)}
+    assert dict(glora_layers(model))["0"].lora_init == {"B": kind}
+    assert torch.equal(narrow.glora_Bd, factors[0]) and torch.equal(narrow.glora_Bu, factors[1])
+    assert torch.equal(model(x), before)  # offset form: nothing moves until it trains

@@ -11,7 +11,9 @@ sub-network starts exactly at W0: ``s (Xd Xu − Xd⁰ Xu⁰)``.
 - :func:`init_lora_ga`: B's factors from G's, A's from ``W0 ⊙ G`` (``∂L/∂A``); C keeps LoRA's init.
 
 A tensor is initialised at its largest rank R (the shared factors' size); a ``lora_k`` choice of a
-supernet is the leading rank-k slice, with its own offset.
+supernet is the leading rank-k slice, with its own offset. A layer whose matrix has fewer singular
+vectors than that needs (R for PiSSA, 2R for LoRA-GA; a depthwise 3x3 convolution has 9) keeps LoRA's
+init there, and the report counts it; a model where no layer fits is an error.
 """
 
 from __future__ import annotations
@@ -39,13 +41,34 @@ class InitReport:
     kind: str  # "pissa" or "lora_ga"
     layers: dict[str, tuple[str, ...]] = field(default_factory=dict)
     untouched: tuple[str, ...] = ()  # the tensors this init never applies to (they keep LoRA's init)
+    # per layer, the tensors whose matrix has fewer singular vectors than the init needs at their rank
+    # (a depthwise 3x3 convolution's (C, 9) kernel at rank 8, say): they keep LoRA's init
+    too_small: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+    @staticmethod
+    def _counts(layers: Mapping[str, tuple[str, ...]]) -> str:
+        counts = {t: sum(t in ts for ts in layers.values()) for t in "ABC"}
+        return ", ".join(f"{t} on {n} layer{'s' * (n != 1)}" for t, n in counts.items() if n)
 
     def __str__(self) -> str:
-        counts = {t: sum(t in ts for ts in self.layers.values()) for t in "ABC"}
-        done = ", ".join(f"{t} on {n} layer{'s' * (n != 1)}" for t, n in counts.items() if n) or "nothing (no low-rank choice)"
+        done = self._counts(self.layers) or "nothing (no low-rank choice)"
         verb = "keeps" if len(self.untouched) == 1 else "keep"
         keep = f"; {' and '.join(self.untouched)} {verb} LoRA's init" if self.untouched else ""
-        return f"{_NAMES[self.kind]} init (offset form): {done}{keep}"
+        small = (f"; LoRA's init where too few singular vectors for the rank: {self._counts(self.too_small)}"
+                 if self.too_small else "")
+        return f"{_NAMES[self.kind]} init (offset form): {done}{keep}{small}"
+
+
+def _too_few(name: str, what: str, t: str, rank: int, needed: int, layer: GLoraLayer) -> str:
+    return (f"{name}: {what} on {t}: r={rank}: {what} needs {needed} singular vectors, a {(layer.rows, layer.cols)} "
+            f"matrix has {min(layer.rows, layer.cols)}")
+
+
+def _none_fit(kind: str, first: str | None) -> None:
+    """A model where *no* layer can take the init is a mistake worth stopping for (a model with
+    only some small layers is not: those keep LoRA's init, and the report says how many)."""
+    if first is not None:
+        raise ValueError(f"{first}; no GLoRA layer of this model has enough for {_NAMES[kind]} at its rank")
 
 
 # The tensors each init starts (the others keep LoRA's own init): PiSSA needs W0 as the tensor's
@@ -93,10 +116,14 @@ def init_pissa(model: nn.Module, *, niter: int | None = None) -> InitReport:
     factors are kept as frozen copies (offset form), so the model is unchanged until it trains.
     ``niter`` as :func:`~.init.pissa_factors` (None: an exact SVD, float32 at least).
     """
-    done = {}
+    done, small, first = {}, {}, None
     for name, layer in glora_layers(model):
         top = _largest_lora(layer, "B")
         if top is None:
+            continue
+        if top.rank > min(layer.rows, layer.cols):
+            small[name] = ("B",)
+            first = first or _too_few(name, "PiSSA", "B", top.rank, top.rank, layer)
             continue
         try:
             down, up = pissa_factors(_weight_matrix(layer), top.rank, _scale(layer, top), niter=niter)
@@ -104,7 +131,9 @@ def init_pissa(model: nn.Module, *, niter: int | None = None) -> InitReport:
             raise ValueError(f"{name}: PiSSA on B: {err}") from None
         layer.set_lora_init("B", "pissa", down, up)
         done[name] = ("B",)
-    return InitReport("pissa", done, _low_rank_among(model, tuple(t for t in "ABC" if t not in INIT_TENSORS["pissa"])))
+    if not done:
+        _none_fit("pissa", first)
+    return InitReport("pissa", done, _low_rank_among(model, tuple(t for t in "ABC" if t not in INIT_TENSORS["pissa"])), small)
 
 
 @torch.no_grad()
@@ -217,7 +246,7 @@ def init_lora_ga(
         raise ValueError(f"scale: expected 'stable' or 'gd', got {scale!r}")
     if direction is not None:
         lora_ga_direction(None, "B", direction)  # checks the name
-    done = {}
+    done, small, first = {}, {}, None
     for name, layer in glora_layers(model):
         tensors = [t for t in INIT_TENSORS["lora_ga"] if _largest_lora(layer, t) is not None]
         if not tensors:
@@ -230,6 +259,10 @@ def init_lora_ga(
         G = G.detach().to(device=layer.weight.device, dtype=torch.float32 if layer.weight.dtype != torch.float64 else torch.float64)
         for t in tensors:
             top = _largest_lora(layer, t)
+            if 2 * top.rank > min(layer.rows, layer.cols):
+                small[name] = (*small.get(name, ()), t)
+                first = first or _too_few(name, "LoRA-GA", t, top.rank, 2 * top.rank, layer)
+                continue
             target = G if t == "B" else _weight_matrix(layer).to(G.dtype) * G
             try:
                 down, up = lora_ga_factors(target, top.rank, _scale(layer, top), gamma, scale == "stable",
@@ -237,5 +270,8 @@ def init_lora_ga(
             except ValueError as err:
                 raise ValueError(f"{name}: LoRA-GA on {t}: {err}") from None
             layer.set_lora_init(t, "lora_ga", down, up)
-        done[name] = tuple(tensors)
-    return InitReport("lora_ga", done, _low_rank_among(model, tuple(t for t in "ABC" if t not in INIT_TENSORS["lora_ga"])))
+        if set(tensors) - set(small.get(name, ())):
+            done[name] = tuple(t for t in tensors if t not in small.get(name, ()))
+    if not done:
+        _none_fit("lora_ga", first)
+    return InitReport("lora_ga", done, _low_rank_among(model, tuple(t for t in "ABC" if t not in INIT_TENSORS["lora_ga"])), small)
