@@ -46,8 +46,14 @@ def dora_magnitude(W0: torch.Tensor) -> torch.Tensor:
 
 
 def dora_row_scale(norms: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
-    """``m / ‖V‖`` with the norms detached: the per-output-row factor of DoRA, ``(out,)``."""
-    return magnitude / norms.detach()
+    """``m / ‖V‖`` with the norms detached: the per-output-row factor of DoRA, ``(out,)``.
+
+    A row with ``‖V‖ = 0`` (pretrained checkpoints have them: EfficientNet-Lite0's dead depthwise
+    channels, Llama-3.1's ``o_proj`` rows, PEFT issue 2049) is divided by 1 instead of 0. Its direction
+    is undefined and its output is zero whatever the factor, so this changes nothing but the 0/0
+    that would make the whole model NaN; every other row is exact."""
+    n = norms.detach()
+    return magnitude / torch.where(n > 0, n, torch.ones_like(n))
 
 
 def dora_weight(V: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:

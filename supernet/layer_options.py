@@ -11,7 +11,7 @@ from typing import Mapping
 import torch
 import torch.nn as nn
 
-from .dora import dora_magnitude, dora_weight, row_norms
+from .dora import dora_magnitude, dora_row_scale, dora_weight, row_norms
 from .plans import OFFSETS
 from .space import SpaceError
 
@@ -88,7 +88,7 @@ class DoraMixin:
     @torch.no_grad()
     def _dora_rescale_(self, W: torch.Tensor) -> torch.Tensor:
         """``W ← m ⊙ W / ‖W‖`` row-wise, in place, for the merged weight (``W`` is V, ``(rows, …)``)."""
-        W.mul_((self.glora_m.to(W.dtype) / row_norms(W)).view(-1, *([1] * (W.dim() - 1))))
+        W.mul_(dora_row_scale(row_norms(W), self.glora_m.to(W.dtype)).view(-1, *([1] * (W.dim() - 1))))
         return W
 
 

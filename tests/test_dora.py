@@ -405,3 +405,33 @@ def test_with_vector_params():
         y = model(x)
         assert (merge_glora(copy.deepcopy(model))(x) - y).abs().max().item() <= 1e-10
         assert (extract_subnet(model)(x) - y).abs().max().item() <= 1e-10
+
+
+@pytest.mark.parametrize("conv", [False, True], ids=["linear", "depthwise-conv"])
+def test_a_zero_row_of_w0_stays_finite_trains_and_merges(conv):
+    """Pretrained weights have all-zero rows (EfficientNet-Lite0's dead depthwise channels): ‖W0_i‖ = 0
+    and m_i = 0 made m / ‖V‖ a 0/0 and the whole model NaN at step 0. Such a row outputs zero, the
+    other rows are DoRA exactly, a step keeps everything finite, and the merge agrees."""
+    torch.manual_seed(0)
+    base = nn.Conv2d(4, 4, 3, padding=1, groups=4) if conv else nn.Linear(6, 4)
+    with torch.no_grad():
+        base.weight[1].zero_()
+    layer = (GLoraConv2d if conv else GLoraLinear)(copy.deepcopy(base), load_space(LARGE_SPACE).choices)
+    layer.set_dora(True)
+    layer.set_choice(dict(A="lora4", B="lora4", C="none", D="none", E="none"))
+    x = torch.randn(3, 4, 5, 5) if conv else torch.randn(3, 6)
+    y = layer(x)
+    assert layer.glora_m[1] == 0 and row_norms(layer.weight)[1] == 0
+    torch.testing.assert_close(y, base(x), rtol=0, atol=1e-6)
+    y.square().sum().backward()
+    grads = [p.grad for p in layer.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+    _randomise(layer, torch.Generator().manual_seed(3))
+    y = layer(x)
+    assert torch.isfinite(y).all()
+    with torch.no_grad():
+        W, b = layer.merged_weight_bias()
+        merged = copy.deepcopy(base)
+        merged.weight.copy_(W)
+        merged.bias.copy_(b)
+        torch.testing.assert_close(merged(x), y, rtol=1e-5, atol=1e-5)

@@ -261,16 +261,12 @@ def source_hash(n_test: int, seed: int) -> str:
     return h.hexdigest()[:16]
 
 
-def cached(root: Path, build) -> Path:
-    """``build(root)`` unless an earlier build finished there (its ``DONE`` marker, written last)."""
-    root = Path(root)
-    if not (root / "DONE").is_file():
-        build(root)
-        (root / "DONE").write_text("ok\n")
-    return root
-
-
 def prepare_cached(data_dir: Path, n_test: int = 1000, seed: int = 0, log=print) -> Path:
     """``prepare`` into ``data_dir/<hash>`` unless it is already complete there."""
-    return cached(Path(data_dir) / source_hash(n_test, seed),
-                  lambda root: prepare(root, *load_sources(), n_test, seed, log=log))
+    root = Path(data_dir) / source_hash(n_test, seed)
+    if (root / "DONE").is_file():
+        return root
+    fm_test, digits, fm_train = load_sources()
+    prepare(root, fm_test, digits, fm_train, n_test, seed, log=log)
+    (root / "DONE").write_text("ok\n")
+    return root
