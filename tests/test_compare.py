@@ -238,6 +238,50 @@ def test_a_fresh_checkout_resumes_from_results_alone(tmp_path):
         assert runs[f"vtab/digits/best/{seed}"]["test_top1"] == runs[f"vtab/digits/glora_large/{seed}"]["test_top1"] == 70.0 + seed
 
 
+def test_a_screen_tries_only_the_options_that_helped_lora_on_validation(tmp_path):
+    """``screen: lora8``: GLoRA gets a supernet per option only for the options whose LoRA r8 beat
+    plain LoRA r8 on the task's val200 (here dora, not loraplus); the screen is recorded, the
+    dropped option costs nothing, and the report names both."""
+    from benchmarks.compare.report import screen_note
+
+    track = dataclasses.replace(compare_vit_track(), methods={
+        "glora_large": {"space": "large", "budget": "lora8"},
+        "best": {"space": "large", "budget": "lora8", "base": "glora_large", "screen": "lora8", "select_lora": ["dora", "loraplus"]},
+        "lora8": {"preset": "lora", "rank": 8},
+        "lora8_dora": {"preset": "lora", "rank": 8, "lora": {"use_dora": True}},
+        "lora8_loraplus": {"preset": "lora", "rank": 8, "lora": {"loraplus_lr_ratio": 16}}})
+    mode = {"tasks": ["digits"], "methods": None, "seeds": [0], "epochs": 2, "lr_grid_size": 1, "lr_extend": 0, "fewshot": None}
+    r = _bare(tmp_path, track, mode)
+    val = {"lora8": 80.0, "lora8_dora": 82.0, "lora8_loraplus": 80.0, "glora_large": 70.0, "best@dora": 75.0}
+    seen = []
+
+    def fake_retrain(method, out, data, epochs, lr, seed, sup_dir=None, warmup=1):
+        seen.append(method)
+        return {"test_top1": val.get(method, 0.0) if data["task"].endswith("_lrsel") else 50.0, "adapter_params": 7, "wall_s": 1.0,
+                "cpu_s": 2.0, "lr": lr, "seed": seed}
+
+    def fake_supernet(method, out, data, epochs, lr, search=None):
+        seen.append(f"supernet {method}")
+        (out / "search").mkdir(parents=True)
+        (out / "search" / "result.yaml").write_text("{}")
+        return {"supernet_cpu_s": 10.0, "search_cpu_s": 5.0}
+
+    r.retrain, r.supernet = fake_retrain, fake_supernet
+    r.run_cell("vtab", ("digits", "best"))  # first of all: the screen runs the presets' lr selections it needs
+    data = json.loads((tmp_path / "results.json").read_text())
+    sel = data["option_selection"]["digits/best"]
+    assert sel["screen"] == {"preset": "lora8", "val_top1": {"lora8": 80.0, "lora8_dora": 82.0, "lora8_loraplus": 80.0}, "kept": ["dora"]}
+    assert set(sel["val_top1"]) == {"glora_large", "best@dora"} and sel["chosen"] == "best@dora"
+    assert "supernet best@loraplus" not in seen and "best@loraplus" not in seen
+    # its cost: glora_large's and dora's supernets, their lr runs, the seed; nothing of loraplus
+    assert data["cost"]["vtab/digits/best"]["supernet_search_cpu_s"] == 30.0
+    assert screen_note(sel["screen"]) == " (screened on lora8's val200, 80.0: tried dora 82.0; not tried loraplus 80.0)"
+    seen.clear()
+    for c in r.cells("vtab"):
+        r.run_cell("vtab", c)
+    assert [m for m in seen if m.startswith("lora8")] == ["lora8", "lora8_dora", "lora8_loraplus"]  # their seeds; lr runs reused
+
+
 def test_report_lists_costs_options_and_refusals(tmp_path):
     from benchmarks.compare.report import write_report
 

@@ -154,6 +154,17 @@ def ablation_table(data: dict, methods: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def screen_note(screen: dict | None) -> str:
+    """The options a screen kept and dropped, with the val200 scores of LoRA with each."""
+    if not screen:
+        return ""
+    val, ref = screen["val_top1"], screen["preset"]
+    opts = {k.removeprefix(f"{ref}_"): v for k, v in val.items() if k != ref}
+    dropped = [o for o in opts if o not in screen["kept"]]
+    fmt = lambda os: ", ".join(f"{o} {opts[o]:.1f}" for o in os) or "none"  # noqa: E731
+    return f" (screened on {ref}'s val200, {val[ref]:.1f}: tried {fmt(screen['kept'])}; not tried {fmt(dropped)})"
+
+
 def total_cpu_s(data: dict) -> float:
     """CPU seconds of every run once (cells share supernets, lr selections and seed runs): the
     supernets and searches, the lr-selection and option-score runs, the seeds' runs and the few-shot
@@ -206,7 +217,7 @@ def write_report(results_path: Path) -> str:
     if data.get("option_selection"):
         md += "\n### LoRA-family option chosen for GLoRA-large on val200 (val top-1 % at glora_large's lr)\n\n" + "\n".join(
             f"- {k} (lr {s.get('lr', 0):g}): " + ", ".join(f"{c.split('@')[-1]}: {v:.1f}" for c, v in s["val_top1"].items())
-            + f" -> {s['chosen']}" for k, s in sorted(data["option_selection"].items())) + "\n"
+            + f" -> {s['chosen']}" + screen_note(s.get("screen")) for k, s in sorted(data["option_selection"].items())) + "\n"
     refused = meta.get("refused") or {}
     if refused:
         md += "\n### Methods this track does not run\n\n" + "\n".join(f"- {m}: {why}" for m, why in sorted(refused.items())) + "\n"

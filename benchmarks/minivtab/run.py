@@ -353,6 +353,22 @@ class Runner:
         self.log(f"[option] {task:12s} {cand:24s} lr {lr:g}: val200 {res['test_top1']:.2f}%")
         return res["test_top1"]
 
+    def screen(self, task: str, method: str) -> dict | None:
+        """A ``select_lora`` method with ``screen: <preset>`` (``lora8``) keeps an option as a
+        candidate only where that preset with the option (``lora8_<option>``) beat the plain preset
+        on ``task``'s val200 (each at its best lr). It costs no run: those presets' lr selections are
+        cells of the track anyway (done here first if not yet). None without ``screen``."""
+        spec = self.spec(method)
+        ref = spec.get("screen")
+        if not ref:
+            return None
+        val = {}
+        for name in [ref, *(f"{ref}_{o}" for o in spec["select_lora"])]:
+            if name in self.methods:
+                self.prepared_method(task, name)
+                val[name] = max(self.results.get("lr_selection", f"{task}/{name}")["val_top1"].values())
+        return {"preset": ref, "val_top1": val, "kept": [o for o in spec["select_lora"] if val.get(f"{ref}_{o}", -1.0) > val[ref]]}
+
     def prepared_method(self, task: str, method: str) -> tuple[str, float | None, Path | None, dict]:
         """(the method name to retrain, its lr, its supernet folder, the supernet's costs) on
         ``task``: trains and searches a GLoRA supernet and selects the lr on val200 where not done.
@@ -364,12 +380,17 @@ class Runner:
             done = self.results.get("option_selection", sel_key)
             if not done:
                 cands = self.candidates(method)
+                screen = self.screen(task, method)
+                if screen is not None:
+                    cands = cands[:1] + [c for c in cands[1:] if c.split("@")[1] in screen["kept"]]
                 _, lr0, _, _ = self.prepared_method(task, cands[0])
                 val = {cands[0]: self.results.get("lr_selection", f"{task}/{cands[0]}")["val_top1"][f"{lr0:g}"]}
                 for cand in cands[1:]:
                     val[cand] = self.option_score(task, cand, lr0)
                 # ties go to the earlier candidate (plain GLoRA first): an option must earn its place
                 done = {"lr": lr0, "val_top1": val, "chosen": max(val, key=lambda c: (val[c], -list(val).index(c)))}
+                if screen is not None:
+                    done["screen"] = screen
                 self.results.put("option_selection", sel_key, done)
                 self.log(f"[option] {task:12s} {method}: {done['chosen']} ({val})")
             return self.prepared_method(task, done["chosen"])
@@ -400,7 +421,9 @@ class Runner:
         option score and lr-selection runs, and the seeds' final runs (an inherited sub-network: its
         base's supernet and search, and its one test)."""
         spec = self.methods.get(method, {})
-        names = self.candidates(method) if spec.get("select_lora") else [method]
+        sel = self.results.get("option_selection", f"{task}/{method}") if spec.get("select_lora") else None
+        # the candidates that were scored (a screen may have dropped some)
+        names = list(sel["val_top1"]) if sel else self.candidates(method) if spec.get("select_lora") else [method]
         runs = self.results.data.get("runs", {})
         owners = [spec["base"]] if spec.get("inherit") else names
         sup = sum(runs.get(f"vtab/{task}/{n}/supernet", {}).get(k, 0.0) for n in owners for k in ("supernet_cpu_s", "search_cpu_s"))
