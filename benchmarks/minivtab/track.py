@@ -137,6 +137,7 @@ def describe(spec: dict[str, Any]) -> str:
     """One line for a method spec (docs and the driver's log)."""
     if "space" in spec:
         extra = f", LoRA-family option chosen on val200 from {spec['select_lora']}" if spec.get("select_lora") else ""
+        extra += f" (those that beat plain {spec['screen']} there)" if spec.get("screen") else ""
         extra += f", {spec['base']}'s sub-network with the supernet's weights, not retrained" if spec.get("inherit") else ""
         extra += f", supernet {spec['supernet_x']}x the epochs" if spec.get("supernet_x") else ""
         extra += f", on {'/'.join(spec['tasks'])} only" if spec.get("tasks") else ""
