@@ -435,12 +435,11 @@ class Runner:
 
     def vtab_cell(self, task: str, method: str) -> None:
         data = {"kind": "vtab1k", "root": str(self.root / "vtab"), "task": task}
+        # an inherited sub-network is not trained, so its seeds would be the same run: one test
         seeds = self.m["seeds"][:1] if self.spec(method).get("inherit") else self.m["seeds"]
         if self.results.get("cost", f"vtab/{task}/{method}") and all(self.results.get("runs", f"vtab/{task}/{method}/{s}") for s in seeds):
             return  # finished: it needs nothing from its run folders, which a fresh checkout lacks
         name, lr, sup_dir, sup_cost = self.prepared_method(task, method)
-        # an inherited sub-network is not trained, so its seeds would be the same run: one test
-        seeds = self.m["seeds"][:1] if lr is None else self.m["seeds"]
         if lr is None:  # its weights were trained at the supernet's lr (the config needs some lr)
             lr = self.supernet_lr(self.spec(method)["base"])
         for seed in seeds:

@@ -26,7 +26,7 @@ import torch.nn as nn
 
 from supernet import TENSORS, Choice, GLoraLayer, LayerChoice, glora_layers
 
-from .init import DIRECTIONS, lora_ga_factors, pissa_factors
+from .init import DIRECTIONS, lora_ga_factors, pissa_factors, too_few_singular_vectors
 
 __all__ = ["InitReport", "init_pissa", "estimate_weight_grads", "init_lora_ga", "lora_ga_direction"]
 
@@ -57,11 +57,6 @@ class InitReport:
         small = (f"; LoRA's init where too few singular vectors for the rank: {self._counts(self.too_small)}"
                  if self.too_small else "")
         return f"{_NAMES[self.kind]} init (offset form): {done}{keep}{small}"
-
-
-def _too_few(name: str, what: str, t: str, rank: int, needed: int, layer: GLoraLayer) -> str:
-    return (f"{name}: {what} on {t}: r={rank}: {what} needs {needed} singular vectors, a {(layer.rows, layer.cols)} "
-            f"matrix has {min(layer.rows, layer.cols)}")
 
 
 def _none_fit(kind: str, first: str | None) -> None:
@@ -121,9 +116,10 @@ def init_pissa(model: nn.Module, *, niter: int | None = None) -> InitReport:
         top = _largest_lora(layer, "B")
         if top is None:
             continue
-        if top.rank > min(layer.rows, layer.cols):
+        why = too_few_singular_vectors("PiSSA", top.rank, (layer.rows, layer.cols))
+        if why:
             small[name] = ("B",)
-            first = first or _too_few(name, "PiSSA", "B", top.rank, top.rank, layer)
+            first = first or f"{name}: PiSSA on B: {why}"
             continue
         try:
             down, up = pissa_factors(_weight_matrix(layer), top.rank, _scale(layer, top), niter=niter)
@@ -257,11 +253,13 @@ def init_lora_ga(
         if tuple(G.shape) != (layer.rows, layer.cols):
             raise ValueError(f"{name}: gradient has shape {tuple(G.shape)}, expected {(layer.rows, layer.cols)}")
         G = G.detach().to(device=layer.weight.device, dtype=torch.float32 if layer.weight.dtype != torch.float64 else torch.float64)
+        started = []
         for t in tensors:
             top = _largest_lora(layer, t)
-            if 2 * top.rank > min(layer.rows, layer.cols):
+            why = too_few_singular_vectors("LoRA-GA", top.rank, (layer.rows, layer.cols))
+            if why:
                 small[name] = (*small.get(name, ()), t)
-                first = first or _too_few(name, "LoRA-GA", t, top.rank, 2 * top.rank, layer)
+                first = first or f"{name}: LoRA-GA on {t}: {why}"
                 continue
             target = G if t == "B" else _weight_matrix(layer).to(G.dtype) * G
             try:
@@ -270,8 +268,9 @@ def init_lora_ga(
             except ValueError as err:
                 raise ValueError(f"{name}: LoRA-GA on {t}: {err}") from None
             layer.set_lora_init(t, "lora_ga", down, up)
-        if set(tensors) - set(small.get(name, ())):
-            done[name] = tuple(t for t in tensors if t not in small.get(name, ()))
+            started.append(t)
+        if started:
+            done[name] = tuple(started)
     if not done:
         _none_fit("lora_ga", first)
     return InitReport("lora_ga", done, _low_rank_among(model, tuple(t for t in "ABC" if t not in INIT_TENSORS["lora_ga"])), small)

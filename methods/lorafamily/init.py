@@ -71,7 +71,7 @@ import math
 
 import torch
 
-__all__ = ["pissa_factors", "lora_ga_factors", "lora_ga_indices", "offset_delta", "frozen_copy", "DIRECTIONS"]
+__all__ = ["pissa_factors", "lora_ga_factors", "too_few_singular_vectors", "lora_ga_indices", "offset_delta", "frozen_copy", "DIRECTIONS"]
 
 DIRECTIONS = ("ArB2r", "A2rBr", "ArBr")
 
@@ -81,11 +81,24 @@ def _work_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-def _check_rank(name: str, r: int, needed: int, shape) -> None:
+# singular vectors each init takes per unit of rank: PiSSA W0's top r, LoRA-GA the gradient's top 2r
+VECTORS_PER_RANK = {"PiSSA": 1, "LoRA-GA": 2}
+
+
+def too_few_singular_vectors(name: str, r: int, shape) -> str | None:
+    """Why a ``shape`` matrix cannot take init ``name`` ("PiSSA", "LoRA-GA") at rank ``r``, or None."""
+    needed = VECTORS_PER_RANK[name] * r
+    if needed > min(shape):
+        return f"r={r}: {name} needs {needed} singular vectors, a {tuple(shape)} matrix has {min(shape)}"
+    return None
+
+
+def _check_rank(name: str, r: int, shape) -> None:
     if not (isinstance(r, int) and r > 0):
         raise ValueError(f"r: must be a positive integer, got {r!r}")
-    if needed > min(shape):
-        raise ValueError(f"r={r}: {name} needs {needed} singular vectors, a {tuple(shape)} matrix has {min(shape)}")
+    why = too_few_singular_vectors(name, r, shape)
+    if why:
+        raise ValueError(why)
 
 
 def pissa_factors(W0: torch.Tensor, r: int, scale: float = 1.0, *, niter: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,7 +111,7 @@ def pissa_factors(W0: torch.Tensor, r: int, scale: float = 1.0, *, niter: int | 
     """
     if W0.ndim != 2:
         raise ValueError(f"W0: expected a matrix, got shape {tuple(W0.shape)}")
-    _check_rank("PiSSA", r, r, W0.shape)
+    _check_rank("PiSSA", r, W0.shape)
     if not scale > 0:
         raise ValueError(f"scale: must be positive, got {scale!r}")
     W = W0.detach().to(_work_dtype(W0))
@@ -145,7 +158,7 @@ def lora_ga_factors(
     """
     if G.ndim != 2:
         raise ValueError(f"G: expected a matrix, got shape {tuple(G.shape)}")
-    _check_rank("LoRA-GA", r, 2 * r, G.shape)
+    _check_rank("LoRA-GA", r, G.shape)
     idx_d, idx_u = lora_ga_indices(r, direction)
     g = G.detach().to(_work_dtype(G))
     if niter is None:
