@@ -329,6 +329,26 @@ def test_report_lists_costs_options_and_refusals(tmp_path):
     assert (tmp_path / "results-cnn.png").stat().st_size > 0 and (tmp_path / "results-cnn.md").read_text() == md
 
 
+def test_the_verdict_does_not_depend_on_the_order_the_tasks_finished(tmp_path):
+    from benchmarks.compare.report import write_report
+
+    # fashion finished first, though the track lists mnist first
+    runs = {}
+    for task in ("fashion", "mnist"):
+        for seed in range(3):
+            for m, acc, p in (("glora_large", 80.0 + seed, 40000), ("lora8", 90.0 + seed, 49152)):
+                runs[f"vtab/{task}/{m}/{seed}"] = {"track": "vtab", "task": task, "method": m, "seed": seed, "test_top1": acc,
+                                                   "adapter_params": p, "wall_s": 1.0, "lr": 0.01}
+    sel = {f"{t}/lora8": {"val_top1": {"0.01": 85.0}, "cpu_s": {"0.01": 5.0}, "chosen": 0.01} for t in ("fashion", "mnist")}
+    path = tmp_path / "results-cnn.json"
+    path.write_text(json.dumps({"meta": {"mode": "full", "track": "cnn", "settings": {"epochs": 6}, "budgets": {"lora8": 49152}, "finished": True,
+                                         "invocations": [{"started": "x", "wall_s": 3600.0}]},
+                                "runs": runs, "lr_selection": sel}))
+    md = write_report(path)
+    assert md.startswith("### Verdict")
+    assert "- **glora_large** does not beat lora8 (49,152 params) within lora8's count: -10.0 points on the mean, 0 win(s), 0 tie(s), 2 loss(es) over 2 tasks" in md
+
+
 @pytest.mark.slow
 def test_driver_smoke_on_both_tracks(tmp_path, cnn_data):
     """The whole driver in smoke mode: on the ViT replica (random backbone, the replica's stand-in

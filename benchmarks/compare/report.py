@@ -111,7 +111,8 @@ def verdict(data: dict, methods: dict[str, dict], tasks: list[str]) -> str:
     runs = [r for k, r in data.get("runs", {}).items() if k.startswith("vtab/") and "test_top1" in r]
     out = []
     for g, spec in methods.items():
-        if not is_glora(g, spec) or g not in summ or spec.get("budget") not in budgets or summ[g]["tasks"] != tasks:
+        if not is_glora(g, spec) or g not in summ or spec.get("budget") not in budgets or set(summ[g]["tasks"]) != set(tasks):
+            # (a set: the runs list tasks in the order they finished, not the track's)
             continue
         best = best_rival(data, methods, summ, budgets[spec["budget"]], tasks)
         if best is None:
@@ -190,7 +191,7 @@ def cost_note(data: dict) -> str:
         return ""
     wall = sum(i["wall_s"] for i in inv)
     cpu = total_cpu_s(data)
-    return (f"\nWall time of this track so far: {wall / 3600:.2f} h over {len(inv)} invocation(s), "
+    return (f"\nWall time of this track{'' if meta.get('finished') else ' so far'}: {wall / 3600:.2f} h over {len(inv)} invocation(s), "
             f"{meta.get('workers', '?')} single-threaded workers; CPU seconds recorded in the cells: {cpu:,.0f}"
             f"{'' if meta.get('finished') else ' (not finished)'}.\n")
 

@@ -103,7 +103,9 @@ def comparison_table(data: dict, groups: dict | None = None, pairs: list[tuple[s
         lv = [r for r in vt if r["method"] == lo] + [r for r in fs if r["method"] == lo]
         if not gv or not lv:
             continue
-        cells = [f"{g} vs {lo}", f"{statistics.mean(r['adapter_params'] for r in gv):,.0f} / {statistics.mean(r['adapter_params'] for r in lv):,.0f}"]
+        # the counts of the VTAB runs, as in the main table (a few-shot search picks its own sub-network)
+        pg, pl = ([r for r in v if r["track"] == "vtab"] or v for v in (gv, lv))
+        cells = [f"{g} vs {lo}", f"{statistics.mean(r['adapter_params'] for r in pg):,.0f} / {statistics.mean(r['adapter_params'] for r in pl):,.0f}"]
         for t in tasks:
             a = [r["test_top1"] for r in gv if r["track"] == "vtab" and r["task"] == t]
             b = [r["test_top1"] for r in lv if r["track"] == "vtab" and r["task"] == t]
