@@ -349,6 +349,58 @@ def test_the_verdict_does_not_depend_on_the_order_the_tasks_finished(tmp_path):
     assert "- **glora_large** does not beat lora8 (49,152 params) within lora8's count: -10.0 points on the mean, 0 win(s), 0 tie(s), 2 loss(es) over 2 tasks" in md
 
 
+def test_the_vit_backbone_is_pinned_so_every_session_resumes_on_the_same_weights(tmp_path, monkeypatch):
+    from benchmarks.compare import tracks
+    from benchmarks.minivtab import pretrain as P
+
+    monkeypatch.setattr(P, "CACHE", tmp_path / "cache")
+    monkeypatch.setattr(P, "content_hash", lambda s: "abc")
+    calls = []
+
+    def fake_pretrain():  # as pretrain: reuse a cached file beside its .json, else "train" one
+        out = P.CACHE / "backbone-abc.safetensors"
+        if not (out.is_file() and out.with_suffix(".json").is_file()):
+            calls.append(1)
+            P.CACHE.mkdir(parents=True, exist_ok=True)
+            out.write_bytes(b"trained here")
+            out.with_suffix(".json").write_text("{}")
+        return out
+
+    monkeypatch.setattr(P, "pretrain", fake_pretrain)
+    pinned = tmp_path / "backbones"
+    # a fresh checkout with the committed copy: no pre-training, the committed weights
+    pinned.mkdir()
+    (pinned / "backbone-abc.safetensors").write_bytes(b"committed")
+    (pinned / "backbone-abc.json").write_text("{}")
+    got = Path(tracks.pinned_vit_checkpoint(pinned))
+    assert got.read_bytes() == b"committed" and not calls
+    # no committed copy: pre-trained once, and the copy to commit appears
+    for f in [*pinned.iterdir(), *P.CACHE.iterdir()]:
+        f.unlink()
+    got = Path(tracks.pinned_vit_checkpoint(pinned))
+    assert calls == [1] and (pinned / "backbone-abc.safetensors").read_bytes() == b"trained here"
+    assert sorted(f.name for f in pinned.iterdir()) == ["backbone-abc.json", "backbone-abc.safetensors"]
+
+
+def test_resuming_on_other_weights_under_the_same_name_is_refused_and_keeps_the_results(tmp_path):
+    import hashlib
+
+    from benchmarks.compare.run import BackboneChanged, backbone_sha256
+
+    ckpt = tmp_path / "backbone-abc.safetensors"
+    ckpt.write_bytes(b"weights A")
+    res = tmp_path / "results-vit.json"
+    assert backbone_sha256(res, ckpt) == hashlib.sha256(b"weights A").hexdigest()  # no results yet
+    res.write_text(json.dumps({"meta": {"backbone": ckpt.name, "backbone_sha256": hashlib.sha256(b"weights A").hexdigest()},
+                               "runs": {"vtab/x/lora8/0": {}}}))
+    before = res.read_text()
+    assert backbone_sha256(res, ckpt) == hashlib.sha256(b"weights A").hexdigest()
+    ckpt.write_bytes(b"weights B")
+    with pytest.raises(BackboneChanged, match="results-vit.json: its runs used backbone-abc.safetensors"):
+        backbone_sha256(res, ckpt)
+    assert res.read_text() == before
+
+
 @pytest.mark.slow
 def test_driver_smoke_on_both_tracks(tmp_path, cnn_data):
     """The whole driver in smoke mode: on the ViT replica (random backbone, the replica's stand-in

@@ -15,6 +15,8 @@ CPU seconds of each cell's whole pipeline, and ``option_selection``: the LoRA-fa
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import os
 import platform
 import sys
@@ -81,6 +83,26 @@ def prepare_data(track: Track) -> Path:
     return prepare_cached(HERE.parent / "minivtab" / "data")
 
 
+class BackboneChanged(RuntimeError):
+    """The results were measured on other weights than the checkpoint found now."""
+
+
+def backbone_sha256(results: Path, ckpt: Path) -> str:
+    """The checkpoint's sha256; raises BackboneChanged (results untouched) where ``results``
+    recorded another one for the same backbone name: resuming would mix two backbones in one table."""
+    h = hashlib.sha256()
+    with open(ckpt, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    sha = h.hexdigest()
+    old = json.loads(results.read_text()).get("meta", {}) if results.is_file() else {}
+    if old.get("backbone") == ckpt.name and old.get("backbone_sha256") not in (None, sha):
+        raise BackboneChanged(f"{results}: its runs used {ckpt.name} with sha256 {old['backbone_sha256'][:16]}, but {ckpt} "
+                              f"has {sha[:16]}; put back the file they used (benchmarks/compare/backbones/ keeps the ViT's) "
+                              f"or move {results.name} away to start the track over")
+    return sha
+
+
 def method_table(track: Track) -> list[tuple[str, str, str | None]]:
     """(method, what it is, why it is refused or None) for every method of the track."""
     return [(m, describe(spec), refusal(track, m)) for m, spec in track.methods.items()]
@@ -103,7 +125,8 @@ def run_track(name: str, mode: str, workers: int, path: Path | None = None, phas
         Runner(mode, Path(ckpt), root, Results(path), log=log, track=track, modes=modes).run(phase, Path(claims))
         return path
     t0 = time.time()
-    meta = {"mode": mode, "track": name, "settings": modes[mode], "backbone": Path(ckpt).name, "protocol": PROTOCOL,
+    sha = backbone_sha256(path, Path(ckpt))
+    meta = {"mode": mode, "track": name, "settings": modes[mode], "backbone": Path(ckpt).name, "backbone_sha256": sha, "protocol": PROTOCOL,
             "track_settings": track_settings(track),
             "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, 1 thread per worker",
             "lr_grid": {m: track.grid(m, modes[mode]["lr_grid_size"]) for m in track.methods}, "workers": workers}
@@ -168,7 +191,7 @@ def main(argv=None) -> int:
         if not args.report_only:
             try:
                 run_track(name, mode, args.workers, path, args.phase, args.claims)
-            except fmnist.FashionMNISTMissing as err:
+            except (fmnist.FashionMNISTMissing, BackboneChanged) as err:
                 print(err, file=sys.stderr)
                 return 2
         if not args.phase:

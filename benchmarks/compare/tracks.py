@@ -14,6 +14,10 @@ which AdaLoRA refuses).
 
 from __future__ import annotations
 
+import dataclasses
+import shutil
+from pathlib import Path
+
 from bench.lorafamily import OPTIONS as LORA_OPTIONS  # option -> its lora: block, as the LoRA-family benchmark runs them
 
 from benchmarks.minivtab.track import Track, vit_track
@@ -110,8 +114,37 @@ def cnn_track(img_size: int = CNN_IMG_SIZE) -> Track:
                  default_grid=(1e-3, 3e-3, 1e-2), fewshot_dataset="mnist", supernet_lr=CNN_SUPERNET_LR)
 
 
+BACKBONES = Path(__file__).resolve().parent / "backbones"
+
+
+def pinned_vit_checkpoint(pinned: Path = BACKBONES) -> str:
+    """The ViT backbone, pre-trained once and committed under ``backbones/``: a run that spans
+    sessions then uses the same weights in every session, even where a fresh venv's timm or torch
+    would pre-train a slightly different one. Without a committed copy it is pre-trained and copied
+    there (commit it with the results)."""
+    from benchmarks.minivtab import pretrain as P
+
+    name = f"backbone-{P.content_hash(P.SETTINGS)}"
+    cached = P.CACHE / f"{name}.safetensors"
+    for suffix in (".safetensors", ".json"):  # the .json last: pretrain reuses a file only beside its .json
+        src = pinned / f"{name}{suffix}"
+        if src.is_file() and not cached.with_suffix(suffix).is_file():
+            P.CACHE.mkdir(parents=True, exist_ok=True)
+            tmp = cached.with_suffix(suffix + ".tmp")
+            shutil.copyfile(src, tmp)
+            tmp.replace(cached.with_suffix(suffix))
+    out = Path(P.pretrain())
+    for suffix in (".safetensors", ".json"):
+        dst = pinned / out.with_suffix(suffix).name
+        if not dst.is_file():
+            pinned.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(out.with_suffix(suffix), dst.with_suffix(suffix + ".tmp"))
+            dst.with_suffix(suffix + ".tmp").replace(dst)
+    return str(out)
+
+
 def compare_vit_track() -> Track:
-    return vit_track({**common_methods(VIT_ABLATION_TASK), **VIT_ONLY})
+    return dataclasses.replace(vit_track({**common_methods(VIT_ABLATION_TASK), **VIT_ONLY}), checkpoint=pinned_vit_checkpoint)
 
 
 TRACKS = {"cnn": cnn_track, "vit": compare_vit_track}  # the real backbone first: a full run starts with it
