@@ -123,23 +123,18 @@ def pinned_vit_checkpoint(pinned: Path = BACKBONES) -> str:
     would pre-train a slightly different one. Without a committed copy it is pre-trained and copied
     there (commit it with the results)."""
     from benchmarks.minivtab import pretrain as P
+    from supernet.atomic import atomic_write
+
+    def copy(src: Path, dst: Path) -> None:
+        if src.is_file() and not dst.is_file():
+            atomic_write(dst, lambda tmp: shutil.copyfile(src, tmp))
 
     name = f"backbone-{P.content_hash(P.SETTINGS)}"
-    cached = P.CACHE / f"{name}.safetensors"
     for suffix in (".safetensors", ".json"):  # the .json last: pretrain reuses a file only beside its .json
-        src = pinned / f"{name}{suffix}"
-        if src.is_file() and not cached.with_suffix(suffix).is_file():
-            P.CACHE.mkdir(parents=True, exist_ok=True)
-            tmp = cached.with_suffix(suffix + ".tmp")
-            shutil.copyfile(src, tmp)
-            tmp.replace(cached.with_suffix(suffix))
+        copy(pinned / f"{name}{suffix}", P.CACHE / f"{name}{suffix}")
     out = Path(P.pretrain())
     for suffix in (".safetensors", ".json"):
-        dst = pinned / out.with_suffix(suffix).name
-        if not dst.is_file():
-            pinned.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(out.with_suffix(suffix), dst.with_suffix(suffix + ".tmp"))
-            dst.with_suffix(suffix + ".tmp").replace(dst)
+        copy(out.with_suffix(suffix), pinned / out.with_suffix(suffix).name)
     return str(out)
 
 
