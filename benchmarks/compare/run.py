@@ -87,11 +87,15 @@ class BackboneChanged(RuntimeError):
     """The results were measured on other weights than the checkpoint found now."""
 
 
-def backbone_sha256(results: Path, ckpt: Path) -> str:
+def backbone_sha256(results: Path, ckpt: Path | str) -> str:
     """The checkpoint's sha256; raises BackboneChanged (results untouched) where ``results``
-    recorded another one for the same backbone name: resuming would mix two backbones in one table."""
+    recorded another one for the same backbone name: resuming would mix two backbones in one table.
+    ``ckpt`` may be ``package:NAME`` (the CNN track's weights): the package's weights file is hashed."""
+    from engine.pretrained import resolve_checkpoint
+
+    ckpt = Path(ckpt)
     h = hashlib.sha256()
-    with open(ckpt, "rb") as fh:
+    with open(resolve_checkpoint(str(ckpt)), "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
             h.update(block)
     sha = h.hexdigest()
@@ -125,7 +129,7 @@ def run_track(name: str, mode: str, workers: int, path: Path | None = None, phas
         Runner(mode, Path(ckpt), root, Results(path), log=log, track=track, modes=modes).run(phase, Path(claims))
         return path
     t0 = time.time()
-    sha = backbone_sha256(path, Path(ckpt))
+    sha = backbone_sha256(path, ckpt)
     meta = {"mode": mode, "track": name, "settings": modes[mode], "backbone": Path(ckpt).name, "backbone_sha256": sha, "protocol": PROTOCOL,
             "track_settings": track_settings(track),
             "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, 1 thread per worker",
